@@ -1,0 +1,34 @@
+// Shared declarations for the mpq ops: argument checks and per-device kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace mpq {
+
+// Values that go with a validated set of matmul/dequantize arguments.
+struct WeightShape {
+  int64_t N;           // out_features
+  int64_t K;           // in_features
+  int64_t group_size;  // resolved: -1 becomes K
+  int64_t groups;      // K / group_size
+};
+
+// Checks qweight/scales/zeros/w_bit/group_size against K and the expected
+// float dtype. Every message names the argument, what was expected and what
+// came; the Python fakes in mpq_ops/ops.py make the same checks.
+WeightShape check_weight(const char* op, const at::Tensor& qweight,
+                         const at::Tensor& scales, const at::Tensor& zeros,
+                         int64_t w_bit, int64_t group_size, int64_t K);
+
+// Checks x, perm and bias for mpq::matmul and returns the weight shape.
+WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
+                         const at::Tensor& scales, const at::Tensor& zeros,
+                         int64_t w_bit, int64_t group_size,
+                         const std::optional<at::Tensor>& perm,
+                         const std::optional<at::Tensor>& bias);
+
+// K implied by a qweight of shape [N, K*w_bit/32], after w_bit is checked.
+int64_t infer_k(const char* op, const at::Tensor& qweight, int64_t w_bit);
+
+}  // namespace mpq

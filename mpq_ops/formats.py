@@ -1,0 +1,79 @@
+"""Conversions from other packed-weight formats into the canonical one.
+
+GPTQ (AutoGPTQ / GPTQModel / bitorch-engine's GPTQ path):
+    qweight [K*b/32, N] int32, packed along K (the transpose of ours)
+    qzeros  [G, N*b/32] int32, packed along N
+    scales  [G, N]
+    g_idx   [K] group of each input channel (act-order when not sorted)
+    W[n, k] = (q[k, n] - z[g, n]) * s[g, n], g = g_idx[k]
+  v1 files store z - 1 (so the reader adds 1); v2 files store z.
+
+The canonical format needs each group to be a contiguous run of K, so an
+act-order g_idx becomes perm = argsort(g_idx): x' = x[..., perm] and the
+codes are permuted the same way, W'[:, j] = W[:, perm[j]]."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .pack import W_BITS, pack, unpack
+
+
+class CanonicalWeight(NamedTuple):
+    qweight: Tensor            # [N, K*w_bit/32] int32
+    scales: Tensor             # [N, G]
+    zeros: Tensor              # [N, G]
+    perm: Optional[Tensor]     # [K] int32 or None
+    w_bit: int
+    group_size: int            # real group length (K when one group per row)
+
+
+def perm_from_g_idx(g_idx: Tensor, groups: int, K: int):
+    """Returns (perm or None, group_size) for a g_idx, checking every group has
+    K / groups members."""
+    if g_idx.shape != (K,):
+        raise ValueError(f"g_idx must have shape [K] = [{K}], got {tuple(g_idx.shape)}")
+    if K % groups:
+        raise ValueError(f"K={K} is not a multiple of the number of groups {groups}")
+    gs = K // groups
+    g = g_idx.to(torch.int64)
+    expected = torch.arange(K, device=g.device) // gs
+    if torch.equal(g, expected):
+        return None, gs
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], expected):
+        raise ValueError("g_idx must assign exactly K/groups input channels to every group")
+    return perm.to(torch.int32), gs
+
+
+def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, w_bit: int,
+              g_idx: Optional[Tensor] = None, zero_convention: str = "v1",
+              dtype: Optional[torch.dtype] = None) -> CanonicalWeight:
+    """GPTQ tensors -> canonical format (see the module docstring)."""
+    if w_bit not in W_BITS:
+        raise ValueError(f"w_bit must be 2, 4 or 8, got {w_bit}")
+    if zero_convention not in ("v1", "v2"):
+        raise ValueError(f"zero_convention must be 'v1' or 'v2', got {zero_convention!r}")
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    q = unpack(qweight, w_bit, dim=0)                 # [K, N]
+    K, N = q.shape
+    if scales.dim() != 2 or scales.shape[1] != N:
+        raise ValueError(f"scales must have shape [G, N={N}], got {tuple(scales.shape)}")
+    G = scales.shape[0]
+    z = unpack(qzeros, w_bit, dim=1)[:, :N]           # [G, N]
+    if z.shape[0] != G:
+        raise ValueError(f"qzeros must have {G} rows like scales, got {tuple(qzeros.shape)}")
+    if zero_convention == "v1":
+        z = z + 1
+    dtype = dtype or scales.dtype
+    perm, gs = perm_from_g_idx(
+        g_idx if g_idx is not None else torch.arange(K, device=q.device) // (K // G), G, K)
+    q = q.t()
+    if perm is not None:
+        q = q[:, perm.long()]
+    return CanonicalWeight(pack(q.contiguous(), w_bit), scales.t().to(dtype).contiguous(),
+                           z.t().to(dtype).contiguous(), perm, w_bit, gs)

@@ -1,0 +1,79 @@
+"""Round-to-nearest quantization of a float weight into the canonical format."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .pack import W_BITS, pack
+
+
+class QuantizedWeight(NamedTuple):
+    qweight: Tensor   # [N, K*w_bit/32] int32
+    scales: Tensor    # [N, K/group_size]
+    zeros: Tensor     # [N, K/group_size]
+    w_bit: int
+    group_size: int   # as given (-1 = one group per row)
+
+
+def resolve_group_size(K: int, group_size: int) -> int:
+    """Validates group_size for in_features K and returns the real group length."""
+    if K % 32:
+        raise ValueError(f"in_features K must be a multiple of 32, got K={K}")
+    if group_size != -1 and (group_size <= 0 or group_size % 32):
+        raise ValueError(f"group_size must be -1 or a positive multiple of 32, got {group_size}")
+    gs = K if group_size == -1 else group_size
+    if K % gs:
+        raise ValueError(f"group_size {group_size} must divide in_features K={K}")
+    return gs
+
+
+def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype):
+    """Scale and zero point for each row of w [..., group] (last dim is one group).
+
+    Asymmetric: integer zero point, min..max spans the 2^b codes (GPTQ's
+    convention, so the result also converts to GPTQ files exactly).
+    Symmetric: z = 2^(b-1), scale = absmax / (2^(b-1) - 1)."""
+    maxq = 2**w_bit - 1
+    w = w.float()
+    if symmetric:
+        half = 2 ** (w_bit - 1)
+        scale = w.abs().amax(-1) / max(half - 1, 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+        zero = torch.full_like(scale, half)
+    else:
+        lo = w.amin(-1).clamp(max=0)
+        hi = w.amax(-1).clamp(min=0)
+        scale = (hi - lo) / maxq
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+        zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(dtype)
+    return scale, zero
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, w_bit: int) -> Tensor:
+    """Codes q = clamp(round(w / s + z)) with the stored (rounded) s and z."""
+    q = torch.round(w.float() / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1))
+    return q.clamp(0, 2**w_bit - 1).to(torch.int32)
+
+
+@torch.no_grad()
+def quantize_rtn(weight: Tensor, w_bit: int, group_size: int = -1, symmetric: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+    """Quantizes weight [N, K] (nn.Linear orientation) to w_bit codes per group.
+
+    scales and zeros come out in `dtype` (default: weight.dtype, float32 for
+    float64 input)."""
+    if w_bit not in W_BITS:
+        raise ValueError(f"w_bit must be 2, 4 or 8, got {w_bit}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor [N, K], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    N, K = weight.shape
+    gs = resolve_group_size(K, group_size)
+    if dtype is None:
+        dtype = torch.float32 if weight.dtype == torch.float64 else weight.dtype
+    wg = weight.reshape(N, K // gs, gs)
+    scale, zero = group_params(wg, w_bit, symmetric, dtype)
+    q = quantize_codes(wg, scale, zero, w_bit).reshape(N, K)
+    return QuantizedWeight(pack(q, w_bit), scale, zero, w_bit, group_size)

@@ -1,0 +1,42 @@
+"""Builds mpq_ops._C: C++ always, CUDA sources when a CUDA toolkit and a CUDA
+build of torch are present (or MPQ_OPS_CUDA=1/0 forces the choice).
+
+The choice is made from the toolchain, not from torch.cuda.is_available(), so
+a wheel can be built on a machine without a GPU."""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("MPQ_OPS_CUDA")
+    if forced is not None:
+        return forced not in ("0", "", "false", "False")
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def extension():
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    if want_cuda():
+        cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        return CUDAExtension("mpq_ops._C", cpp + cu,
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                             py_limited_api=True)
+    return CppExtension("mpq_ops._C", cpp, extra_compile_args={"cxx": cxx},
+                        py_limited_api=True)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,76 @@
+"""Test inputs and an independent float64 reference (numpy, no mpq_ops code)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# ||out - ref|| / ||ref|| bounds, by activation dtype: the output is rounded to
+# this dtype once, the accumulation is float32.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def np_pack_rows(q: np.ndarray, w_bit: int) -> np.ndarray:
+    """Packs codes [N, K] along K: element k sits at bits (k % P) * w_bit of word k // P."""
+    per = 32 // w_bit
+    N, K = q.shape
+    out = np.zeros((N, K // per), dtype=np.uint64)
+    for j in range(per):
+        out |= q[:, j::per].astype(np.uint64) << np.uint64(j * w_bit)
+    return out.astype(np.uint32).view(np.int32)
+
+
+def np_unpack_rows(words: np.ndarray, w_bit: int) -> np.ndarray:
+    per = 32 // w_bit
+    u = words.view(np.uint32).astype(np.uint64)
+    N, W = u.shape
+    q = np.zeros((N, W * per), dtype=np.int64)
+    for j in range(per):
+        q[:, j::per] = (u >> np.uint64(j * w_bit)) & np.uint64((1 << w_bit) - 1)
+    return q
+
+
+def make_weight(N: int, K: int, w_bit: int, group_size: int, dtype, device="cpu", seed=None):
+    """Random codes, positive scales and fractional zero points (never zeros)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else np.random.randint(1 << 30))
+    G = 1 if group_size == -1 else K // group_size
+    q = torch.randint(0, 2**w_bit, (N, K), generator=g)
+    qweight = torch.from_numpy(np_pack_rows(q.numpy(), w_bit))
+    scales = (torch.rand(N, G, generator=g) * 0.04 + 0.01).to(dtype)
+    zeros = (torch.rand(N, G, generator=g) * (2**w_bit - 1)).to(dtype)
+    return qweight.to(device), scales.to(device), zeros.to(device)
+
+
+def ref_dequantize(qweight, scales, zeros, w_bit, group_size) -> np.ndarray:
+    q = np_unpack_rows(qweight.cpu().numpy(), w_bit).astype(np.float64)
+    s = scales.cpu().double().numpy()
+    z = zeros.cpu().double().numpy()
+    K = q.shape[1]
+    gs = K if group_size == -1 else group_size
+    return (q - np.repeat(z, gs, axis=1)) * np.repeat(s, gs, axis=1)
+
+
+def ref_matmul(x, qweight, scales, zeros, w_bit, group_size, perm=None, bias=None):
+    W = ref_dequantize(qweight, scales, zeros, w_bit, group_size)
+    xd = x.detach().cpu().double().numpy()
+    if perm is not None:
+        xd = xd[..., perm.cpu().numpy()]
+    y = xd @ W.T
+    if bias is not None:
+        y = y + bias.detach().cpu().double().numpy()
+    return torch.from_numpy(y)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().cpu().double()
+    assert torch.isfinite(out).all(), "output has non-finite values"
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_x(lead, K, dtype, device="cpu", noncontig=False):
+    """Random activations; noncontig gives a strided view of a wider tensor."""
+    if noncontig:
+        base = torch.randn(*lead, 2 * K, dtype=torch.float32).to(dtype).to(device)
+        return base[..., ::2]
+    return torch.randn(*lead, K, dtype=torch.float32).to(dtype).to(device)
