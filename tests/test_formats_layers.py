@@ -1,0 +1,228 @@
+"""Packing, round-to-nearest quantization, GPTQ / bitorch-engine conversions and the layers.
+
+Checkpoints here are built with an independent numpy packer (tests/helpers.py),
+and the dequantized weights are compared exactly with the weights the files
+describe."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mpq_ops
+from mpq_ops import (MPQLinear, MPQLinearCuda, MPQLinearMlx, from_gptq, pack,
+                     prepare_bie_layers, quantize_rtn, unpack)
+from helpers import REL_TOL, make_x, np_pack_rows, np_unpack_rows, ref_dequantize, rel_err
+
+
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_pack_matches_independent_packer_and_roundtrips(w_bit):
+    q = torch.randint(0, 2**w_bit, (7, 128))
+    words = pack(q, w_bit)
+    assert words.dtype == torch.int32 and words.shape == (7, 128 * w_bit // 32)
+    assert torch.equal(words, torch.from_numpy(np_pack_rows(q.numpy(), w_bit)))
+    assert torch.equal(unpack(words, w_bit), q.to(torch.int32))
+    # Along dim 0 (GPTQ's qweight orientation).
+    assert torch.equal(unpack(pack(q.t(), w_bit, dim=0), w_bit, dim=0), q.t().to(torch.int32))
+
+
+def test_pack_rejects_bad_codes():
+    with pytest.raises(ValueError, match="w_bit must be 2, 4 or 8, got 3"):
+        pack(torch.zeros(2, 32, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        pack(torch.full((2, 32), 16), 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack(torch.zeros(2, 12, dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("group_size", (32, 64, 128, -1))
+@pytest.mark.parametrize("symmetric", (False, True))
+def test_rtn_error_within_half_a_step(w_bit, group_size, symmetric):
+    N, K = 48, 256
+    w = torch.randn(N, K, dtype=torch.float64) * 0.05
+    qw = quantize_rtn(w, w_bit, group_size, symmetric=symmetric, dtype=torch.float32)
+    gs = K if group_size == -1 else group_size
+    W = mpq_ops.dequantize(qw.qweight, qw.scales, qw.zeros, w_bit, group_size).double()
+    step = qw.scales.double().repeat_interleave(gs, 1)
+    err = (W - w).abs()
+    if symmetric:
+        # The most negative code is unused by absmax scaling, so every value is in range.
+        assert (err <= step / 2 + 1e-7).all()
+    else:
+        # Integer zero points can shift the grid by up to half a step at the ends.
+        assert (err <= step + 1e-7).all()
+        assert err.mean() < step.mean() / 3
+    if not symmetric:
+        assert ((qw.zeros - qw.zeros.round()) == 0).all()
+
+
+def test_rtn_bad_input():
+    with pytest.raises(ValueError, match="w_bit must be 2, 4 or 8, got 5"):
+        quantize_rtn(torch.randn(4, 64), 5)
+    with pytest.raises(ValueError, match="group_size 96 must divide"):
+        quantize_rtn(torch.randn(4, 128), 4, 96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_rtn(torch.randn(4, 40), 4)
+
+
+# --- GPTQ files ---------------------------------------------------------------
+
+def gptq_tensors(K, N, w_bit, groups, act_order, convention, dtype=torch.float16, seed=0):
+    """A GPTQ layer's tensors from an independent packer, with the weight they describe."""
+    rng = np.random.default_rng(seed)
+    gs = K // groups
+    q = rng.integers(0, 2**w_bit, (K, N))
+    z = rng.integers(1, 2**w_bit, (groups, N))   # >= 1 so v1's z-1 stays in range
+    s = torch.from_numpy(rng.uniform(0.01, 0.05, (groups, N))).to(dtype)
+    g_idx = np.arange(K) // gs
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    stored_z = z - 1 if convention == "v1" else z
+    qweight = torch.from_numpy(np_pack_rows(q.T, w_bit).T.copy())         # [K*b/32, N]
+    qzeros = torch.from_numpy(np_pack_rows(stored_z, w_bit))               # [G, N*b/32]
+    W = (q.T - z[g_idx].T) * s.double().numpy()[g_idx].T                   # [N, K]
+    return qweight, qzeros, s, torch.from_numpy(g_idx).to(torch.int32), torch.from_numpy(W)
+
+
+def canonical_to_linear_order(cw):
+    W = mpq_ops.dequantize(cw.qweight, cw.scales, cw.zeros, cw.w_bit, cw.group_size)
+    if cw.perm is not None:
+        W = torch.empty_like(W).index_copy_(1, cw.perm.long(), W)
+    return W.double()
+
+
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("convention", ("v1", "v2"))
+@pytest.mark.parametrize("act_order", (False, True))
+def test_from_gptq_exact(w_bit, convention, act_order):
+    K, N, G = 256, 64, 4
+    qweight, qzeros, s, g_idx, W = gptq_tensors(K, N, w_bit, G, act_order, convention,
+                                                dtype=torch.float32)
+    cw = from_gptq(qweight, qzeros, s, w_bit, g_idx=g_idx, zero_convention=convention)
+    assert (cw.perm is not None) == act_order
+    assert torch.equal(canonical_to_linear_order(cw), W.float().double())
+    # The op with perm computes x @ W^T for the original column order.
+    x = torch.randn(5, K)
+    y = mpq_ops.matmul(x, cw.qweight, cw.scales, cw.zeros, w_bit, cw.group_size, cw.perm)
+    assert rel_err(y, x.double() @ W.T) < 1e-5
+
+
+def test_from_gptq_rejects_uneven_groups():
+    qweight, qzeros, s, g_idx, _ = gptq_tensors(128, 32, 4, 4, False, "v1")
+    g_idx[0] = 1
+    with pytest.raises(ValueError, match="exactly K/groups"):
+        from_gptq(qweight, qzeros, s, 4, g_idx=g_idx)
+
+
+# --- bitorch-engine layers ----------------------------------------------------
+
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("act_order", (False, True))
+def test_bitorch_gptq_checkpoint_loads(w_bit, act_order):
+    K, N, gs = 256, 64, 64
+    qweight, qzeros, s, g_idx, W = gptq_tensors(K, N, w_bit, K // gs, act_order, "v1")
+    src = MPQLinearCuda(K, N, w_bit=w_bit, group_size=gs, use_gba_quant=False, dtype=torch.float16)
+    sd = src.state_dict()
+    sd.update(qweight=qweight, qzeros=qzeros, scales=s, g_idx=g_idx)
+    layer = MPQLinearCuda(K, N, w_bit=w_bit, group_size=gs, use_gba_quant=False,
+                          dtype=torch.float16)
+    layer.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="call prepare_params"):
+        layer(torch.randn(2, K, dtype=torch.float16))
+    prepare_bie_layers(nn.Sequential(layer))
+    assert torch.equal(layer.dequantize().double(), W.half().double())
+    x = make_x((3,), K, torch.float16)
+    assert rel_err(layer(x), x.double() @ W.T) < REL_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dq_mode", (1, 2))
+def test_bitorch_gba_symmetric_checkpoint_loads(dq_mode):
+    K, N, gs, dq = 256, 64, 64, 16
+    G = K // gs
+    rng = np.random.default_rng(1)
+    layer = MPQLinearCuda(K, N, w_bit=4, group_size=gs, use_gba_quant=True, dq_group_size=dq,
+                          dq_mode=dq_mode, asym=False, dtype=torch.float32)
+    q = rng.integers(0, 16, (K, N))
+    qs, qz = rng.integers(0, 16, (G, N)), rng.integers(0, 16, (G, N))
+    sd = layer.state_dict()
+    sd["qweight"] = torch.from_numpy(np_pack_rows(q.T, 4).T.copy())
+    sd["qstatistic"] = torch.from_numpy((qs << 4 | qz).astype(np.uint8)).reshape(G, N // dq, dq)
+    qs_shape = sd["qscales_zeros"].shape
+    sd["qscales_zeros"] = torch.rand(qs_shape) * 2
+    sd["qscales_scales"] = torch.rand(qs_shape) * 0.01 + 0.001
+    sd["qzeros_zeros"] = torch.rand(G, N // dq, 1) * 2
+    sd["qzeros_scales"] = torch.rand(G, N // dq, 1) * 0.01
+    layer.load_state_dict(sd)
+    # What the checkpoint means, computed directly: W = q*s - offset.
+    if dq_mode == 1:
+        s = (qs - sd["qscales_zeros"].reshape(1, N).numpy()) * sd["qscales_scales"].reshape(1, N).numpy()
+    else:
+        s = ((qs.reshape(G, N // dq, dq) - sd["qscales_zeros"].numpy()) *
+             sd["qscales_scales"].numpy()).reshape(G, N)
+    off = ((qz.reshape(G, N // dq, dq) - sd["qzeros_zeros"].numpy()) *
+           sd["qzeros_scales"].numpy()).reshape(G, N)
+    g = np.arange(K) // gs
+    W = (q * s[g] - off[g]).T
+    layer.prepare_params()
+    assert rel_err(layer.dequantize(), torch.from_numpy(W)) < 1e-5
+
+
+def test_bitorch_gba_asymmetric_checkpoint_loads():
+    K, N, gs, dq, w_bit = 128, 64, 32, 32, 4
+    G = K // gs
+    rng = np.random.default_rng(2)
+    layer = MPQLinearMlx(K, N, w_bit=w_bit, group_size=gs, use_gba_quant=True, dq_group_size=dq,
+                         asym=True, dtype=torch.float32)
+    q = rng.integers(0, 16, (K, N))
+    z = rng.integers(1, 16, (G, N))
+    qs = rng.integers(0, 256, (G, N)).astype(np.uint8)
+    sd = layer.state_dict()
+    sd["qweight"] = torch.from_numpy(np_pack_rows(q.T, 4).T.copy())
+    sd["qzeros"] = torch.from_numpy(np_pack_rows(z - 1, 4))
+    sd["qscales"] = torch.from_numpy(qs).reshape(G, N // dq, dq)
+    sd["qscales_zeros"] = torch.rand(G, N // dq, 1)
+    sd["qscales_scales"] = torch.rand(G, N // dq, 1) * 0.001
+    layer.load_state_dict(sd)
+    s = ((qs.reshape(G, N // dq, dq) - sd["qscales_zeros"].numpy()) *
+         sd["qscales_scales"].numpy()).reshape(G, N)
+    g = np.arange(K) // gs
+    W = ((q - z[g]) * s[g]).T
+    layer.prepare_params()
+    assert rel_err(layer.dequantize(), torch.from_numpy(W)) < 1e-6
+
+
+def test_layer_parameter_checks():
+    with pytest.raises(ValueError, match="w_bit must be 2, 4 or 8, got 3"):
+        MPQLinearCuda(64, 32, w_bit=3)
+    with pytest.raises(ValueError, match="a_bit must be 16, got 8"):
+        MPQLinearCuda(64, 32, a_bit=8)
+    with pytest.raises(ValueError, match="MPQLinearMlx: group_size must be 32, 64 or 128, got 256"):
+        MPQLinearMlx(512, 32, group_size=256)
+    with pytest.raises(ValueError, match="group_size 96 must divide"):
+        MPQLinear(128, 32, group_size=96)
+    layer = MPQLinearCuda(64, 32, w_bit=4, group_size=32, use_gba_quant=False)
+    layer.a_bit = 4
+    with pytest.raises(ValueError, match="a_bit must be 16"):
+        layer.check_parameters()
+
+
+@pytest.mark.parametrize("w_bit,tol", ((8, 0.01), (4, 0.15), (2, 0.6)))
+def test_from_linear_close_to_float(w_bit, tol):
+    lin = nn.Linear(256, 64, bias=True)
+    layer = MPQLinear.from_linear(lin, w_bit=w_bit, group_size=64)
+    x = torch.randn(9, 256)
+    err = rel_err(layer(x), lin(x).detach().double())
+    assert err < tol, err
+    # And exactly what its own codes say (independent reference).
+    W = ref_dequantize(layer.qweight, layer.scales, layer.zeros, w_bit, 64)
+    ref = x.double() @ torch.from_numpy(W).T + lin.bias.detach().double()
+    assert rel_err(layer(x), ref) < REL_TOL[torch.float32]
+
+
+def test_layer_state_dict_roundtrip():
+    lin = nn.Linear(128, 32)
+    a = MPQLinear.from_linear(lin, w_bit=4, group_size=32, dtype=torch.bfloat16)
+    b = MPQLinear(128, 32, w_bit=4, group_size=32, bias=True, dtype=torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert torch.equal(a(x), b(x))
