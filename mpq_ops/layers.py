@@ -49,13 +49,15 @@ class MPQLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, w_bit: int = 4, group_size: int = -1,
-                    symmetric: bool = False, dtype: Optional[torch.dtype] = None) -> "MPQLinear":
-        """Round-to-nearest quantization of an nn.Linear."""
+                    symmetric: bool = False, dtype: Optional[torch.dtype] = None,
+                    integer_zeros: bool = False) -> "MPQLinear":
+        """Round-to-nearest quantization of an nn.Linear (grid: quantize.group_params)."""
         w = linear.weight
         dtype = dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, w_bit, group_size,
                     bias=linear.bias is not None, dtype=dtype, device=w.device)
-        qw = quantize_rtn(w, w_bit, group_size, symmetric=symmetric, dtype=dtype)
+        qw = quantize_rtn(w, w_bit, group_size, symmetric=symmetric, dtype=dtype,
+                          integer_zeros=integer_zeros)
         layer.load_canonical(qw.qweight, qw.scales, qw.zeros)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)

@@ -29,11 +29,15 @@ def resolve_group_size(K: int, group_size: int) -> int:
     return gs
 
 
-def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype):
+def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,
+                 integer_zeros: bool = False):
     """Scale and zero point for each row of w [..., group] (last dim is one group).
 
-    Asymmetric: integer zero point, min..max spans the 2^b codes (GPTQ's
-    convention, so the result also converts to GPTQ files exactly).
+    Asymmetric (default): the 2^b codes span exactly min..max of the group,
+    with a fractional zero point (MLX's affine mode; an affine grid such as a
+    GGUF Q4_1 block is reproduced exactly). integer_zeros=True instead rounds
+    the zero point and widens the range to include 0 (GPTQ's convention, so
+    the result converts to GPTQ files exactly).
     Symmetric: z = 2^(b-1), scale = absmax / (2^(b-1) - 1)."""
     maxq = 2**w_bit - 1
     w = w.float()
@@ -41,14 +45,16 @@ def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype):
         half = 2 ** (w_bit - 1)
         scale = w.abs().amax(-1) / max(half - 1, 1)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
-        zero = torch.full_like(scale, half)
-    else:
-        lo = w.amin(-1).clamp(max=0)
-        hi = w.amax(-1).clamp(min=0)
-        scale = (hi - lo) / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
-        zero = torch.round(-lo / scale.float()).clamp(0, maxq).to(dtype)
-    return scale, zero
+        return scale, torch.full_like(scale, half)
+    lo, hi = w.amin(-1), w.amax(-1)
+    if integer_zeros:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+    zero = -lo / scale.float()
+    if integer_zeros:
+        zero = torch.round(zero).clamp(0, maxq)
+    return scale, zero.to(dtype)
 
 
 def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, w_bit: int) -> Tensor:
@@ -59,11 +65,12 @@ def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, w_bit: int) -> Tensor
 
 @torch.no_grad()
 def quantize_rtn(weight: Tensor, w_bit: int, group_size: int = -1, symmetric: bool = False,
-                 dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+                 dtype: Optional[torch.dtype] = None, integer_zeros: bool = False
+                 ) -> QuantizedWeight:
     """Quantizes weight [N, K] (nn.Linear orientation) to w_bit codes per group.
 
     scales and zeros come out in `dtype` (default: weight.dtype, float32 for
-    float64 input)."""
+    float64 input); see group_params for the grid."""
     if w_bit not in W_BITS:
         raise ValueError(f"w_bit must be 2, 4 or 8, got {w_bit}")
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -74,6 +81,6 @@ def quantize_rtn(weight: Tensor, w_bit: int, group_size: int = -1, symmetric: bo
     if dtype is None:
         dtype = torch.float32 if weight.dtype == torch.float64 else weight.dtype
     wg = weight.reshape(N, K // gs, gs)
-    scale, zero = group_params(wg, w_bit, symmetric, dtype)
+    scale, zero = group_params(wg, w_bit, symmetric, dtype, integer_zeros)
     q = quantize_codes(wg, scale, zero, w_bit).reshape(N, K)
     return QuantizedWeight(pack(q, w_bit), scale, zero, w_bit, group_size)

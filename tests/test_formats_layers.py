@@ -36,24 +36,28 @@ def test_pack_rejects_bad_codes():
 
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
-@pytest.mark.parametrize("symmetric", (False, True))
-def test_rtn_error_within_half_a_step(w_bit, group_size, symmetric):
+@pytest.mark.parametrize("mode", ("affine", "integer_zeros", "symmetric"))
+def test_rtn_error_within_half_a_step(w_bit, group_size, mode):
     N, K = 48, 256
     w = torch.randn(N, K, dtype=torch.float64) * 0.05
-    qw = quantize_rtn(w, w_bit, group_size, symmetric=symmetric, dtype=torch.float32)
+    qw = quantize_rtn(w, w_bit, group_size, symmetric=mode == "symmetric", dtype=torch.float32,
+                      integer_zeros=mode == "integer_zeros")
     gs = K if group_size == -1 else group_size
     W = mpq_ops.dequantize(qw.qweight, qw.scales, qw.zeros, w_bit, group_size).double()
     step = qw.scales.double().repeat_interleave(gs, 1)
     err = (W - w).abs()
-    if symmetric:
-        # The most negative code is unused by absmax scaling, so every value is in range.
-        assert (err <= step / 2 + 1e-7).all()
-    else:
-        # Integer zero points can shift the grid by up to half a step at the ends.
+    if mode == "integer_zeros":
+        # The rounded zero point shifts the grid by up to half a step at the ends.
         assert (err <= step + 1e-7).all()
         assert err.mean() < step.mean() / 3
-    if not symmetric:
         assert ((qw.zeros - qw.zeros.round()) == 0).all()
+    else:
+        assert (err <= step / 2 * (1 + 1e-5)).all()
+    if mode == "affine":
+        # Both ends of every group are on the grid.
+        wg, Wg = w.reshape(N, -1, gs), W.reshape(N, -1, gs)
+        torch.testing.assert_close(Wg.amin(-1), wg.amin(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(Wg.amax(-1), wg.amax(-1), rtol=0, atol=1e-6)
 
 
 def test_rtn_bad_input():
@@ -226,3 +230,38 @@ def test_layer_state_dict_roundtrip():
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     assert torch.equal(a(x), b(x))
+
+
+def test_load_gptq_state_dict_into_model(tmp_path):
+    """A GPTQ model file (v2 zeros, desc_act on one layer) loads into MPQ layers exactly."""
+    from mpq_ops.checkpoint import load_gptq_state_dict, load_quantized, save_quantized
+    model = nn.Sequential(nn.Linear(128, 64, bias=True), nn.ReLU(), nn.Linear(64, 32))
+    sd, weights = {}, {}
+    for idx, (K, N, act) in {"0": (128, 64, True), "2": (64, 32, False)}.items():
+        qweight, qzeros, s, g_idx, W = gptq_tensors(K, N, 4, K // 32, act, "v2",
+                                                    dtype=torch.float32, seed=int(idx))
+        sd.update({f"{idx}.qweight": qweight, f"{idx}.qzeros": qzeros, f"{idx}.scales": s,
+                   f"{idx}.g_idx": g_idx})
+        weights[idx] = W
+    sd["0.bias"] = torch.randn(64)
+    converted = load_gptq_state_dict(model, sd, w_bit=4, zero_convention="v2")
+    assert converted == {"0": 32, "2": 32}
+    assert model[0].perm is not None and model[2].perm is None
+    assert torch.equal(model[0].dequantize(), weights["0"].float())
+    assert torch.equal(model[2].dequantize(), weights["2"].float())
+    x = torch.randn(5, 128)
+    ref = torch.relu(x.double() @ weights["0"].T + sd["0.bias"].double()) @ weights["2"].T
+    assert rel_err(model(x), ref) < 1e-5
+    # And the result round-trips through the quantized safetensors checkpoint.
+    path = str(tmp_path / "m.safetensors")
+    save_quantized(model, path)
+    fresh = load_quantized(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)), path)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_quantized_rejects_plain_file(tmp_path):
+    from safetensors.torch import save_file
+    from mpq_ops.checkpoint import load_quantized
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not an mpq_ops checkpoint"):
+        load_quantized(nn.Linear(32, 2), str(tmp_path / "plain.safetensors"))

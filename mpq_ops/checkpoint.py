@@ -1,0 +1,88 @@
+"""Saving and loading quantized models as safetensors, and loading GPTQ files.
+
+A quantized checkpoint is the model's state dict (canonical MPQ buffers for
+the quantized layers) plus, in the safetensors metadata, each MPQ layer's
+settings, so that a float model skeleton can be turned into the same
+quantized model before the tensors are loaded."""
+from __future__ import annotations
+
+import json
+from typing import Dict, Mapping
+
+import torch
+from torch import nn
+
+from .formats import from_gptq
+from .layers import MPQLinear
+from .model import _set_submodule
+
+_META_KEY = "mpq_ops.layers"
+
+
+def _layer_config(m: MPQLinear) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features, "w_bit": m.w_bit,
+            "group_size": m.group_size, "bias": m.bias is not None,
+            "act_order": m.perm is not None, "dtype": str(m.scales.dtype).split(".")[-1]}
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes model's tensors and the MPQ layer settings to one .safetensors file."""
+    from safetensors.torch import save_model
+    layers = {n: _layer_config(m) for n, m in model.named_modules() if isinstance(m, MPQLinear)}
+    save_model(model, path, metadata={_META_KEY: json.dumps(layers)})
+
+
+def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Loads a save_quantized file into a float model of the same architecture:
+    its nn.Linear layers named in the file become MPQLinear first."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if _META_KEY not in meta:
+        raise ValueError(f"{path} is not an mpq_ops checkpoint (no {_META_KEY!r} metadata)")
+    device = next(model.parameters()).device
+    for name, cfg in json.loads(meta[_META_KEY]).items():
+        old = model.get_submodule(name)
+        if not isinstance(old, (nn.Linear, MPQLinear)):
+            raise ValueError(f"layer {name!r} in {path} is a {type(old).__name__} in the model")
+        _set_submodule(model, name, MPQLinear(
+            cfg["in_features"], cfg["out_features"], cfg["w_bit"], cfg["group_size"],
+            bias=cfg["bias"], dtype=getattr(torch, cfg["dtype"]), device=device,
+            act_order=cfg["act_order"]))
+    load_model(model, path, strict=strict, device=str(device))
+    return model
+
+
+@torch.no_grad()
+def load_gptq_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w_bit: int,
+                         zero_convention: str = "v1", dtype=None) -> Dict[str, int]:
+    """Replaces each nn.Linear whose `<name>.qweight` is in a GPTQ state dict
+    (AutoGPTQ/GPTQModel: qweight, qzeros, scales, g_idx[, bias]) with an MPQLinear
+    holding the same weight; loads the remaining tensors into the model.
+
+    zero_convention: "v1" (stored z-1, AutoGPTQ and GPTQModel v1 files) or "v2"."""
+    sd = dict(state_dict)
+    converted = {}
+    for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+        if f"{name}.qweight" not in sd:
+            continue
+        scales = sd.pop(f"{name}.scales")
+        cw = from_gptq(sd.pop(f"{name}.qweight"), sd.pop(f"{name}.qzeros"), scales, w_bit,
+                       g_idx=sd.pop(f"{name}.g_idx", None), zero_convention=zero_convention,
+                       dtype=dtype or scales.dtype)
+        bias = sd.pop(f"{name}.bias", None)
+        layer = MPQLinear(lin.in_features, lin.out_features, w_bit, cw.group_size,
+                          bias=bias is not None, dtype=cw.scales.dtype,
+                          device=lin.weight.device, act_order=cw.perm is not None)
+        layer.load_canonical(cw.qweight, cw.scales, cw.zeros, cw.perm)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        _set_submodule(model, name, layer)
+        converted[name] = cw.group_size
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad_missing = [k for k in missing if k.rpartition(".")[0] not in converted]
+    if unexpected or bad_missing:
+        raise ValueError(f"GPTQ state dict does not fit the model: unexpected {unexpected}, "
+                         f"missing {bad_missing}")
+    return converted

