@@ -1,0 +1,77 @@
+// Packed codes -> fp16/bf16 pairs on the GPU.
+//
+// A 32-bit word holds P = 32 / W codes, code j at bits [W*j, W*j + W).
+// Shifting the word right by W*j and masking with MASK | MASK << 16 leaves
+// code j in the low half and code j + P/2 in the high half; OR-ing in the
+// bits of a float16 (1024.0) or bfloat16 (128.0) whose last mantissa bit is
+// worth 1 turns each half into magic + code exactly, and one packed subtract
+// gives the codes as a pair of floats. One shift, one LOP3 and one HSUB2 per
+// two codes: no integer-to-float conversion instructions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace mpq::cuda {
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__half> {
+  using type = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // (1024.0, 1024.0)
+  // Codes below 1024 fit under the magic value's mantissa.
+  static constexpr int kMaxBits = 8;
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // (128.0, 128.0)
+  // bfloat16 has 7 mantissa bits: codes below 128 only, so 8-bit codes take
+  // the float32 route below.
+  static constexpr int kMaxBits = 7;
+};
+
+template <typename V>
+__device__ __forceinline__ V as_pair(uint32_t bits) {
+  return *reinterpret_cast<V*>(&bits);
+}
+template <typename V>
+__device__ __forceinline__ uint32_t as_bits(V v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Dequantizes the P codes of one word: out[j] = ((c_j, c_{j+P/2}) - z) * s,
+// rounded once to T (the product of an exact difference and s), which is what
+// mpq::dequantize returns for those elements.
+template <typename T, int W>
+__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type z2,
+                                             typename Pair<T>::type s2, float zf, float sf,
+                                             typename Pair<T>::type* out) {
+  using V = typename Pair<T>::type;
+  constexpr int P = 32 / W;
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  constexpr uint32_t kMask2 = kMask | (kMask << 16);
+  if constexpr (W <= Pair<T>::kMaxBits) {
+    const V magic = as_pair<V>(Pair<T>::kMagic);
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j) {
+      const V c = __hsub2(as_pair<V>(((word >> (W * j)) & kMask2) | Pair<T>::kMagic), magic);
+      // For float16, c - z is exact (|c - z| < 2^W and z on float16's grid),
+      // so the product is the only rounding; bfloat16 may round twice.
+      out[j] = __hmul2(__hsub2(c, z2), s2);
+    }
+  } else {
+    // bfloat16, 8-bit codes: build 2^23 + c as float32 with a byte permute.
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j) {
+      const float lo = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j)) - 8388608.f;
+      const float hi =
+          __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j + P / 2)) - 8388608.f;
+      out[j] = __floats2bfloat162_rn((lo - zf) * sf, (hi - zf) * sf);
+    }
+  }
+}
+
+}  // namespace mpq::cuda

@@ -1,0 +1,52 @@
+// CUDA registrations of the mpq ops. Few rows of x go to the fused
+// tensor-core GEMV (gemv.cu); many rows are dequantized to a temporary from
+// PyTorch's caching allocator and multiplied by cuBLAS. No host syncs, current
+// stream throughout, so the ops capture into CUDA graphs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../mpq.h"
+#include "kernels.h"
+
+namespace mpq::cuda {
+
+at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t w_bit, int64_t group_size);
+
+at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t w_bit, int64_t group_size,
+                       const std::optional<at::Tensor>& perm,
+                       const std::optional<at::Tensor>& bias) {
+  const auto shape = check_matmul(x, qweight, scales, zeros, w_bit, group_size, perm, bias);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t K = shape.K, N = shape.N;
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  auto x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  if (M == 0 || N == 0) return at::zeros(out_sizes, x.options());
+  // perm values are not range-checked here: that would need a host sync.
+  // index_select raises a device-side error for an out-of-range index.
+  if (perm.has_value()) x2 = x2.index_select(1, *perm);
+  x2 = x2.contiguous();
+  const auto q = qweight.contiguous();
+  const auto s = scales.contiguous();
+  const auto z = zeros.contiguous();
+  if (gemv_supported(x2, q, w_bit)) {
+    auto y = at::empty({M, N}, x.options());
+    gemv_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
+    return y.view(out_sizes);
+  }
+  auto W = at::empty({N, K}, scales.options());
+  dequantize_into(q, s, z, w_bit, shape.group_size, W);
+  auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
+  return y.view(out_sizes);
+}
+
+TORCH_LIBRARY_IMPL(mpq, CUDA, m) {
+  m.impl("matmul", &matmul_cuda);
+  m.impl("dequantize", &dequantize_cuda);
+}
+
+}  // namespace mpq::cuda

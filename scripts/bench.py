@@ -1,0 +1,131 @@
+"""Benchmark of mpq::matmul on the GPU against the anchors, in one run.
+
+For each (K, N) and M: cuBLAS fp16 F.linear, mpq w4 g128 (and w2/w8 at small
+M), PyTorch's int4 kernel aten._weight_int4pack_mm (bf16, g128) and a
+pure-PyTorch dequantize + matmul under torch.compile. Times are medians of
+triton.testing.do_bench (L2 flushed between runs). "floor" is the kernel's
+compulsory bytes (packed weights, scales, zeros, x, y) over the measured
+device-to-device copy bandwidth; %floor = floor / time.
+
+    python scripts/bench.py --out bench.json [--quick]
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import mpq_ops  # noqa: F401
+from mpq_ops.quantize import quantize_rtn
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
+MS = [1, 16, 64, 256, 1024, 4096]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth():
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (t * 1e-6)  # bytes read + written per second
+
+
+def dequant_matmul_torch(x, qweight, scales, zeros, w_bit: int, group_size: int):
+    """What a user without mpq_ops would write: unpack, dequantize, matmul."""
+    per = 32 // w_bit
+    shifts = torch.arange(0, 32, w_bit, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(-1) >> shifts) & ((1 << w_bit) - 1)
+    N = qweight.shape[0]
+    q = q.reshape(N, -1, group_size).to(x.dtype)
+    W = ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(N, -1)
+    return x @ W.t()
+
+
+def int4pack_weights(N, K):
+    w = torch.randint(0, 16, (N, K), dtype=torch.int32, device="cuda")
+    w_u8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(w_u8, 8)
+    sz = torch.rand(K // 128, N, 2, dtype=torch.bfloat16, device="cuda") * 0.01
+    return packed, sz
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--quick", action="store_true", help="first shape, M in 1/16 only")
+    ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
+    args = ap.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [1, 16] if args.quick else MS
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s",
+          flush=True)
+    compiled = torch.compile(dequant_matmul_torch, dynamic=True)
+    rows = []
+    for K, N in shapes:
+        lin_w = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
+        weights = {b: quantize_rtn(lin_w, b, 128) for b in (2, 4, 8)}
+        try:
+            packed, sz = int4pack_weights(N, K)
+        except Exception as e:  # noqa: BLE001 - an anchor that is missing is reported, not fatal
+            print(f"_weight_int4pack_mm unavailable: {e}", file=sys.stderr)
+            packed = None
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            xb = x.to(torch.bfloat16)
+            row = {"K": K, "N": N, "M": M}
+            row["fp16_us"] = bench(lambda: F.linear(x, lin_w))
+            bits = (2, 4, 8) if M <= 16 else (4,)
+            for b in bits:
+                qw = weights[b]
+                t = bench(lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
+                nbytes = (qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2 + M * K * 2
+                          + M * N * 2)
+                row[f"mpq_w{b}_us"] = t
+                row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
+            if packed is not None:
+                row["int4pack_us"] = bench(
+                    lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
+            qw = weights[4]
+            compiled(x, qw.qweight, qw.scales, qw.zeros, 4, 128)
+            row["compiled_dq_mm_us"] = bench(
+                lambda: compiled(x, qw.qweight, qw.scales, qw.zeros, 4, 128))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
+                  indent=1)
+    print_table(rows)
+
+
+def print_table(rows):
+    hdr = (f"{'K':>6} {'N':>6} {'M':>5} | {'fp16':>8} | {'w4 g128':>8} {'%floor':>6} {'x fp16':>6}"
+           f" | {'int4pk':>8} {'cmp dq':>8} | {'w2':>7} {'%fl':>4} {'x':>5} | {'w8':>7} {'%fl':>4}"
+           f" {'x':>5}")
+    print("\ntimes in us (median, L2 flushed); %floor = memory floor / time; x = speedup over fp16")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        def cell(b):
+            if f"mpq_w{b}_us" not in r:
+                return f"{'':>7} {'':>4} {'':>5}"
+            t = r[f"mpq_w{b}_us"]
+            return (f"{t:7.1f} {100 * r[f'mpq_w{b}_floor_us'] / t:4.0f} "
+                    f"{r['fp16_us'] / t:5.2f}")
+        t4 = r["mpq_w4_us"]
+        print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} | {r['fp16_us']:8.1f} | {t4:8.1f} "
+              f"{100 * r['mpq_w4_floor_us'] / t4:6.0f} {r['fp16_us'] / t4:6.2f} | "
+              f"{r.get('int4pack_us', float('nan')):8.1f} {r['compiled_dq_mm_us']:8.1f} | "
+              f"{cell(2)} | {cell(8)}")
+
+
+if __name__ == "__main__":
+    main()

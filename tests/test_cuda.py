@@ -1,0 +1,84 @@
+"""CUDA-only checks: every kernel path (fused GEMV tiles, the dequantize + cuBLAS
+path, shapes the fused kernel does not take), CUDA graphs. Skipped without a GPU."""
+import pytest
+import torch
+from torch import nn
+
+from helpers import REL_TOL, make_weight, make_x, ref_matmul, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("N,K,group_size", [(100, 512, 128), (4096, 1024, -1), (45, 96, 32),
+                                            (512, 768, 256), (33, 2048, 64)])
+def test_all_paths_match_reference(dtype, w_bit, N, K, group_size):
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    for M in (1, 5, 8, 9, 16, 17, 32, 33, 64, 65, 300):
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        y.copy_(torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        assert err < REL_TOL[dtype], (M, err)
+
+
+def test_float32_on_cuda_through_dequantize_path():
+    qweight, scales, zeros = make_weight(64, 256, 4, 64, torch.float32, "cuda")
+    x = make_x((7,), 256, torch.float32, "cuda")
+    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 64)
+    assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 64)) < 1e-5
+
+
+def test_misaligned_views_are_handled():
+    qweight, scales, zeros = make_weight(64, 512, 4, 128, torch.float16, "cuda")
+    base = torch.randn(3, 512 + 1, device="cuda", dtype=torch.float16)
+    x = base[:, 1:]  # 2-byte offset: not 16-byte aligned
+    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 128)
+    assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 128)) < REL_TOL[torch.float16]
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from mpq_ops import MPQLinear
+        self.a = MPQLinear.from_linear(nn.Linear(512, 1024, dtype=torch.float16).cuda(), 4, 128)
+        self.b = MPQLinear.from_linear(nn.Linear(1024, 512, dtype=torch.float16).cuda(), 2, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_reduce_overhead_runs_under_cuda_graphs():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = Model().eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(5):
+            x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+            out = compiled(x).clone()
+            torch.testing.assert_close(out, model(x), rtol=2e-3, atol=2e-3)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] >= 0
+
+
+def test_raw_cuda_graph_capture_and_replay():
+    qweight, scales, zeros = make_weight(256, 1024, 4, 128, torch.float16, "cuda")
+    static_x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
+    for M in (2,):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            g.replay()
+            ref = ref_matmul(static_x, qweight, scales, zeros, 4, 128)
+            assert rel_err(static_y, ref) < REL_TOL[torch.float16]
