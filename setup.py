@@ -22,10 +22,11 @@ def want_cuda() -> bool:
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    # The C++ standard is left to BuildExtension: it must match the one torch was built with.
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
     if want_cuda():
         cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         return CUDAExtension("mpq_ops._C", cpp + cu,

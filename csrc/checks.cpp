@@ -8,14 +8,14 @@ namespace mpq {
 
 static void check_w_bit(const char* op, int64_t w_bit) {
   TORCH_CHECK_VALUE(w_bit == 2 || w_bit == 4 || w_bit == 8, op,
-                    ": w_bit must be 2, 4 or 8, got ", w_bit);
+                    ": w_bit must be 2, 4 or 8, got ", num(w_bit).c_str());
 }
 
 int64_t infer_k(const char* op, const at::Tensor& qweight, int64_t w_bit) {
   check_w_bit(op, w_bit);
   TORCH_CHECK(qweight.dim() == 2, op,
-              ": qweight must be 2-D [N, K*w_bit/32], got ", qweight.dim(),
-              "-D tensor of shape ", qweight.sizes());
+              ": qweight must be 2-D [N, K*w_bit/32], got ", num(qweight.dim()).c_str(),
+              "-D tensor of shape ", shape_of(qweight).c_str());
   return qweight.size(1) * (32 / w_bit);
 }
 
@@ -26,27 +26,27 @@ WeightShape check_weight(const char* op, const at::Tensor& qweight,
   TORCH_CHECK(qweight.scalar_type() == at::kInt, op,
               ": qweight must be int32, got ", qweight.scalar_type());
   TORCH_CHECK(qweight.dim() == 2, op,
-              ": qweight must be 2-D [N, K*w_bit/32], got ", qweight.dim(),
-              "-D tensor of shape ", qweight.sizes());
+              ": qweight must be 2-D [N, K*w_bit/32], got ", num(qweight.dim()).c_str(),
+              "-D tensor of shape ", shape_of(qweight).c_str());
   TORCH_CHECK(K % 32 == 0, op,
-              ": in_features K must be a multiple of 32, got K=", K);
+              ": in_features K must be a multiple of 32, got K=", num(K).c_str());
   const int64_t N = qweight.size(0);
   const int64_t words = K * w_bit / 32;
   TORCH_CHECK(qweight.size(1) == words, op, ": qweight must have shape [N, ",
-              words, "] for K=", K, " and w_bit=", w_bit, ", got ",
-              qweight.sizes());
+              num(words).c_str(), "] for K=", num(K).c_str(), " and w_bit=",
+              num(w_bit).c_str(), ", got ", shape_of(qweight).c_str());
   TORCH_CHECK_VALUE(group_size == -1 || (group_size > 0 && group_size % 32 == 0),
                     op, ": group_size must be -1 or a positive multiple of 32, got ",
-                    group_size);
+                    num(group_size).c_str());
   const int64_t gs = group_size == -1 ? K : group_size;
-  TORCH_CHECK_VALUE(K == 0 || K % gs == 0, op, ": group_size ", group_size,
-                    " must divide in_features K=", K);
+  TORCH_CHECK_VALUE(K == 0 || K % gs == 0, op, ": group_size ", num(group_size).c_str(),
+                    " must divide in_features K=", num(K).c_str());
   const int64_t groups = gs == 0 ? 0 : K / gs;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales},
                                 std::pair<const char*, const at::Tensor&>{"zeros", zeros}}) {
     TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == groups, op, ": ",
-                name, " must have shape [N, K/group_size] = [", N, ", ", groups,
-                "], got ", t.sizes());
+                name, " must have shape [N, K/group_size] = [", num(N).c_str(), ", ",
+                num(groups).c_str(), "], got ", shape_of(t).c_str());
     TORCH_CHECK(t.device() == qweight.device(), op, ": ", name,
                 " must be on the same device as qweight (", qweight.device(),
                 "), got ", t.device());
@@ -81,7 +81,8 @@ WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
   if (perm.has_value()) {
     const auto& p = *perm;
     TORCH_CHECK(p.dim() == 1 && p.size(0) == shape.K, op,
-                ": perm must have shape [K] = [", shape.K, "], got ", p.sizes());
+                ": perm must have shape [K] = [", num(shape.K).c_str(), "], got ",
+                shape_of(p).c_str());
     TORCH_CHECK(p.scalar_type() == at::kInt || p.scalar_type() == at::kLong, op,
                 ": perm must be int32 or int64, got ", p.scalar_type());
     TORCH_CHECK(p.device() == x.device(), op, ": perm must be on the same device as x (",
@@ -90,7 +91,8 @@ WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
   if (bias.has_value()) {
     const auto& b = *bias;
     TORCH_CHECK(b.dim() == 1 && b.size(0) == shape.N, op,
-                ": bias must have shape [N] = [", shape.N, "], got ", b.sizes());
+                ": bias must have shape [N] = [", num(shape.N).c_str(), "], got ",
+                shape_of(b).c_str());
     TORCH_CHECK(b.scalar_type() == x.scalar_type(), op,
                 ": bias must have the dtype of x (", x.scalar_type(), "), got ",
                 b.scalar_type());

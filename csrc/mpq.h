@@ -3,8 +3,20 @@
 
 #include <ATen/ATen.h>
 #include <optional>
+#include <string>
 
 namespace mpq {
+
+// Numbers and shapes go into error messages as text made here. Streaming an
+// integer inside c10::str would instantiate libstdc++'s number formatting in
+// this library, and that copy crashed against the runtime's (torch 2.11 CUDA
+// wheels, g++ 13).
+inline std::string num(int64_t v) { return std::to_string(v); }
+inline std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
 
 // Values that go with a validated set of matmul/dequantize arguments.
 struct WeightShape {

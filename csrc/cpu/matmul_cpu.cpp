@@ -91,8 +91,8 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     // argument was wrong.
     const auto p = perm->to(at::kLong);
     const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", K,
-                "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", num(K).c_str(),
+                "), got values in [", num(lo).c_str(), ", ", num(hi).c_str(), "]");
     x2 = x2.index_select(1, p);
   }
   auto xf = x2.to(at::kFloat).contiguous();

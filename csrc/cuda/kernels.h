@@ -6,7 +6,8 @@
 
 namespace mpq::cuda {
 
-// Rows of x up to which the fused tensor-core GEMV beats dequantize + cuBLAS.
+// Rows of x up to which the fused tensor-core GEMV beats dequantize + cuBLAS
+// (half of it for 2-bit weights, whose widest tile would spill registers).
 constexpr int64_t kGemvMaxRows = 64;
 
 // x [M, K] contiguous fp16/bf16, M <= kGemvMaxRows, K a multiple of the
