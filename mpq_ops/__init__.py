@@ -13,6 +13,9 @@ except ImportError as e:  # pragma: no cover - only when the build is missing or
     ) from e
 
 from . import ops  # noqa: E402,F401
+# MPS kernels (through MLX) are registered even without mlx installed: a call
+# then fails with the install hint instead of "no kernel for MPS".
+from . import mlx_bridge  # noqa: E402,F401
 from .formats import CanonicalWeight, from_gptq  # noqa: E402
 from .layers import (MPQLinear, MPQLinearBase, MPQLinearCuda, MPQLinearMlx,  # noqa: E402
                      prepare_bie_layers)

@@ -18,67 +18,80 @@ W_BITS = (2, 4, 8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _check(cond, msg) -> None:
+    """torch._check, with a fast exit for plain Python True: eager callers (the
+    MLX bridge) pay a few hundred ns per check instead of microseconds, while
+    symbolic conditions under tracing still go to torch._check."""
+    if cond is not True:
+        torch._check(cond, msg)
+
+
+def _check_value(cond, msg) -> None:
+    if cond is not True:
+        torch._check_value(cond, msg)
+
+
 def _check_weight(op: str, qweight: Tensor, scales: Tensor, zeros: Tensor, w_bit: int,
                   group_size: int, K) -> int:
     """Mirror of mpq::check_weight; returns the number of groups."""
-    torch._check_value(w_bit in W_BITS, lambda: f"{op}: w_bit must be 2, 4 or 8, got {w_bit}")
-    torch._check(qweight.dtype == torch.int32,
+    _check_value(w_bit in W_BITS, lambda: f"{op}: w_bit must be 2, 4 or 8, got {w_bit}")
+    _check(qweight.dtype == torch.int32,
                  lambda: f"{op}: qweight must be int32, got {qweight.dtype}")
-    torch._check(qweight.dim() == 2, lambda: (
+    _check(qweight.dim() == 2, lambda: (
         f"{op}: qweight must be 2-D [N, K*w_bit/32], got {qweight.dim()}-D tensor of shape "
         f"{tuple(qweight.shape)}"))
-    torch._check(K % 32 == 0, lambda: f"{op}: in_features K must be a multiple of 32, got K={K}")
+    _check(K % 32 == 0, lambda: f"{op}: in_features K must be a multiple of 32, got K={K}")
     N = qweight.shape[0]
     words = K * w_bit // 32
-    torch._check(qweight.shape[1] == words, lambda: (
+    _check(qweight.shape[1] == words, lambda: (
         f"{op}: qweight must have shape [N, {words}] for K={K} and w_bit={w_bit}, "
         f"got {tuple(qweight.shape)}"))
-    torch._check_value(group_size == -1 or (group_size > 0 and group_size % 32 == 0), lambda: (
+    _check_value(group_size == -1 or (group_size > 0 and group_size % 32 == 0), lambda: (
         f"{op}: group_size must be -1 or a positive multiple of 32, got {group_size}"))
     gs = K if group_size == -1 else group_size
-    torch._check_value(group_size == -1 or K % gs == 0,
+    _check_value(group_size == -1 or K % gs == 0,
                        lambda: f"{op}: group_size {group_size} must divide in_features K={K}")
     groups = 1 if group_size == -1 else K // gs
     for name, t in (("scales", scales), ("zeros", zeros)):
-        torch._check(t.dim() == 2 and t.shape[0] == N and t.shape[1] == groups, lambda: (
+        _check(t.dim() == 2 and t.shape[0] == N and t.shape[1] == groups, lambda: (
             f"{op}: {name} must have shape [N, K/group_size] = [{N}, {groups}], "
             f"got {tuple(t.shape)}"))
-        torch._check(t.device == qweight.device, lambda: (
+        _check(t.device == qweight.device, lambda: (
             f"{op}: {name} must be on the same device as qweight ({qweight.device}), "
             f"got {t.device}"))
-    torch._check(scales.dtype in FLOAT_DTYPES, lambda: (
+    _check(scales.dtype in FLOAT_DTYPES, lambda: (
         f"{op}: scales must be float16, bfloat16 or float32, got {scales.dtype}"))
-    torch._check(zeros.dtype == scales.dtype, lambda: (
+    _check(zeros.dtype == scales.dtype, lambda: (
         f"{op}: zeros must have the dtype of scales ({scales.dtype}), got {zeros.dtype}"))
     return groups
 
 
 def _check_matmul(x, qweight, scales, zeros, w_bit, group_size, perm, bias):
     op = "mpq::matmul"
-    torch._check(x.dim() >= 1,
+    _check(x.dim() >= 1,
                  lambda: f"{op}: x must have at least 1 dimension [..., K], got a scalar")
-    torch._check(x.dtype in FLOAT_DTYPES,
+    _check(x.dtype in FLOAT_DTYPES,
                  lambda: f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    torch._check(qweight.device == x.device, lambda: (
+    _check(qweight.device == x.device, lambda: (
         f"{op}: qweight must be on the same device as x ({x.device}), got {qweight.device}"))
-    torch._check(scales.dtype == x.dtype, lambda: (
+    _check(scales.dtype == x.dtype, lambda: (
         f"{op}: scales must have the dtype of x ({x.dtype}), got {scales.dtype}"))
     K = x.shape[-1]
     _check_weight(op, qweight, scales, zeros, w_bit, group_size, K)
     N = qweight.shape[0]
     if perm is not None:
-        torch._check(perm.dim() == 1 and perm.shape[0] == K, lambda: (
+        _check(perm.dim() == 1 and perm.shape[0] == K, lambda: (
             f"{op}: perm must have shape [K] = [{K}], got {tuple(perm.shape)}"))
-        torch._check(perm.dtype in (torch.int32, torch.int64),
+        _check(perm.dtype in (torch.int32, torch.int64),
                      lambda: f"{op}: perm must be int32 or int64, got {perm.dtype}")
-        torch._check(perm.device == x.device, lambda: (
+        _check(perm.device == x.device, lambda: (
             f"{op}: perm must be on the same device as x ({x.device}), got {perm.device}"))
     if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == N, lambda: (
+        _check(bias.dim() == 1 and bias.shape[0] == N, lambda: (
             f"{op}: bias must have shape [N] = [{N}], got {tuple(bias.shape)}"))
-        torch._check(bias.dtype == x.dtype, lambda: (
+        _check(bias.dtype == x.dtype, lambda: (
             f"{op}: bias must have the dtype of x ({x.dtype}), got {bias.dtype}"))
-        torch._check(bias.device == x.device, lambda: (
+        _check(bias.device == x.device, lambda: (
             f"{op}: bias must be on the same device as x ({x.device}), got {bias.device}"))
     return N, K
 
