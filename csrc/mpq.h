@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace mpq {
 
@@ -32,6 +33,18 @@ struct WeightShape {
 WeightShape check_weight(const char* op, const at::Tensor& qweight,
                          const at::Tensor& scales, const at::Tensor& zeros,
                          int64_t w_bit, int64_t group_size, int64_t K);
+
+// x viewed as rows [M, K] and the output's sizes [..., N], shared by the
+// devices' matmul entry points.
+struct Rows {
+  at::Tensor x2;
+  std::vector<int64_t> out_sizes;
+};
+inline Rows as_rows(const at::Tensor& x, int64_t K, int64_t N) {
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  return {x.reshape({-1, K}), std::move(out_sizes)};
+}
 
 // Checks x, perm and bias for mpq::matmul and returns the weight shape.
 WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,

@@ -43,15 +43,28 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
                    skip: Iterable[str] = ("lm_head",), symmetric: bool = False,
                    integer_zeros: bool = False,
                    dtype: Optional[torch.dtype] = None, method: str = "rtn",
-                   progress: bool = True) -> dict:
+                   calibration: Optional[Iterable[torch.Tensor]] = None,
+                   act_order: bool = False, progress: bool = True) -> dict:
     """Replaces the model's nn.Linear layers with MPQLinear, in place.
+
+    method "rtn": round-to-nearest. method "gptq": GPTQ over `calibration`
+    (input_ids tensors), block by block (mpq_ops.gptq), optionally act_order.
 
     overrides maps a name pattern (fnmatch, e.g. "*.mlp.down_proj") to
     (w_bit, group_size) for mixed precision; layers matching `skip` stay
     float. Returns a summary: layers quantized/skipped, per-layer settings,
     linear-weight and whole-model bytes before and after."""
+    if method == "gptq":
+        if calibration is None:
+            raise ValueError("quantize_model(method='gptq') needs calibration: input_ids "
+                             "tensors, e.g. mpq_ops.calibration.self_generated(model, tokenizer)")
+        from .gptq import gptq_quantize_model
+        return gptq_quantize_model(model, calibration, w_bit=w_bit, group_size=group_size,
+                                   overrides=overrides, skip=skip, symmetric=symmetric,
+                                   integer_zeros=integer_zeros, act_order=act_order,
+                                   dtype=dtype, progress=progress)
     if method != "rtn":
-        raise ValueError(f"method must be 'rtn', got {method!r}")
+        raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
     overrides = dict(overrides or {})
     skip = tuple(skip)
     layers = linear_layers(model)

@@ -76,9 +76,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
                       const std::optional<at::Tensor>& bias) {
   const auto shape = check_matmul(x, qweight, scales, zeros, w_bit, group_size, perm, bias);
   const int64_t K = shape.K, N = shape.N;
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  auto x2 = x.reshape({-1, K});
+  auto [x2, out_sizes] = as_rows(x, K, N);
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return at::zeros(out_sizes, x.options());
   if (K == 0) {

@@ -21,9 +21,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const auto shape = check_matmul(x, qweight, scales, zeros, w_bit, group_size, perm, bias);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t K = shape.K, N = shape.N;
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = N;
-  auto x2 = x.reshape({-1, K});
+  auto [x2, out_sizes] = as_rows(x, K, N);
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return at::zeros(out_sizes, x.options());
   // perm values are not range-checked here: that would need a host sync.
