@@ -64,11 +64,14 @@ def main():
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--quick", action="store_true", help="first shape, M in 1/16 only")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [1, 16] if args.quick else MS
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s",
