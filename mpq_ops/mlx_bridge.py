@@ -11,9 +11,9 @@ call is: torch -> MLX arrays, mx.quantized_matmul, MLX -> torch.
 - Weight-side arrays (w_q, scales, biases) are made once per weight: a cache
   keyed by the qweight tensor (weakly held, so nothing leaks) that also
   records the tensors' versions, so an in-place update is seen.
-- Cases MLX does not serve (group sizes other than 32/64/128, float32 output
-  from a 16-bit kernel is not a concern) fall back to mpq::dequantize + matmul
-  in torch, which is correct on every device.
+- Cases MLX does not serve (group sizes other than 32/64/128, e.g. one group
+  per row) fall back to mpq::dequantize + matmul in torch, which is correct on
+  every device.
 - MLX's CPU kernels accumulate in the input dtype; on the CPU the bridge feeds
   them float32 (see tests/test_mlx.py for the measured error), on the GPU
   (Metal) MLX accumulates in float32 itself.
@@ -73,11 +73,10 @@ def to_torch(a, device: torch.device) -> Tensor:
     try:
         t = torch.from_dlpack(a)
     except Exception:  # noqa: BLE001 - copying fallback
-        if a.dtype == mx.bfloat16:
-            import numpy as np
+        import numpy as np
+        if a.dtype == mx.bfloat16:  # numpy has no bfloat16: carry the bits
             t = torch.from_numpy(np.array(a.view(mx.int16))).view(torch.bfloat16)
         else:
-            import numpy as np
             t = torch.from_numpy(np.array(a))
     return t.to(device)
 
@@ -134,8 +133,8 @@ def matmul_mlx(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, w_bit:
     """mpq::matmul through mx.quantized_matmul (fallback: dequantize + matmul)."""
     from .ops import _check_matmul
     N, K = _check_matmul(x, qweight, scales, zeros, w_bit, group_size, perm, bias)
-    if perm is not None and x.device.type == "cpu":
-        lo, hi = int(perm.min()), int(perm.max()) if perm.numel() else (0, 0)
+    if perm is not None and x.device.type == "cpu" and perm.numel():
+        lo, hi = int(perm.min()), int(perm.max())
         if lo < 0 or hi >= K:
             raise RuntimeError(f"mpq::matmul: perm values must lie in [0, {K}), got values "
                                f"in [{lo}, {hi}]")
