@@ -28,6 +28,18 @@ def _match(name: str, patterns: Iterable[str]) -> Optional[str]:
     return None
 
 
+def _layer_setting(name: str, overrides: Dict[str, Tuple[int, int]], w_bit: int,
+                   group_size: int) -> Tuple[int, int]:
+    """(w_bit, group_size) for a layer: the first matching override, else the defaults."""
+    pat = _match(name, overrides)
+    return overrides[pat] if pat else (w_bit, group_size)
+
+
+def _progress(items, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, disable=not enabled, leave=False)
+
+
 def linear_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
 
@@ -71,17 +83,11 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
     model_bytes_before = _module_bytes(model)
     summary = {"layers": 0, "skipped": [], "config": {}, "linear_bytes_before": 0,
                "linear_bytes_after": 0, "model_bytes_before": model_bytes_before}
-    try:
-        from tqdm.auto import tqdm
-        it = tqdm(layers, desc=f"quantize ({method})", disable=not progress, leave=False)
-    except ImportError:  # pragma: no cover
-        it = layers
-    for name, lin in it:
+    for name, lin in _progress(layers, f"quantize ({method})", progress):
         if _match(name, skip):
             summary["skipped"].append(name)
             continue
-        pat = _match(name, overrides)
-        bits, gs = overrides[pat] if pat else (w_bit, group_size)
+        bits, gs = _layer_setting(name, overrides, w_bit, group_size)
         if gs != -1 and lin.in_features % gs:
             raise ValueError(f"quantize_model: group_size {gs} does not divide in_features "
                              f"{lin.in_features} of layer {name!r}; use overrides or skip")
