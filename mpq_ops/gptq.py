@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .layers import MPQLinear
 from .pack import W_BITS, pack
-from .quantize import group_params, quantize_codes, resolve_group_size
+from .quantize import clipped_group_params, group_params, quantize_codes, resolve_group_size
 
 
 class GPTQ:
@@ -49,11 +49,13 @@ class GPTQ:
     def quantize(self, w_bit: int, group_size: int = 128, symmetric: bool = False,
                  integer_zeros: bool = False, act_order: bool = False, damp: float = 0.01,
                  block_size: int = 128, static_groups: bool = False,
-                 dtype: Optional[torch.dtype] = None) -> MPQLinear:
+                 clip: bool = False, dtype: Optional[torch.dtype] = None) -> MPQLinear:
         """Returns an MPQLinear holding the GPTQ-quantized weight.
 
         static_groups: take every group's scale and zero point from the
-        original weight up front instead of from the error-updated one."""
+        original weight up front instead of from the error-updated one.
+        clip: choose each group's range by a search over shrunk ranges
+        (quantize.clipped_group_params) instead of the plain min..max."""
         if w_bit not in W_BITS:
             raise ValueError(f"w_bit must be 2, 4 or 8, got {w_bit}")
         if self.nsamples == 0:
@@ -82,8 +84,9 @@ class GPTQ:
         scales = torch.empty(N, G, dtype=dtype, device=W.device)
         zeros = torch.empty(N, G, dtype=dtype, device=W.device)
         scale = zero = None
+        params = clipped_group_params if clip else group_params
         if static_groups:
-            s_all, z_all = group_params(W.reshape(N, G, gs), w_bit, symmetric, dtype,
+            s_all, z_all = params(W.reshape(N, G, gs), w_bit, symmetric, dtype,
                                         integer_zeros)
         for i1 in range(0, K, block):
             i2 = min(i1 + block, K)
@@ -98,7 +101,7 @@ class GPTQ:
                         scale, zero = s_all[:, g], z_all[:, g]
                     else:
                         span = torch.cat([W1[:, i:], W[:, i2:col + gs]], dim=1)[:, :gs]
-                        scale, zero = group_params(span, w_bit, symmetric, dtype,
+                        scale, zero = params(span, w_bit, symmetric, dtype,
                                                    integer_zeros)
                     scales[:, g], zeros[:, g] = scale, zero
                 w = W1[:, i]
@@ -142,7 +145,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
                         overrides: Optional[Dict[str, Tuple[int, int]]] = None,
                         skip: Iterable[str] = ("lm_head",), symmetric: bool = False,
                         integer_zeros: bool = False, act_order: bool = False,
-                        damp: float = 0.1, static_groups: bool = False,
+                        damp: float = 0.1, static_groups: bool = False, clip: bool = False,
                         dtype: Optional[torch.dtype] = None, progress: bool = True) -> dict:
     """Quantizes the Linear layers inside the model's repeated blocks with GPTQ,
     block by block, in place. `calibration`: input_ids tensors ([1, T] or [B, T]).
@@ -200,7 +203,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
             bits, gs = _layer_setting(full, overrides, w_bit, group_size)
             q = st.quantize(bits, gs, symmetric=symmetric, integer_zeros=integer_zeros,
                             act_order=act_order, damp=damp, static_groups=static_groups,
-                            dtype=dtype)
+                            clip=clip, dtype=dtype)
             summary["linear_bytes_before"] += _module_bytes(linears[n])
             summary["linear_bytes_after"] += _module_bytes(q)
             _set_submodule(block, n, q)

@@ -57,6 +57,35 @@ def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,
     return scale, zero.to(dtype)
 
 
+def clipped_group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,
+                         integer_zeros: bool = False, max_shrink: float = 0.2, steps: int = 20,
+                         norm: float = 2.4):
+    """group_params with the range shrunk where that lowers the group's error.
+
+    Tries shrinking the min..max range (absmax for symmetric) by factors
+    1, 1 - max_shrink/steps, ..., 1 - max_shrink and keeps, per group, the one
+    with the least sum |w - dequant(quant(w))|^norm: clipping a few outliers
+    buys a finer grid for the rest (GPTQ's "mse" grid search)."""
+    w = w.float()
+    best_s, best_z = group_params(w, w_bit, symmetric, dtype, integer_zeros)
+    best_err = _group_error(w, best_s, best_z, w_bit, norm)
+    for i in range(1, steps + 1):
+        p = 1 - max_shrink * i / steps
+        s, z = group_params(w * p, w_bit, symmetric, dtype, integer_zeros)
+        err = _group_error(w, s, z, w_bit, norm)
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def _group_error(w: Tensor, scale: Tensor, zero: Tensor, w_bit: int, norm: float) -> Tensor:
+    q = quantize_codes(w, scale, zero, w_bit).float()
+    deq = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return (w - deq).abs().pow(norm).sum(-1)
+
+
 def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, w_bit: int) -> Tensor:
     """Codes q = clamp(round(w / s + z)) with the stored (rounded) s and z."""
     q = torch.round(w.float() / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1))

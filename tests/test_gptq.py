@@ -83,3 +83,36 @@ def test_gptq_model_block_by_block():
                isinstance(m, (nn.Linear, MPQLinear)))
     assert type(model.head) is nn.Linear
     assert rel_err(model(test), ref.double()) < rel_err(rtn_model(test), ref.double())
+
+
+@pytest.mark.parametrize("w_bit,symmetric,integer_zeros", [(2, False, False), (4, False, True),
+                                                            (4, True, False), (8, False, False)])
+def test_clipped_group_params_never_raise_the_group_error(w_bit, symmetric, integer_zeros):
+    from mpq_ops.quantize import clipped_group_params, group_params, quantize_codes
+    g = torch.Generator().manual_seed(w_bit)
+    # Groups of 32 with a few outliers: shrinking the range helps most of them.
+    w = torch.randn(64, 32, generator=g)
+    w[:, 0] *= 6
+
+    def err(s, z):
+        q = quantize_codes(w, s, z, w_bit).double()
+        return ((w.double() - (q - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1))
+                .abs().pow(2.4).sum(-1))
+
+    base = err(*group_params(w, w_bit, symmetric, torch.float32, integer_zeros))
+    clipped = err(*clipped_group_params(w, w_bit, symmetric, torch.float32, integer_zeros))
+    assert torch.all(clipped <= base * (1 + 1e-6))
+    if w_bit < 8:  # 8-bit grids are fine enough that clipping seldom pays
+        assert clipped.sum() < 0.97 * base.sum()
+
+
+def test_gptq_with_clipping_search():
+    torch.manual_seed(0)
+    K, N = 256, 64
+    lin = nn.Linear(K, N)
+    st = GPTQ(lin)
+    st.add_batch(correlated_inputs(2048, K, 0))
+    test = correlated_inputs(512, K, 1)
+    ref = lin(test).detach().double()
+    q = st.quantize(4, 64, clip=True)
+    assert rel_err(q(test), ref) < rel_err(MPQLinear.from_linear(lin, 4, 64)(test), ref)

@@ -42,13 +42,14 @@ __device__ __forceinline__ uint32_t as_bits(V v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Dequantizes the P codes of one word: out[j] = ((c_j, c_{j+P/2}) - z) * s,
-// rounded once to T (the product of an exact difference and s), which is what
-// mpq::dequantize returns for those elements.
+// Byte j of a word as a float32, via 2^23 + byte built with one byte permute.
+__device__ __forceinline__ float code_float(uint32_t word, int j) {
+  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j)) - 8388608.f;
+}
+
+// The P codes of one word as exact T pairs: out[j] = (c_j, c_{j+P/2}).
 template <typename T, int W>
-__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type z2,
-                                             typename Pair<T>::type s2, float zf, float sf,
-                                             typename Pair<T>::type* out) {
+__device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::type* out) {
   using V = typename Pair<T>::type;
   constexpr int P = 32 / W;
   constexpr uint32_t kMask = (1u << W) - 1u;
@@ -56,21 +57,36 @@ __device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::ty
   if constexpr (W <= Pair<T>::kMaxBits) {
     const V magic = as_pair<V>(Pair<T>::kMagic);
 #pragma unroll
-    for (int j = 0; j < P / 2; ++j) {
-      const V c = __hsub2(as_pair<V>(((word >> (W * j)) & kMask2) | Pair<T>::kMagic), magic);
-      // For float16, c - z is exact (|c - z| < 2^W and z on float16's grid),
-      // so the product is the only rounding; bfloat16 may round twice.
-      out[j] = __hmul2(__hsub2(c, z2), s2);
-    }
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = __hsub2(as_pair<V>(((word >> (W * j)) & kMask2) | Pair<T>::kMagic), magic);
   } else {
-    // bfloat16, 8-bit codes: build 2^23 + c as float32 with a byte permute.
+    // bfloat16, 8-bit codes: build 2^23 + c as float32 with a byte permute;
+    // every integer below 256 is exact in bfloat16.
 #pragma unroll
-    for (int j = 0; j < P / 2; ++j) {
-      const float lo = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j)) - 8388608.f;
-      const float hi =
-          __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j + P / 2)) - 8388608.f;
-      out[j] = __floats2bfloat162_rn((lo - zf) * sf, (hi - zf) * sf);
-    }
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = __floats2bfloat162_rn(code_float(word, j), code_float(word, j + P / 2));
+  }
+}
+
+// Dequantizes the P codes of one word: out[j] = ((c_j, c_{j+P/2}) - z) * s,
+// rounded once to T (the product of an exact difference and s), which is what
+// mpq::dequantize returns for those elements.
+template <typename T, int W>
+__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type z2,
+                                             typename Pair<T>::type s2, float zf, float sf,
+                                             typename Pair<T>::type* out) {
+  constexpr int P = 32 / W;
+  if constexpr (W <= Pair<T>::kMaxBits) {
+    decode_codes<T, W>(word, out);
+    // For float16, c - z is exact (|c - z| < 2^W and z on float16's grid),
+    // so the product is the only rounding; bfloat16 may round twice.
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j) out[j] = __hmul2(__hsub2(out[j], z2), s2);
+  } else {
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = __floats2bfloat162_rn((code_float(word, j) - zf) * sf,
+                                     (code_float(word, j + P / 2) - zf) * sf);
   }
 }
 

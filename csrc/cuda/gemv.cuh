@@ -1,0 +1,348 @@
+// Fused dequantize + matmul for few rows of x (M <= 64), on tensor cores.
+//
+// y[m, n] = sum_k x[m, k] * W[n, k]. Each warp owns RT tiles of 16 output
+// features (rows of W); the WARPS warps of a block own consecutive row tiles and walk the
+// same range of K together, so the x values they read are shared through L1
+// instead of being fetched from L2 once per 16 rows. When there are too few
+// row tiles to fill the GPU, K is split across blockIdx.y: each split writes
+// its partial sums to a float32 workspace and a small kernel adds them up.
+//
+// A warp step covers SUPER_K inputs: lane (g = lane / 4, t = lane % 4) loads
+// 16 bytes of packed codes from rows g and g + 8 (a quad of lanes reads 64
+// contiguous bytes of a row), turns them into fp16/bf16 weights in registers
+// (decode.cuh) and feeds them as the A operand of mma.m16n8k16 with float32
+// accumulation; x is the B operand, one 8-column tile per 8 rows of x. The
+// next U steps' weights are loaded before the current ones are used.
+//
+// The k order inside an MMA is free as long as A and B agree, so each lane
+// keeps its own 16-byte chunk: the weights come out of the decoder as pairs
+// (c_j, c_{j+P/2}) of one word and the lane builds the matching x pairs from
+// the same k. Bias is added in float32 before the one rounding of the output.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "decode.cuh"
+#include "kernels.h"
+
+namespace mpq::cuda {
+
+namespace gemv_detail {
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  // Weights are read once: keep them out of L1, which serves x.
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+  typename Pair<T>::type v;
+  v.x = lo;
+  v.y = hi;
+  return as_bits(v);
+}
+
+// RT: 16-row tiles of W per warp; the x fragments loaded for one tile are
+// reused for the others, which cuts x traffic when x has many rows.
+template <typename T, int W, int N_TILES, int RT, int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32)
+    gemv_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
+                     const T* __restrict__ scales, const T* __restrict__ zeros,
+                     const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                     int M, int N, int K, int group_size, int steps_per_split) {
+  using V = typename Pair<T>::type;
+  constexpr int P = 32 / W;            // codes per word
+  constexpr int LANE_K = 4 * P;        // codes per lane per row (16 bytes)
+  constexpr int SUPER_K = 4 * LANE_K;  // inputs per warp step
+  constexpr int R = 2 * RT;            // rows of W per lane: g, g + 8 of each tile
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tile = (blockIdx.x * WARPS + warp) * 16 * RT;
+  if (tile >= N) return;  // no block-wide barrier below
+  const int words = K / P;
+  const int groups = K / group_size;
+  int row[R];
+  const uint4* q[R];
+  const T* sp[R];
+  const T* zp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    row[r] = tile + (r >> 1) * 16 + (r & 1) * 8 + g;
+    const int safe = row[r] < N ? row[r] : 0;
+    q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t;
+    sp[r] = scales + (size_t)safe * groups;
+    zp[r] = zeros + (size_t)safe * groups;
+  }
+
+  float acc[RT][N_TILES][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < N_TILES; ++i) acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
+
+  const int s_begin = blockIdx.y * steps_per_split;
+  const int s_end = min(K / SUPER_K, s_begin + steps_per_split);
+  // Everything a step reads from W's side, so that it can be loaded U steps
+  // ahead: the packed words of this lane's rows and their scales and zeros
+  // (two groups for 2-bit chunks).
+  constexpr int HALVES = W == 2 ? 2 : 1;
+  struct Step {
+    uint4 w[R];
+    T s[R][HALVES], z[R][HALVES];
+  };
+  const auto load_step = [&](int s, Step& st) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
+    const int k0 = s * SUPER_K + t * LANE_K;
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      const int grp = (k0 + 32 * h) / group_size;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        st.s[r][h] = sp[r][grp];
+        st.z[r][h] = zp[r][grp];
+      }
+    }
+  };
+  Step next[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (s_begin + u < s_end) load_step(s_begin + u, next[u]);
+  for (int s = s_begin; s < s_end; s += U) {
+    Step cur[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) cur[u] = next[u];
+    // Issue the next U steps' loads before this step's arithmetic.
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (s + U + u < s_end) load_step(s + U + u, next[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s + u >= s_end) break;
+      const Step& st = cur[u];
+      const int k0 = (s + u) * SUPER_K + t * LANE_K;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int kw = k0 + j * P;
+        // x[m, kw .. kw + P) for the 8 rows m of each tile that this lane feeds.
+        T xs[N_TILES][P];
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt) {
+          const int m = nt * 8 + g;
+          if (m < M) {
+            const T* xp = x + (size_t)m * K + kw;
+            if constexpr (P == 4) {
+              *reinterpret_cast<uint2*>(xs[nt]) = *reinterpret_cast<const uint2*>(xp);
+            } else {
+#pragma unroll
+              for (int qq = 0; qq < P / 8; ++qq)
+                reinterpret_cast<uint4*>(xs[nt])[qq] = reinterpret_cast<const uint4*>(xp)[qq];
+            }
+          } else {
+#pragma unroll
+            for (int qq = 0; qq < P; ++qq) xs[nt][qq] = T(0.f);
+          }
+        }
+        // Weights of this word for each of the lane's rows.
+        V d[R][P / 2];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t word = (&st.w[r].x)[j];
+          // A lane's 16 bytes hold 32 (w4) or 16 (w8) codes: one group, as groups
+          // are multiples of 32 and aligned; 2-bit chunks hold two halves of 32.
+          const int h = (W == 2 && j >= 2) ? 1 : 0;
+          const T sc = st.s[r][h], zc = st.z[r][h];
+          dequant_word<T, W>(word, V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < P / 4; ++mi) {
+#pragma unroll
+          for (int nt = 0; nt < N_TILES; ++nt) {
+            const uint32_t b0 = pack_pair<T>(xs[nt][2 * mi], xs[nt][2 * mi + P / 2]);
+            const uint32_t b1 = pack_pair<T>(xs[nt][2 * mi + 1], xs[nt][2 * mi + 1 + P / 2]);
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              // A: rows (g, g+8) of tile rt x pairs 2mi and 2mi+1 of this word.
+              const uint32_t a[4] = {as_bits(d[2 * rt][2 * mi]), as_bits(d[2 * rt + 1][2 * mi]),
+                                     as_bits(d[2 * rt][2 * mi + 1]),
+                                     as_bits(d[2 * rt + 1][2 * mi + 1])};
+              mma_16816<T>(acc[rt][nt], a, b0, b1);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // c0, c1: row g, columns (rows of x) 2t, 2t+1; c2, c3: row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = row[2 * rt + (i >> 1)];
+        const int m = nt * 8 + 2 * t + (i & 1);
+        if (n < N && m < M) {
+          if (ws != nullptr) {
+            // Every (split, m, n) is written by exactly one lane: no atomics, no memset.
+            ws[((size_t)blockIdx.y * M + m) * N + n] = acc[rt][nt][i];
+          } else {
+            float v = acc[rt][nt][i];
+            if (bias != nullptr) v += float(bias[n]);
+            y[(size_t)m * N + n] = T(v);
+          }
+        }
+      }
+    }
+  }
+}
+
+// y = T(sum of the splits' partial products + bias): the end of a split-K product.
+template <typename T>
+__global__ void finish_split_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
+                                    T* __restrict__ y, int64_t total, int N, int splits) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += ws[sp * total + i];
+    if (bias != nullptr) v += float(bias[i % N]);
+    y[i] = T(v);
+  }
+}
+
+inline int sm_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// Which kernel serves M rows of x: x tiles of 8 rows, W tiles per warp (RT)
+// and steps in flight (U). Measured on the H100 (scripts/bench.py, w4 g128):
+// one W tile and two steps for a single x tile; from two x tiles on, two W
+// tiles per warp so that each x fragment feeds two MMAs, with the depth the
+// registers allow (two steps for 4 x tiles; one for 2 and 8, and for 2-bit
+// codes, where two would spill or lower occupancy). At (8192, 28672): M=16 112 -> 102 us, M=32
+// 214 -> 138 us, M=64 349 -> 234 us against one W tile per warp.
+inline int x_tiles(int64_t M, int w_bit) {
+  return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
+}
+
+template <typename T, int W, int N_TILES, int RT, int U>
+void launch(const at::Tensor& x, const at::Tensor& qweight,
+            const at::Tensor& scales, const at::Tensor& zeros,
+            const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t group_size) {
+  constexpr int WARPS = 4;
+  constexpr int SUPER_K = 16 * (32 / W);
+  const auto kernel = gemv_cuda_kernel<T, W, N_TILES, RT, WARPS, U>;
+  const int M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int row_blocks = (N + 16 * RT * WARPS - 1) / (16 * RT * WARPS);
+  const int steps = K / SUPER_K;
+  // Split K so that the grid fills whole waves of resident blocks: a second
+  // wave that is mostly empty costs as much as a full one.
+  static const int slots = [&] {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0));
+    return std::max(1, per_sm) * sm_count();
+  }();
+  // Splitting costs a second launch, so it is only for grids that leave most
+  // of the GPU idle.
+  int splits = 1;
+  double best = -1.0;
+  const int max_splits = row_blocks * 2 < slots ? std::max(1, steps / (2 * U)) : 1;
+  for (int sp = 1; sp <= max_splits; ++sp) {
+    const int per = (steps + sp - 1) / sp;
+    const int real = (steps + per - 1) / per;
+    const long total = (long)row_blocks * real;
+    const long waves = (total + slots - 1) / slots;
+    // Busy fraction of the waves, and no credit for leaving SMs idle.
+    const double score = (double)total / (waves * slots) - (total < slots ? 1.0 : 0.0);
+    if (score > best + 1e-9) {
+      best = score;
+      splits = real;
+    }
+  }
+  const int per_split = (steps + splits - 1) / splits;
+  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  at::Tensor ws;
+  if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(row_blocks, splits), WARPS * 32, 0, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()),
+      reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
+      bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
+      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, static_cast<int>(group_size),
+      per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t total = (int64_t)M * N;
+    const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
+    finish_split_kernel<T><<<blocks, 256, 0, stream>>>(ws.data_ptr<float>(), bias_ptr,
+                                                        reinterpret_cast<T*>(y.data_ptr()),
+                                                        total, N, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int W, int N_TILES>
+void launch_tiles(const at::Tensor& x, const at::Tensor& qweight,
+                  const at::Tensor& scales, const at::Tensor& zeros,
+                  const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t group_size) {
+  if constexpr (N_TILES == 1) {
+    return launch<T, W, 1, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
+  } else if constexpr (N_TILES == 4 && W != 2) {
+    return launch<T, W, 4, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+  } else {
+    return launch<T, W, N_TILES, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+// The fused kernels for one code width (instantiated in gemv_w<W>.cu).
+template <typename T, int W>
+void gemv_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t group_size) {
+  switch (x_tiles(x.size(0), W)) {
+    case 1: return launch_tiles<T, W, 1>(x, qweight, scales, zeros, bias, y, group_size);
+    case 2: return launch_tiles<T, W, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    case 4: return launch_tiles<T, W, 4>(x, qweight, scales, zeros, bias, y, group_size);
+    default:
+      // 2-bit codes with 8 tiles would spill registers; gemv_supported sends them elsewhere.
+      if constexpr (W != 2)
+        return launch_tiles<T, W, 8>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+}  // namespace gemv_detail
+
+template <int W>
+void gemv_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+            int64_t group_size);
+
+}  // namespace mpq::cuda
