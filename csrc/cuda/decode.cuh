@@ -42,6 +42,14 @@ __device__ __forceinline__ uint32_t as_bits(V v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// (a & mask) | bits in one LOP3. Written as PTX because the compiler emits an
+// AND and an OR when both constants are immediates (a LOP3 takes one).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+  return d;
+}
+
 // Byte j of a word as a float32, via 2^23 + byte built with one byte permute.
 __device__ __forceinline__ float code_float(uint32_t word, int j) {
   return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j)) - 8388608.f;
@@ -58,7 +66,7 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
     const V magic = as_pair<V>(Pair<T>::kMagic);
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)
-      out[j] = __hsub2(as_pair<V>(((word >> (W * j)) & kMask2) | Pair<T>::kMagic), magic);
+      out[j] = __hsub2(as_pair<V>(and_or(word >> (W * j), kMask2, Pair<T>::kMagic)), magic);
   } else {
     // bfloat16, 8-bit codes: build 2^23 + c as float32 with a byte permute;
     // every integer below 256 is exact in bfloat16.
