@@ -269,11 +269,15 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0));
     return std::max(1, per_sm) * sm_count();
   }();
-  // Splitting costs a second launch, so it is only for grids that leave most
-  // of the GPU idle.
+  // Splitting costs a second launch and a float32 workspace of splits x M x N,
+  // so with many x rows it is only for grids that leave most of the GPU idle.
+  // With one or two x tiles the workspace is small and more warps in flight
+  // pay: a grid of fewer blocks than resident slots is split too (measured at
+  // (8192, 28672), M=1: 75.7 -> 71.2 us; at M=64 splitting cost 234 -> 261 us).
+  const bool may_split = N_TILES <= 2 ? row_blocks < slots : row_blocks * 2 < slots;
+  const int max_splits = may_split ? std::max(1, steps / (2 * U)) : 1;
   int splits = 1;
   double best = -1.0;
-  const int max_splits = row_blocks * 2 < slots ? std::max(1, steps / (2 * U)) : 1;
   for (int sp = 1; sp <= max_splits; ++sp) {
     const int per = (steps + sp - 1) / sp;
     const int real = (steps + per - 1) / per;
