@@ -48,6 +48,23 @@ def perm_from_g_idx(g_idx: Tensor, groups: int, K: int):
     return perm.to(torch.int32), gs
 
 
+def codes_from_gptq(qweight: Tensor, w_bit: int, g_idx: Optional[Tensor], groups: int):
+    """GPTQ-oriented codes [K*b/32, N] (packed along K) -> (canonical codes
+    [N, K*b/32], perm or None, group_size): transpose, and permute the inputs
+    so that every group is a contiguous run (see perm_from_g_idx)."""
+    q = unpack(qweight, w_bit, dim=0)                 # [K, N]
+    K = q.shape[0]
+    if K % groups:
+        raise ValueError(f"K={K} is not a multiple of the number of groups {groups}")
+    perm, gs = perm_from_g_idx(
+        g_idx if g_idx is not None else torch.arange(K, device=q.device) // (K // groups),
+        groups, K)
+    q = q.t()
+    if perm is not None:
+        q = q[:, perm.long()]
+    return pack(q.contiguous(), w_bit), perm, gs
+
+
 def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, w_bit: int,
               g_idx: Optional[Tensor] = None, zero_convention: str = "v1",
               dtype: Optional[torch.dtype] = None) -> CanonicalWeight:
@@ -59,8 +76,7 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, w_bit: int,
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    q = unpack(qweight, w_bit, dim=0)                 # [K, N]
-    K, N = q.shape
+    N = qweight.shape[1]
     if scales.dim() != 2 or scales.shape[1] != N:
         raise ValueError(f"scales must have shape [G, N={N}], got {tuple(scales.shape)}")
     G = scales.shape[0]
@@ -70,10 +86,6 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, w_bit: int,
     if zero_convention == "v1":
         z = z + 1
     dtype = dtype or scales.dtype
-    perm, gs = perm_from_g_idx(
-        g_idx if g_idx is not None else torch.arange(K, device=q.device) // (K // G), G, K)
-    q = q.t()
-    if perm is not None:
-        q = q[:, perm.long()]
-    return CanonicalWeight(pack(q.contiguous(), w_bit), scales.t().to(dtype).contiguous(),
+    codes, perm, gs = codes_from_gptq(qweight, w_bit, g_idx, G)
+    return CanonicalWeight(codes, scales.t().to(dtype).contiguous(),
                            z.t().to(dtype).contiguous(), perm, w_bit, gs)

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .formats import from_gptq, perm_from_g_idx
-from .pack import W_BITS, pack, unpack
+from .formats import codes_from_gptq, from_gptq
+from .pack import W_BITS, unpack
 from .quantize import quantize_rtn, resolve_group_size
 
 
@@ -198,16 +198,11 @@ class MPQLinearBase(MPQLinear):
                     self.zeros = zoff.reshape(G, -1)[:, :N].contiguous()
             else:
                 scales = self.scales
-            q = unpack(self.qweight.data, b, dim=0)           # [K, N]
-            perm, _ = perm_from_g_idx(self.g_idx, G, K)
+            codes, perm, _ = codes_from_gptq(self.qweight.data, b, self.g_idx, G)
             if self.asym:   # packed integer zeros, stored minus one (as GPTQ v1)
                 z = (unpack(self.qzeros, b, dim=1)[:, :N] + 1).to(torch.float32)
             else:           # pre-scaled offsets: W = q*s - offset, z = offset / s
                 z = self.zeros.float() / scales.float()
-            q = q.t()
-            if perm is not None:
-                q = q[:, perm.long()]
-            codes = pack(q.contiguous(), b)
             scales, zeros = scales.t().to(self.dtype), z.t().to(self.dtype)
             for name in ("qstatistic", "qscales", "qzeros", "qzeros_zeros", "qzeros_scales",
                          "qscales_zeros", "qscales_scales"):
