@@ -38,13 +38,19 @@ MLX_BITS = (2, 4, 8)
 _INSTALL_HINT = "the MLX backend needs mlx: pip install mpq_ops[mlx] (mlx[cpu] on Linux)"
 
 
+_mx = None
+
+
 def mlx():
     """The mlx.core module, or a clear error when it is missing."""
-    try:
-        import mlx.core as mx
-    except ImportError as e:
-        raise RuntimeError(_INSTALL_HINT) from e
-    return mx
+    global _mx
+    if _mx is None:
+        try:
+            import mlx.core as mx
+        except ImportError as e:
+            raise RuntimeError(_INSTALL_HINT) from e
+        _mx = mx
+    return _mx
 
 
 # --- crossing between torch and MLX -------------------------------------------

@@ -136,6 +136,7 @@ def test_backend_switch():
 def test_missing_mlx_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx", None)
     monkeypatch.setitem(sys.modules, "mlx.core", None)
+    monkeypatch.setattr(mlx_bridge, "_mx", None)  # as in a process that never had mlx
     with pytest.raises(RuntimeError, match=r"pip install mpq_ops\[mlx\]"):
         mlx_bridge.mlx()
 
