@@ -86,8 +86,7 @@ class GPTQ:
         scale = zero = None
         params = clipped_group_params if clip else group_params
         if static_groups:
-            s_all, z_all = params(W.reshape(N, G, gs), w_bit, symmetric, dtype,
-                                        integer_zeros)
+            s_all, z_all = params(W.reshape(N, G, gs), w_bit, symmetric, dtype, integer_zeros)
         for i1 in range(0, K, block):
             i2 = min(i1 + block, K)
             W1 = W[:, i1:i2].clone()
@@ -101,8 +100,7 @@ class GPTQ:
                         scale, zero = s_all[:, g], z_all[:, g]
                     else:
                         span = torch.cat([W1[:, i:], W[:, i2:col + gs]], dim=1)[:, :gs]
-                        scale, zero = params(span, w_bit, symmetric, dtype,
-                                                   integer_zeros)
+                        scale, zero = params(span, w_bit, symmetric, dtype, integer_zeros)
                     scales[:, g], zeros[:, g] = scale, zero
                 w = W1[:, i]
                 q = quantize_codes(w.unsqueeze(1), scale, zero, w_bit)[:, 0]
