@@ -326,7 +326,6 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& qweight,
   }
 }
 
-// The fused kernels for one code width (instantiated in gemv_w<W>.cu).
 template <typename T, int W>
 void gemv_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
@@ -344,9 +343,26 @@ void gemv_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
 
 }  // namespace gemv_detail
 
+// The fused kernels for W-bit codes, fp16 or bf16 x. Each width is
+// instantiated in its own gemv_w<W>.cu (the extern declarations keep other
+// files from compiling them again), so the three build in parallel.
 template <int W>
 void gemv_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
-            int64_t group_size);
+            int64_t group_size) {
+  if (x.scalar_type() == at::kHalf) {
+    gemv_detail::gemv_bits<__half, W>(x, qweight, scales, zeros, bias, y, group_size);
+  } else {
+    gemv_detail::gemv_bits<__nv_bfloat16, W>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+#define MPQ_GEMV_WIDTH(W)                                                                    \
+  template void gemv_w<W>(const at::Tensor&, const at::Tensor&, const at::Tensor&,          \
+                          const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, \
+                          int64_t)
+extern MPQ_GEMV_WIDTH(2);
+extern MPQ_GEMV_WIDTH(4);
+extern MPQ_GEMV_WIDTH(8);
 
 }  // namespace mpq::cuda
