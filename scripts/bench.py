@@ -11,6 +11,7 @@ device-to-device copy bandwidth; %floor = floor / time.
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -67,6 +68,9 @@ def main():
     ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
     ap.add_argument("--mpq-only", action="store_true",
                     help="time mpq only (no anchors): for comparing kernel variants")
+    ap.add_argument("--kernels", default=None,
+                    help="also time each CUDA path forced, e.g. gemv,gemm,dequantize "
+                         "(MPQ_OPS_CUDA_KERNEL; a path that cannot serve M falls back)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
@@ -101,6 +105,16 @@ def main():
                           + M * N * 2)
                 row[f"mpq_w{b}_us"] = t
                 row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
+            for kernel in (args.kernels.split(",") if args.kernels else ()):
+                os.environ["MPQ_OPS_CUDA_KERNEL"] = kernel
+                try:
+                    for b in bits:
+                        qw = weights[b]
+                        row[f"mpq_w{b}_{kernel}_us"] = bench(
+                            lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b,
+                                                         128))
+                finally:
+                    del os.environ["MPQ_OPS_CUDA_KERNEL"]
             if args.mpq_only:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -117,6 +131,19 @@ def main():
         json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
                   indent=1)
     print_table(rows)
+    if args.kernels:
+        print_kernels(rows, args.kernels.split(","))
+
+
+def print_kernels(rows, kernels):
+    print("\nwith each CUDA path forced (us; default = the policy's choice)")
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'bits':>4} | {'default':>8} | "
+          + " ".join(f"{k:>10}" for k in kernels))
+    for r in rows:
+        for b in (2, 4, 8):
+            if f"mpq_w{b}_us" in r:
+                print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} {b:>4} | {r[f'mpq_w{b}_us']:8.1f} | "
+                      + " ".join(f"{r[f'mpq_w{b}_{k}_us']:10.1f}" for k in kernels))
 
 
 def print_table(rows):

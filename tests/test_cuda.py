@@ -1,5 +1,6 @@
-"""CUDA-only checks: every kernel path (fused GEMV tiles, the dequantize + cuBLAS
-path, shapes the fused kernel does not take), CUDA graphs. Skipped without a GPU."""
+"""CUDA-only checks: every kernel path (the fused GEMV's tiles, the staged fused
+kernel, the dequantize + cuBLAS path, shapes the fused kernels do not take), each
+also forced for every M it can serve, and CUDA graphs. Skipped without a GPU."""
 import pytest
 import torch
 from torch import nn
@@ -9,14 +10,18 @@ from helpers import REL_TOL, make_weight, make_x, ref_matmul, rel_err
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "dequantize"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
 @pytest.mark.parametrize("N,K,group_size", [(100, 512, 128), (4096, 1024, -1), (45, 96, 32),
                                             (512, 768, 256), (33, 2048, 64)])
-def test_all_paths_match_reference(dtype, w_bit, N, K, group_size):
+def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monkeypatch):
+    if kernel is not None:
+        # Read by the CUDA dispatch on every call; a path that cannot serve M falls back.
+        monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
     qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
-    for M in (1, 5, 8, 9, 16, 17, 32, 33, 64, 65, 300):
+    for M in (1, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         y.copy_(torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))

@@ -20,50 +20,16 @@
 // the same k. Bias is added in float32 before the one rounding of the output.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "decode.cuh"
 #include "kernels.h"
+#include "tile.cuh"
 
 namespace mpq::cuda {
 
 namespace gemv_detail {
 
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  // Weights are read once: keep them out of L1, which serves x.
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
-  typename Pair<T>::type v;
-  v.x = lo;
-  v.y = hi;
-  return as_bits(v);
-}
+using tile::load_stream;
+using tile::mma_16816;
+using tile::pack_pair;
 
 // RT: 16-row tiles of W per warp; the x fragments loaded for one tile are
 // reused for the others, which cuts x traffic when x has many rows.
@@ -221,26 +187,6 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-// y = T(sum of the splits' partial products + bias): the end of a split-K product.
-template <typename T>
-__global__ void finish_split_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
-                                    T* __restrict__ y, int64_t total, int N, int splits) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    float v = 0.f;
-    for (int sp = 0; sp < splits; ++sp) v += ws[sp * total + i];
-    if (bias != nullptr) v += float(bias[i % N]);
-    y[i] = T(v);
-  }
-}
-
-inline int sm_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 // Which kernel serves M rows of x: x tiles of 8 rows, W tiles per warp (RT)
 // and steps in flight (U). Measured on the H100 (scripts/bench.py, w4 g128):
 // one W tile and two steps for a single x tile; from two x tiles on, two W
@@ -267,7 +213,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
   static const int slots = [&] {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0));
-    return std::max(1, per_sm) * sm_count();
+    return std::max(1, per_sm) * tile::sm_count();
   }();
   // Splitting costs a second launch and a float32 workspace of splits x M x N,
   // so with many x rows it is only for grids that leave most of the GPU idle.
@@ -276,20 +222,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
   // (8192, 28672), M=1: 75.7 -> 71.2 us; at M=64 splitting cost 234 -> 261 us).
   const bool may_split = N_TILES <= 2 ? row_blocks < slots : row_blocks * 2 < slots;
   const int max_splits = may_split ? std::max(1, steps / (2 * U)) : 1;
-  int splits = 1;
-  double best = -1.0;
-  for (int sp = 1; sp <= max_splits; ++sp) {
-    const int per = (steps + sp - 1) / sp;
-    const int real = (steps + per - 1) / per;
-    const long total = (long)row_blocks * real;
-    const long waves = (total + slots - 1) / slots;
-    // Busy fraction of the waves, and no credit for leaving SMs idle.
-    const double score = (double)total / (waves * slots) - (total < slots ? 1.0 : 0.0);
-    if (score > best + 1e-9) {
-      best = score;
-      splits = real;
-    }
-  }
+  const int splits = tile::wave_filling_splits(row_blocks, steps, slots, max_splits);
   const int per_split = (steps + splits - 1) / splits;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   at::Tensor ws;
@@ -303,14 +236,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
       splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, static_cast<int>(group_size),
       per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    const int64_t total = (int64_t)M * N;
-    const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
-    finish_split_kernel<T><<<blocks, 256, 0, stream>>>(ws.data_ptr<float>(), bias_ptr,
-                                                        reinterpret_cast<T*>(y.data_ptr()),
-                                                        total, N, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
 }
 
 template <typename T, int W, int N_TILES>
@@ -335,7 +261,7 @@ void gemv_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     case 2: return launch_tiles<T, W, 2>(x, qweight, scales, zeros, bias, y, group_size);
     case 4: return launch_tiles<T, W, 4>(x, qweight, scales, zeros, bias, y, group_size);
     default:
-      // 2-bit codes with 8 tiles would spill registers; gemv_supported sends them elsewhere.
+      // 2-bit codes with 8 tiles would spill registers; choose_kernel sends them elsewhere.
       if constexpr (W != 2)
         return launch_tiles<T, W, 8>(x, qweight, scales, zeros, bias, y, group_size);
   }

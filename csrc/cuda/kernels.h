@@ -6,16 +6,29 @@
 
 namespace mpq::cuda {
 
-// Rows of x up to which the fused tensor-core GEMV beats dequantize + cuBLAS
-// (half of it for 2-bit weights, whose widest tile would spill registers).
+// Rows of x up to which the register-fed GEMV (gemv.cuh) is the default, and
+// the most it takes at all (half of it for 2-bit weights, whose widest tile
+// would spill registers).
+constexpr int64_t kGemvRows = 8;
 constexpr int64_t kGemvMaxRows = 64;
+// Rows of x up to which the shared-memory-staged kernel (gemm.cuh) beats
+// dequantize + cuBLAS; it takes any number of rows.
+constexpr int64_t kGemmMaxRows = 128;
 
-// x [M, K] contiguous fp16/bf16, M <= kGemvMaxRows, K a multiple of the
-// kernel's step, 16-byte aligned x and qweight.
-bool gemv_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+enum class MatmulKernel { Gemv, Gemm, Dequantize };
+
+// x [M, K] contiguous fp16/bf16, K a multiple of the fused kernels' step,
+// 16-byte aligned x and qweight: what both fused kernels need.
+bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+
+// The path for x (fused_supported decides whether a fused one may serve it).
+MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
 
 // y [M, N] = x @ W^T (+ bias); group_size resolved (K for one group per row).
 void gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t w_bit, int64_t group_size);
+void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size);
 

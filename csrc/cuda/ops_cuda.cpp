@@ -1,6 +1,7 @@
 // CUDA registrations of the mpq ops. Few rows of x go to the fused
-// tensor-core GEMV (gemv.cu); many rows are dequantized to a temporary from
-// PyTorch's caching allocator and multiplied by cuBLAS. No host syncs, current
+// tensor-core GEMV (gemv.cuh), tens to hundreds to the fused kernel with x
+// staged in shared memory (gemm.cuh); more rows are dequantized to a temporary
+// from PyTorch's caching allocator and multiplied by cuBLAS. No host syncs, current
 // stream throughout, so the ops capture into CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,9 +32,14 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  if (gemv_supported(x2, q, w_bit)) {
+  const auto kernel = choose_kernel(x2, q, w_bit);
+  if (kernel != MatmulKernel::Dequantize) {
     auto y = at::empty({M, N}, x.options());
-    gemv_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
+    if (kernel == MatmulKernel::Gemv) {
+      gemv_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
+    } else {
+      gemm_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
+    }
     return y.view(out_sizes);
   }
   auto W = at::empty({N, K}, scales.options());

@@ -1,0 +1,58 @@
+// Host entry of the fused kernels (gemv.cuh, gemm.cuh): which inputs they
+// serve, which one takes how many rows of x, and the code-width dispatch.
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm.cuh"
+#include "gemv.cuh"
+#include "kernels.h"
+
+namespace mpq::cuda {
+
+bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
+  const int64_t K = x.size(1);
+  const int64_t super_k = 4 * 4 * (32 / w_bit);
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+         K % super_k == 0 && K < (int64_t{1} << 22) && aligned(x) && aligned(qweight);
+}
+
+MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
+  if (!fused_supported(x, qweight, w_bit)) return MatmulKernel::Dequantize;
+  const int64_t M = x.size(0);
+  const int64_t gemv_max = w_bit == 2 ? kGemvMaxRows / 2 : kGemvMaxRows;
+  // MPQ_OPS_CUDA_KERNEL=gemv|gemm|dequantize forces a path wherever it can
+  // serve the input: for tests of every path and benchmarks of the policy.
+  if (const char* forced = std::getenv("MPQ_OPS_CUDA_KERNEL")) {
+    if (std::strcmp(forced, "gemv") == 0 && M <= gemv_max) return MatmulKernel::Gemv;
+    if (std::strcmp(forced, "gemm") == 0) return MatmulKernel::Gemm;
+    if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
+  }
+  if (M <= kGemvRows) return MatmulKernel::Gemv;
+  if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
+  return MatmulKernel::Dequantize;
+}
+
+void gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t w_bit, int64_t group_size) {
+  switch (w_bit) {
+    case 2: return gemv_w<2>(x, qweight, scales, zeros, bias, y, group_size);
+    case 4: return gemv_w<4>(x, qweight, scales, zeros, bias, y, group_size);
+    default: return gemv_w<8>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t w_bit, int64_t group_size) {
+  switch (w_bit) {
+    case 2: return gemm_w<2>(x, qweight, scales, zeros, bias, y, group_size);
+    case 4: return gemm_w<4>(x, qweight, scales, zeros, bias, y, group_size);
+    default: return gemm_w<8>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+}  // namespace mpq::cuda

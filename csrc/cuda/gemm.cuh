@@ -1,0 +1,384 @@
+// Fused dequantize + matmul for tens to hundreds of rows of x, on tensor cores.
+//
+// The weights are handled as in the GEMV (gemv.cuh): each warp owns RT tiles
+// of 16 output features, loads their packed codes from global memory straight
+// into registers one step ahead, dequantizes them there and feeds them to
+// mma.m16n8k16 as the A operand, with the same per-lane k order. What changes
+// is x. In the GEMV every warp fetches its x fragments from L1/L2 at the moment
+// it needs them, which is fine for a few rows but leaves the MMAs waiting on
+// load latency once a warp multiplies by 32 or 64 rows. Here the warps of a
+// block stage the BM = 8 * N_TILES rows of x they share in shared memory with
+// cp.async, STAGES steps ahead of use, and read their B fragments from there
+// (16 bytes per lane per load, conflict-free through the swizzle below).
+//
+// More rows than BM are covered by blockIdx.x over BM-row chunks of x. It is
+// the fastest-moving grid index, so the blocks that decode the same W tiles
+// run side by side and all but the first find the codes in L2. K is split over
+// blockIdx.z when the grid has fewer than about two blocks per SM.
+#pragma once
+
+#include "kernels.h"
+#include "tile.cuh"
+
+namespace mpq::cuda {
+
+namespace gemm_detail {
+
+using tile::load_stream;
+using tile::mma_16816;
+using tile::pack_pair;
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  // src_bytes = 0 fills the 16 bytes with zeros (rows of x past M).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Where 16-byte chunk c of row r of a staged step lives. A load instruction
+// has lane (g, t) read chunk t * (chunks per row / 4) + j of row g; the 8 lanes
+// of a quarter warp (rows g, g+1 and t = 0..3) would share bank quads without
+// this XOR, which moves a chunk within its 128-byte span by the row's parity
+// and the chunk's span index, so that those 8 chunks land in 8 different quads.
+__device__ __forceinline__ int swizzle(int c, int r) {
+  return c ^ ((((c >> 3) << 1) | (r & 1)) & 7);
+}
+
+template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
+          bool PAIRED>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+    gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
+                     const T* __restrict__ scales, const T* __restrict__ zeros,
+                     const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                     int M, int N, int K, int group_size, int steps_per_split) {
+  using V = typename Pair<T>::type;
+  constexpr int P = 32 / W;              // codes per word
+  constexpr int LANE_K = 4 * P;          // codes per lane per row (16 bytes)
+  constexpr int SUPER_K = 4 * LANE_K;    // inputs per step
+  constexpr int R = 2 * RT;              // rows of W per lane: g, g + 8 of each tile
+  constexpr int BM = 8 * N_TILES;        // rows of x per block
+  constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one x row per step
+  constexpr int STAGE = BM * CHUNKS;     // 16-byte chunks per staged step
+  constexpr int THREADS = WARPS * 32;
+  extern __shared__ uint4 x_stages[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BM;
+  const int tile0 = (blockIdx.y * WARPS + warp) * 16 * RT;
+  // Warps past N still copy x and meet the barriers; they skip the math.
+  const bool active = tile0 < N;
+  const int words = K / P;
+  const int groups = K / group_size;
+  int row[R];
+  const uint4* q[R];
+  const T* sp[R];
+  const T* zp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    row[r] = tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
+    const int safe = row[r] < N ? row[r] : 0;
+    q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t;
+    sp[r] = scales + (size_t)safe * groups;
+    zp[r] = zeros + (size_t)safe * groups;
+  }
+
+  float acc[RT][N_TILES][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int i = 0; i < N_TILES; ++i)
+      acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
+
+  const int s_begin = blockIdx.z * steps_per_split;
+  const int s_end = min(K / SUPER_K, s_begin + steps_per_split);
+
+  // Copies: thread i always copies chunk i % CHUNKS of rows i / CHUNKS + k * ROWS_PER_PASS,
+  // so its source offset and swizzled destination are fixed up to a stride.
+  static_assert(STAGE % THREADS == 0 && THREADS % CHUNKS == 0, "whole copy passes");
+  constexpr int COPIES = STAGE / THREADS;
+  constexpr int ROWS_PER_PASS = THREADS / CHUNKS;  // even: a thread's rows share a parity
+  const int copy_c = threadIdx.x % CHUNKS, copy_r = threadIdx.x / CHUNKS;
+  uint4* const copy_ptr = x_stages + copy_r * CHUNKS + swizzle(copy_c, copy_r);
+  const uint32_t copy_dst = static_cast<uint32_t>(__cvta_generic_to_shared(copy_ptr));
+  const T* copy_src = x + (size_t)(m0 + copy_r) * K + copy_c * 8;
+  const auto copy_step = [&](int s, int stage) {
+#pragma unroll
+    for (int k = 0; k < COPIES; ++k) {
+      const bool in = m0 + copy_r + k * ROWS_PER_PASS < M;
+      const T* src = in ? copy_src + (size_t)k * ROWS_PER_PASS * K + (size_t)s * SUPER_K : x;
+      cp_async16(copy_dst + 16u * (stage * STAGE + k * ROWS_PER_PASS * CHUNKS), src, in ? 16 : 0);
+    }
+  };
+  // PAIRED: once a thread's copies of a step have landed it reorders each of
+  // its chunks in place into the (k, k + P/2) pairs the MMA's B operand takes,
+  // so that readers (every warp reads every chunk) use the words as they are.
+  // 4- and 8-bit codes only: a 2-bit word's x spans two chunks.
+  const auto pair_up = [&](int stage) {
+#pragma unroll
+    for (int k = 0; k < COPIES; ++k) {
+      uint4* p = copy_ptr + stage * STAGE + k * ROWS_PER_PASS * CHUNKS;
+      const uint4 v = *p;
+      uint4 o;
+      if constexpr (W == 4) {  // (x0 .. x7) -> (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+        o.x = __byte_perm(v.x, v.z, 0x5410);
+        o.y = __byte_perm(v.x, v.z, 0x7632);
+        o.z = __byte_perm(v.y, v.w, 0x5410);
+        o.w = __byte_perm(v.y, v.w, 0x7632);
+      } else {  // two words of 4: (x0,x2) (x1,x3) (x4,x6) (x5,x7)
+        o.x = __byte_perm(v.x, v.y, 0x5410);
+        o.y = __byte_perm(v.x, v.y, 0x7632);
+        o.z = __byte_perm(v.z, v.w, 0x5410);
+        o.w = __byte_perm(v.z, v.w, 0x7632);
+      }
+      *p = o;
+    }
+  };
+  // Reads: lane (g, t) reads chunks t * CPL + jj (jj < CPL) of rows nt * 8 + g.
+  // Those chunk indices have disjoint bits, and the swizzle's XOR is the same
+  // for all of them (row parity = g's, span = t's), so the swizzled index is
+  // one lane constant XOR jj, and the tile offset is an immediate.
+  constexpr int CPL = CHUNKS / 4;
+  const int read_base = swizzle(t * CPL, g);
+  const uint4* x_lane = x_stages + g * CHUNKS;
+
+  constexpr int HALVES = W == 2 ? 2 : 1;
+  struct Step {
+    uint4 w[R];
+    T s[R][HALVES], z[R][HALVES];
+  };
+  const auto load_step = [&](int s, Step& st) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
+    const int k0 = s * SUPER_K + t * LANE_K;
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      const int grp = (k0 + 32 * h) / group_size;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        st.s[r][h] = sp[r][grp];
+        st.z[r][h] = zp[r][grp];
+      }
+    }
+  };
+
+  // One step: 4 words per row of this lane, each against the matching x.
+  const auto compute = [&](const Step& st, int stage) {
+    const uint4* xs = x_lane + stage * STAGE;
+    uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      V d[R][P / 2];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t word = (&st.w[r].x)[j];
+        const int h = (W == 2 && j >= 2) ? 1 : 0;
+        const T sc = st.s[r][h], zc = st.z[r][h];
+        dequant_word<T, W>(word, V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
+      }
+      // Word j of a lane covers k = t * LANE_K + j * P .. + P: one 16-byte chunk
+      // of x for 4-bit codes, two for 2-bit, half of one for 8-bit (whose chunk
+      // is loaded at even j for all tiles and kept for the odd j).
+      const auto chunk = [&](int nt, int h) {
+        const int jj = W == 8 ? j / 2 : W == 4 ? j : 2 * j + h;
+        return xs[nt * 8 * CHUNKS + (read_base ^ jj)];
+      };
+      if constexpr (W == 8) {
+        if (j % 2 == 0) {
+#pragma unroll
+          for (int nt = 0; nt < N_TILES; ++nt) xc8[nt] = chunk(nt, 0);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < N_TILES; ++nt) {
+        // B fragments of the P / 4 MMAs of this word: (b0, b1) pairs of x.
+        uint32_t b[P / 4][2];
+        if constexpr (PAIRED) {
+          const uint4 v = W == 8 ? xc8[nt] : chunk(nt, 0);
+          const uint32_t* vw = &v.x;
+#pragma unroll
+          for (int mi = 0; mi < P / 4; ++mi) {
+            b[mi][0] = vw[(W == 8 ? 2 * (j % 2) : 2 * mi)];
+            b[mi][1] = vw[(W == 8 ? 2 * (j % 2) : 2 * mi) + 1];
+          }
+        } else {
+          T xv[P];
+          if constexpr (W == 8) {
+            *reinterpret_cast<uint2*>(xv) = j % 2 == 0 ? make_uint2(xc8[nt].x, xc8[nt].y)
+                                                       : make_uint2(xc8[nt].z, xc8[nt].w);
+          } else {
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) reinterpret_cast<uint4*>(xv)[h] = chunk(nt, h);
+          }
+#pragma unroll
+          for (int mi = 0; mi < P / 4; ++mi) {
+            b[mi][0] = pack_pair<T>(xv[2 * mi], xv[2 * mi + P / 2]);
+            b[mi][1] = pack_pair<T>(xv[2 * mi + 1], xv[2 * mi + 1 + P / 2]);
+          }
+        }
+#pragma unroll
+        for (int mi = 0; mi < P / 4; ++mi) {
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t a[4] = {as_bits(d[2 * rt][2 * mi]), as_bits(d[2 * rt + 1][2 * mi]),
+                                   as_bits(d[2 * rt][2 * mi + 1]),
+                                   as_bits(d[2 * rt + 1][2 * mi + 1])};
+            mma_16816<T>(acc[rt][nt], a, b[mi][0], b[mi][1]);
+          }
+        }
+      }
+    }
+  };
+
+  // Prologue: STAGES - 1 steps of x in flight, U steps of weights in registers.
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (s_begin + i < s_end) copy_step(s_begin + i, i);
+    cp_async_commit();
+  }
+  Step next[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (active && s_begin + u < s_end) load_step(s_begin + u, next[u]);
+
+  int stage = 0;
+  for (int s = s_begin; s < s_end; s += U) {
+    Step cur[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) cur[u] = next[u];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (active && s + U + u < s_end) load_step(s + U + u, next[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ss = s + u;
+      if (ss >= s_end) break;  // the same for the whole block
+      // Step ss's group is complete once at most STAGES - 2 newer ones are pending;
+      // the barrier also ends every warp's reads of the stage refilled next.
+      cp_async_wait<STAGES - 2>();
+      if constexpr (PAIRED) pair_up(stage);
+      __syncthreads();
+      const int ahead = ss + STAGES - 1;
+      if (ahead < s_end) copy_step(ahead, (stage + STAGES - 1) % STAGES);
+      cp_async_commit();
+      if (active) compute(cur[u], stage);
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+    }
+  }
+  cp_async_wait<0>();
+  if (!active) return;
+
+  // c0, c1: row g, columns (rows of x) 2t, 2t+1; c2, c3: row g + 8.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = row[2 * rt + (i >> 1)];
+        const int m = m0 + nt * 8 + 2 * t + (i & 1);
+        if (n < N && m < M) {
+          if (ws != nullptr) {
+            ws[((size_t)blockIdx.z * M + m) * N + n] = acc[rt][nt][i];
+          } else {
+            float v = acc[rt][nt][i];
+            if (bias != nullptr) v += float(bias[n]);
+            y[(size_t)m * N + n] = T(v);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rows of x per block: 16, 32 or 64 (32 at most for 2-bit codes, whose 64-row
+// stage would not fit three steps in 48 KB).
+inline int x_tiles(int64_t M, int w_bit) {
+  return M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
+}
+
+template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1,
+          bool PAIRED = W != 2>
+void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+            int64_t group_size) {
+  constexpr int SUPER_K = 16 * (32 / W);
+  constexpr int BM = 8 * N_TILES;
+  constexpr int STAGE_BYTES = BM * SUPER_K * 2;
+  // As many steps in flight as fit the default 48 KB of dynamic shared memory, up to 4.
+  constexpr int STAGES = std::min(4, 48 * 1024 / STAGE_BYTES);
+  static_assert(STAGES >= 2, "a staged step must leave room for two");
+  constexpr int SMEM = STAGES * STAGE_BYTES;
+  const auto kernel = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED>;
+  const int M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const int m_chunks = (M + BM - 1) / BM;
+  const int row_blocks = (N + 16 * RT * WARPS - 1) / (16 * RT * WARPS);
+  const int steps = K / SUPER_K;
+  // Split K until the grid has about two blocks per SM. More (up to the three
+  // that fit) only adds workspace traffic and pipeline fills: measured at M=64
+  // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
+  // splits were 1 / 4 / 2 / 4-8, each the most that stays within two per SM.
+  const long blocks = (long)m_chunks * row_blocks;
+  const int splits = (int)std::max<long>(
+      1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
+  const int per_split = (steps + splits - 1) / splits;
+  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  at::Tensor ws;
+  if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(m_chunks, row_blocks, splits), WARPS * 32, SMEM, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()),
+      reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
+      bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
+      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, static_cast<int>(group_size),
+      per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+}
+
+template <typename T, int W>
+void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t group_size) {
+  switch (x_tiles(x.size(0), W)) {
+    case 2: return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
+    default:
+      // 4-bit: three blocks per SM (registers capped at 168, no spills) measured
+      // faster than two (M=64: 165 -> 157 us at (8192, 28672), 198 -> 136 us at
+      // (28672, 8192)); 8-bit codes would spill under that cap.
+      if constexpr (W != 2)
+        return launch<T, W, 8, 2, 1, 4, W == 4 ? 3 : 1>(x, qweight, scales, zeros, bias, y,
+                                                          group_size);
+  }
+}
+
+}  // namespace gemm_detail
+
+// The staged kernels for W-bit codes, fp16 or bf16 x; instantiated once per
+// width in gemm_w<W>.cu, like gemv_w.
+template <int W>
+void gemm_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+            int64_t group_size) {
+  if (x.scalar_type() == at::kHalf) {
+    gemm_detail::gemm_bits<__half, W>(x, qweight, scales, zeros, bias, y, group_size);
+  } else {
+    gemm_detail::gemm_bits<__nv_bfloat16, W>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+}
+
+#define MPQ_GEMM_WIDTH(W)                                                                    \
+  template void gemm_w<W>(const at::Tensor&, const at::Tensor&, const at::Tensor&,          \
+                          const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, \
+                          int64_t)
+extern MPQ_GEMM_WIDTH(2);
+extern MPQ_GEMM_WIDTH(4);
+extern MPQ_GEMM_WIDTH(8);
+
+}  // namespace mpq::cuda

@@ -1,0 +1,8 @@
+// The staged fused kernels for 2-bit codes (gemm.cuh).
+#include "gemm.cuh"
+
+namespace mpq::cuda {
+
+MPQ_GEMM_WIDTH(2);
+
+}  // namespace mpq::cuda

@@ -1,0 +1,8 @@
+// The staged fused kernels for 4-bit codes (gemm.cuh).
+#include "gemm.cuh"
+
+namespace mpq::cuda {
+
+MPQ_GEMM_WIDTH(4);
+
+}  // namespace mpq::cuda
