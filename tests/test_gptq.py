@@ -85,6 +85,58 @@ def test_gptq_model_block_by_block():
     assert rel_err(model(test), ref.double()) < rel_err(rtn_model(test), ref.double())
 
 
+class Attn(nn.Module):
+    """A decoder-layer-shaped block: q/k/v read one input, then o, gate/up, down."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.unused = nn.Linear(d, d)
+
+    def forward(self, h):
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
+        h = h + self.o(a)
+        return h + self.down(torch.relu(self.gate(h)) * self.up(h))
+
+
+def test_true_sequential_groups_follow_the_inputs():
+    from mpq_ops.gptq import _input_groups
+    block = Attn()
+    linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
+    groups = _input_groups(block, linears, ((torch.randn(1, 5, 32),), {}))
+    assert groups == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"], ["unused"]]
+
+
+@pytest.mark.parametrize("true_sequential", (True, False))
+def test_gptq_model_both_orders_beat_rtn(true_sequential):
+    torch.manual_seed(1)
+    model = nn.Sequential()
+    model.emb = nn.Embedding(50, 32)
+    model.layers = nn.ModuleList(Attn() for _ in range(2))
+
+    def run(m, ids):
+        h = m.emb(ids)
+        for layer in m.layers:
+            h = layer(h)
+        return h
+    model.forward = lambda input_ids: run(model, input_ids)
+    calib = [torch.randint(0, 50, (1, 48)) for _ in range(8)]
+    test = torch.randint(0, 50, (4, 48))
+    with torch.no_grad():
+        ref = run(model, test).double()
+        import copy
+        rtn = copy.deepcopy(model)
+        rtn.forward = lambda input_ids: run(rtn, input_ids)
+        from mpq_ops.model import quantize_model
+        quantize_model(rtn, w_bit=2, group_size=32, progress=False)
+        summary = gptq_quantize_model(model, calib, w_bit=2, group_size=32,
+                                      true_sequential=true_sequential, progress=False)
+        assert summary["layers"] == 14  # the two `unused` layers never run: left float
+        assert summary["skipped"] == ["layers.0.unused", "layers.1.unused"]
+        assert rel_err(run(model, test), ref) < rel_err(run(rtn, test), ref)
+
+
 @pytest.mark.parametrize("w_bit,symmetric,integer_zeros", [(2, False, False), (4, False, True),
                                                             (4, True, False), (8, False, False)])
 def test_clipped_group_params_never_raise_the_group_error(w_bit, symmetric, integer_zeros):

@@ -30,7 +30,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
     if (std::strcmp(forced, "gemm") == 0) return MatmulKernel::Gemm;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (M <= kGemvRows) return MatmulKernel::Gemv;
+  if (M <= kGemvRows && w_bit == 8) return MatmulKernel::Gemv;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;
 }

@@ -1,12 +1,13 @@
-// Fused dequantize + matmul for tens to hundreds of rows of x, on tensor cores.
+// Fused dequantize + matmul for 1 to a few hundred rows of x, on tensor cores.
 //
 // The weights are handled as in the GEMV (gemv.cuh): each warp owns RT tiles
 // of 16 output features, loads their packed codes from global memory straight
 // into registers one step ahead, dequantizes them there and feeds them to
 // mma.m16n8k16 as the A operand, with the same per-lane k order. What changes
 // is x. In the GEMV every warp fetches its x fragments from L1/L2 at the moment
-// it needs them, which is fine for a few rows but leaves the MMAs waiting on
-// load latency once a warp multiplies by 32 or 64 rows. Here the warps of a
+// it needs them, which leaves the MMAs waiting on load latency once a warp
+// multiplies by 16 or more rows (and even for one row the staged kernel
+// measured a few percent faster). Here the warps of a
 // block stage the BM = 8 * N_TILES rows of x they share in shared memory with
 // cp.async, STAGES steps ahead of use, and read their B fragments from there
 // (16 bytes per lane per load, conflict-free through the swizzle below).
@@ -295,10 +296,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   }
 }
 
-// Rows of x per block: 16, 32 or 64 (32 at most for 2-bit codes, whose 64-row
-// stage would not fit three steps in 48 KB).
+// Rows of x per block: 8 (not for 8-bit codes, whose 8-row stage is less than
+// one 16-byte copy per thread), 16, 32 or 64 (32 at most for 2-bit codes, whose
+// 64-row stage would not fit three steps in 48 KB).
 inline int x_tiles(int64_t M, int w_bit) {
-  return M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
+  return M <= 8 && w_bit != 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1,
@@ -322,9 +324,15 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // that fit) only adds workspace traffic and pipeline fills: measured at M=64
   // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
   // splits were 1 / 4 / 2 / 4-8, each the most that stays within two per SM.
+  // A single x tile is a streaming GEMV with a tiny workspace, where more warps
+  // in flight pay: 4 splits measured best on all four shapes (M=1: 71.5 -> 68.7,
+  // 74.1 -> 68.6, 28.1 -> 26.3, 15.1 -> 14.6 us against the register-fed GEMV).
   const long blocks = (long)m_chunks * row_blocks;
-  const int splits = (int)std::max<long>(
-      1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
+  const int splits =
+      N_TILES == 1
+          ? std::min(4, std::max(1, steps / 4))
+          : (int)std::max<long>(
+                1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   at::Tensor ws;
@@ -346,6 +354,11 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t group_size) {
   switch (x_tiles(x.size(0), W)) {
+    // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
+    case 1:
+      if constexpr (W != 8)
+        return launch<T, W, 1, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
+      [[fallthrough]];  // not reached: x_tiles gives 8-bit codes two tiles or more
     case 2: return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:

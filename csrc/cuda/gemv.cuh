@@ -1,4 +1,5 @@
-// Fused dequantize + matmul for few rows of x (M <= 64), on tensor cores.
+// Fused dequantize + matmul for few rows of x, x read straight from L1/L2 (the
+// default for 8-bit codes and up to 8 rows; gemm.cuh serves the rest).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k]. Each warp owns RT tiles of 16 output
 // features (rows of W); the WARPS warps of a block own consecutive row tiles and walk the

@@ -6,9 +6,10 @@
 
 namespace mpq::cuda {
 
-// Rows of x up to which the register-fed GEMV (gemv.cuh) is the default, and
-// the most it takes at all (half of it for 2-bit weights, whose widest tile
-// would spill registers).
+// Rows of x up to which the register-fed GEMV (gemv.cuh) is the default for
+// 8-bit codes (the staged kernel serves everything else), and the most it
+// takes at all (half of it for 2-bit weights, whose widest tile would spill
+// registers).
 constexpr int64_t kGemvRows = 8;
 constexpr int64_t kGemvMaxRows = 64;
 // Rows of x up to which the shared-memory-staged kernel (gemm.cuh) beats
