@@ -56,11 +56,14 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
                    integer_zeros: bool = False,
                    dtype: Optional[torch.dtype] = None, method: str = "rtn",
                    calibration: Optional[Iterable[torch.Tensor]] = None,
-                   act_order: bool = False, progress: bool = True) -> dict:
+                   act_order: bool = False, progress: bool = True,
+                   gptq_options: Optional[dict] = None) -> dict:
     """Replaces the model's nn.Linear layers with MPQLinear, in place.
 
     method "rtn": round-to-nearest. method "gptq": GPTQ over `calibration`
-    (input_ids tensors), block by block (mpq_ops.gptq), optionally act_order.
+    (input_ids tensors), block by block (mpq_ops.gptq), optionally act_order;
+    gptq_options passes damp, static_groups, clip and true_sequential on to
+    mpq_ops.gptq.gptq_quantize_model.
 
     overrides maps a name pattern (fnmatch, e.g. "*.mlp.down_proj") to
     (w_bit, group_size) for mixed precision; layers matching `skip` stay
@@ -70,13 +73,20 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
         if calibration is None:
             raise ValueError("quantize_model(method='gptq') needs calibration: input_ids "
                              "tensors, e.g. mpq_ops.calibration.self_generated(model, tokenizer)")
+        options = dict(gptq_options or {})
+        unknown = sorted(set(options) - {"damp", "static_groups", "clip", "true_sequential"})
+        if unknown:
+            raise ValueError(f"gptq_options: unknown option(s) {unknown}; expected damp, "
+                             "static_groups, clip or true_sequential")
         from .gptq import gptq_quantize_model
         return gptq_quantize_model(model, calibration, w_bit=w_bit, group_size=group_size,
                                    overrides=overrides, skip=skip, symmetric=symmetric,
                                    integer_zeros=integer_zeros, act_order=act_order,
-                                   dtype=dtype, progress=progress)
+                                   dtype=dtype, progress=progress, **options)
     if method != "rtn":
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    if gptq_options:
+        raise ValueError("gptq_options is for method='gptq'")
     overrides = dict(overrides or {})
     skip = tuple(skip)
     layers = linear_layers(model)

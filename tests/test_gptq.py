@@ -137,6 +137,21 @@ def test_gptq_model_both_orders_beat_rtn(true_sequential):
         assert rel_err(run(model, test), ref) < rel_err(run(rtn, test), ref)
 
 
+def test_quantize_model_passes_gptq_options():
+    from mpq_ops.model import quantize_model
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    calib = [torch.randint(0, 50, (1, 32)) for _ in range(4)]
+    summary = quantize_model(model, w_bit=4, group_size=32, method="gptq", calibration=calib,
+                             skip=["head"], progress=False,
+                             gptq_options={"true_sequential": True, "damp": 0.05, "clip": True})
+    assert summary["layers"] == 6
+    with pytest.raises(ValueError, match="unknown option.*'dmap'"):
+        quantize_model(Tiny(), method="gptq", calibration=calib, gptq_options={"dmap": 0.1})
+    with pytest.raises(ValueError, match="gptq_options is for method='gptq'"):
+        quantize_model(Tiny(), gptq_options={"damp": 0.1})
+
+
 @pytest.mark.parametrize("w_bit,symmetric,integer_zeros", [(2, False, False), (4, False, True),
                                                             (4, True, False), (8, False, False)])
 def test_clipped_group_params_never_raise_the_group_error(w_bit, symmetric, integer_zeros):
