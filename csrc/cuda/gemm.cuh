@@ -56,11 +56,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                      int M, int N, int K, int group_size, int steps_per_split) {
-  using V = typename Pair<T>::type;
-  constexpr int P = 32 / W;              // codes per word
-  constexpr int LANE_K = 4 * P;          // codes per lane per row (16 bytes)
-  constexpr int SUPER_K = 4 * LANE_K;    // inputs per step
-  constexpr int R = 2 * RT;              // rows of W per lane: g, g + 8 of each tile
+  using Rows = tile::WeightRows<T, W, RT>;
+  using V = typename Rows::V;
+  using Step = typename Rows::Step;
+  constexpr int P = Rows::P, SUPER_K = Rows::SUPER_K, R = Rows::R, HALVES = Rows::HALVES;
   constexpr int BM = 8 * N_TILES;        // rows of x per block
   constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one x row per step
   constexpr int STAGE = BM * CHUNKS;     // 16-byte chunks per staged step
@@ -73,27 +72,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int tile0 = (blockIdx.y * WARPS + warp) * 16 * RT;
   // Warps past N still copy x and meet the barriers; they skip the math.
   const bool active = tile0 < N;
-  const int words = K / P;
-  const int groups = K / group_size;
-  int row[R];
-  const uint4* q[R];
-  const T* sp[R];
-  const T* zp[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    row[r] = tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
-    const int safe = row[r] < N ? row[r] : 0;
-    q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t;
-    sp[r] = scales + (size_t)safe * groups;
-    zp[r] = zeros + (size_t)safe * groups;
-  }
+  const Rows rows(qweight, scales, zeros, tile0, g, t, N, K, group_size);
 
-  float acc[RT][N_TILES][4];
+  float acc[N_TILES][RT][4];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+  for (int i = 0; i < N_TILES; ++i)
 #pragma unroll
-    for (int i = 0; i < N_TILES; ++i)
-      acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
+    for (int rt = 0; rt < RT; ++rt)
+      acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
 
   const int s_begin = blockIdx.z * steps_per_split;
   const int s_end = min(K / SUPER_K, s_begin + steps_per_split);
@@ -147,25 +133,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int read_base = swizzle(t * CPL, g);
   const uint4* x_lane = x_stages + g * CHUNKS;
 
-  constexpr int HALVES = W == 2 ? 2 : 1;
-  struct Step {
-    uint4 w[R];
-    T s[R][HALVES], z[R][HALVES];
-  };
-  const auto load_step = [&](int s, Step& st) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
-    const int k0 = s * SUPER_K + t * LANE_K;
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
-      const int grp = (k0 + 32 * h) / group_size;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        st.s[r][h] = sp[r][grp];
-        st.z[r][h] = zp[r][grp];
-      }
-    }
-  };
+  const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
 
   // One step: 4 words per row of this lane, each against the matching x.
   const auto compute = [&](const Step& st, int stage) {
@@ -174,13 +142,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       V d[R][P / 2];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t word = (&st.w[r].x)[j];
-        const int h = (W == 2 && j >= 2) ? 1 : 0;
-        const T sc = st.s[r][h], zc = st.z[r][h];
-        dequant_word<T, W>(word, V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
-      }
+      Rows::dequant(st, j, d);
       // Word j of a lane covers k = t * LANE_K + j * P .. + P: one 16-byte chunk
       // of x for 4-bit codes, two for 2-bit, half of one for 8-bit (whose chunk
       // is loaded at even j for all tiles and kept for the odd j).
@@ -222,15 +184,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
           }
         }
 #pragma unroll
-        for (int mi = 0; mi < P / 4; ++mi) {
-#pragma unroll
-          for (int rt = 0; rt < RT; ++rt) {
-            const uint32_t a[4] = {as_bits(d[2 * rt][2 * mi]), as_bits(d[2 * rt + 1][2 * mi]),
-                                   as_bits(d[2 * rt][2 * mi + 1]),
-                                   as_bits(d[2 * rt + 1][2 * mi + 1])};
-            mma_16816<T>(acc[rt][nt], a, b[mi][0], b[mi][1]);
-          }
-        }
+        for (int mi = 0; mi < P / 4; ++mi) Rows::mma(acc[nt], d, mi, b[mi][0], b[mi][1]);
       }
     }
   };
@@ -273,27 +227,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   cp_async_wait<0>();
   if (!active) return;
 
-  // c0, c1: row g, columns (rows of x) 2t, 2t+1; c2, c3: row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-    for (int nt = 0; nt < N_TILES; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = row[2 * rt + (i >> 1)];
-        const int m = m0 + nt * 8 + 2 * t + (i & 1);
-        if (n < N && m < M) {
-          if (ws != nullptr) {
-            ws[((size_t)blockIdx.z * M + m) * N + n] = acc[rt][nt][i];
-          } else {
-            float v = acc[rt][nt][i];
-            if (bias != nullptr) v += float(bias[n]);
-            y[(size_t)m * N + n] = T(v);
-          }
-        }
-      }
-    }
-  }
+  rows.store(acc, m0, M, N, blockIdx.z, ws, bias, y);
 }
 
 // Rows of x per block: 8 (not for 8-bit codes, whose 8-row stage is less than

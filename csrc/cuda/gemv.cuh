@@ -40,60 +40,25 @@ __global__ void __launch_bounds__(WARPS * 32)
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                      int M, int N, int K, int group_size, int steps_per_split) {
-  using V = typename Pair<T>::type;
-  constexpr int P = 32 / W;            // codes per word
-  constexpr int LANE_K = 4 * P;        // codes per lane per row (16 bytes)
-  constexpr int SUPER_K = 4 * LANE_K;  // inputs per warp step
-  constexpr int R = 2 * RT;            // rows of W per lane: g, g + 8 of each tile
+  using Rows = tile::WeightRows<T, W, RT>;
+  using V = typename Rows::V;
+  using Step = typename Rows::Step;
+  constexpr int P = Rows::P, LANE_K = Rows::LANE_K, SUPER_K = Rows::SUPER_K, R = Rows::R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile = (blockIdx.x * WARPS + warp) * 16 * RT;
   if (tile >= N) return;  // no block-wide barrier below
-  const int words = K / P;
-  const int groups = K / group_size;
-  int row[R];
-  const uint4* q[R];
-  const T* sp[R];
-  const T* zp[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    row[r] = tile + (r >> 1) * 16 + (r & 1) * 8 + g;
-    const int safe = row[r] < N ? row[r] : 0;
-    q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t;
-    sp[r] = scales + (size_t)safe * groups;
-    zp[r] = zeros + (size_t)safe * groups;
-  }
+  const Rows rows(qweight, scales, zeros, tile, g, t, N, K, group_size);
 
-  float acc[RT][N_TILES][4];
+  float acc[N_TILES][RT][4];
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+  for (int i = 0; i < N_TILES; ++i)
 #pragma unroll
-    for (int i = 0; i < N_TILES; ++i) acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
+    for (int rt = 0; rt < RT; ++rt) acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
 
   const int s_begin = blockIdx.y * steps_per_split;
   const int s_end = min(K / SUPER_K, s_begin + steps_per_split);
-  // Everything a step reads from W's side, so that it can be loaded U steps
-  // ahead: the packed words of this lane's rows and their scales and zeros
-  // (two groups for 2-bit chunks).
-  constexpr int HALVES = W == 2 ? 2 : 1;
-  struct Step {
-    uint4 w[R];
-    T s[R][HALVES], z[R][HALVES];
-  };
-  const auto load_step = [&](int s, Step& st) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
-    const int k0 = s * SUPER_K + t * LANE_K;
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
-      const int grp = (k0 + 32 * h) / group_size;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        st.s[r][h] = sp[r][grp];
-        st.z[r][h] = zp[r][grp];
-      }
-    }
-  };
+  const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
   Step next[U];
 #pragma unroll
   for (int u = 0; u < U; ++u)
@@ -135,57 +100,20 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
         // Weights of this word for each of the lane's rows.
         V d[R][P / 2];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint32_t word = (&st.w[r].x)[j];
-          // A lane's 16 bytes hold 32 (w4) or 16 (w8) codes: one group, as groups
-          // are multiples of 32 and aligned; 2-bit chunks hold two halves of 32.
-          const int h = (W == 2 && j >= 2) ? 1 : 0;
-          const T sc = st.s[r][h], zc = st.z[r][h];
-          dequant_word<T, W>(word, V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
-        }
+        Rows::dequant(st, j, d);
 #pragma unroll
         for (int mi = 0; mi < P / 4; ++mi) {
 #pragma unroll
           for (int nt = 0; nt < N_TILES; ++nt) {
             const uint32_t b0 = pack_pair<T>(xs[nt][2 * mi], xs[nt][2 * mi + P / 2]);
             const uint32_t b1 = pack_pair<T>(xs[nt][2 * mi + 1], xs[nt][2 * mi + 1 + P / 2]);
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-              // A: rows (g, g+8) of tile rt x pairs 2mi and 2mi+1 of this word.
-              const uint32_t a[4] = {as_bits(d[2 * rt][2 * mi]), as_bits(d[2 * rt + 1][2 * mi]),
-                                     as_bits(d[2 * rt][2 * mi + 1]),
-                                     as_bits(d[2 * rt + 1][2 * mi + 1])};
-              mma_16816<T>(acc[rt][nt], a, b0, b1);
-            }
+            Rows::mma(acc[nt], d, mi, b0, b1);
           }
         }
       }
     }
   }
-
-  // c0, c1: row g, columns (rows of x) 2t, 2t+1; c2, c3: row g + 8.
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-    for (int nt = 0; nt < N_TILES; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = row[2 * rt + (i >> 1)];
-        const int m = nt * 8 + 2 * t + (i & 1);
-        if (n < N && m < M) {
-          if (ws != nullptr) {
-            // Every (split, m, n) is written by exactly one lane: no atomics, no memset.
-            ws[((size_t)blockIdx.y * M + m) * N + n] = acc[rt][nt][i];
-          } else {
-            float v = acc[rt][nt][i];
-            if (bias != nullptr) v += float(bias[n]);
-            y[(size_t)m * N + n] = T(v);
-          }
-        }
-      }
-    }
-  }
+  rows.store(acc, 0, M, N, blockIdx.y, ws, bias, y);
 }
 
 // Which kernel serves M rows of x: x tiles of 8 rows, W tiles per warp (RT)

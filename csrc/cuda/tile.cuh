@@ -46,6 +46,114 @@ __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
   return as_bits(v);
 }
 
+// The weight side of a warp's RT tiles of 16 output features, as both fused
+// kernels walk it: lane (g, t) owns rows g and g + 8 of each tile and reads a
+// 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
+// contiguous bytes of a row). Rows past N read row 0 and are never stored.
+template <typename T, int W, int RT>
+struct WeightRows {
+  using V = typename Pair<T>::type;
+  static constexpr int P = 32 / W;            // codes per word
+  static constexpr int LANE_K = 4 * P;        // codes per lane per row per step
+  static constexpr int SUPER_K = 4 * LANE_K;  // inputs per step
+  static constexpr int R = 2 * RT;            // rows of W per lane
+  static constexpr int HALVES = W == 2 ? 2 : 1;  // groups a lane's chunk spans
+  // Everything a step reads from W's side, so that it can be loaded ahead:
+  // the packed words of the lane's rows and their scales and zeros.
+  struct Step {
+    uint4 w[R];
+    T s[R][HALVES], z[R][HALVES];
+  };
+
+  int row[R];
+  const uint4* q[R];
+  const T* sp[R];
+  const T* zp[R];
+  int t, group_size;
+
+  __device__ __forceinline__ WeightRows(const uint32_t* qweight, const T* scales, const T* zeros,
+                                        int tile0, int g, int t_, int N, int K, int group_size_)
+      : t(t_), group_size(group_size_) {
+    const int words = K / P, groups = K / group_size_;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      row[r] = tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
+      const int safe = row[r] < N ? row[r] : 0;
+      q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t_;
+      sp[r] = scales + (size_t)safe * groups;
+      zp[r] = zeros + (size_t)safe * groups;
+    }
+  }
+
+  __device__ __forceinline__ void load(int s, Step& st) const {
+#pragma unroll
+    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
+    const int k0 = s * SUPER_K + t * LANE_K;
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      const int grp = (k0 + 32 * h) / group_size;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        st.s[r][h] = sp[r][grp];
+        st.z[r][h] = zp[r][grp];
+      }
+    }
+  }
+
+  // Word j (0..3) of every row of a loaded step, dequantized: d[r][i] =
+  // (c_i, c_{i+P/2}). A lane's 16 bytes hold 32 (w4) or 16 (w8) codes, one
+  // group, as groups are multiples of 32 and aligned; 2-bit chunks hold two.
+  __device__ __forceinline__ static void dequant(const Step& st, int j, V (&d)[R][P / 2]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int h = (W == 2 && j >= 2) ? 1 : 0;
+      const T sc = st.s[r][h], zc = st.z[r][h];
+      dequant_word<T, W>((&st.w[r].x)[j], V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
+    }
+  }
+
+  // The MMAs of pair mi of word j against one x tile: A = rows (g, g+8) of
+  // tile rt x pairs 2mi and 2mi+1; B = (b0, b1).
+  __device__ __forceinline__ static void mma(float (&acc)[RT][4], const V (&d)[R][P / 2], int mi,
+                                             uint32_t b0, uint32_t b1) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const uint32_t a[4] = {as_bits(d[2 * rt][2 * mi]), as_bits(d[2 * rt + 1][2 * mi]),
+                             as_bits(d[2 * rt][2 * mi + 1]), as_bits(d[2 * rt + 1][2 * mi + 1])};
+      mma_16816<T>(acc[rt], a, b0, b1);
+    }
+  }
+
+  // Writes the accumulators of x rows m0 + [0, 8 * N_TILES): c0, c1 are row g,
+  // x rows 2t, 2t+1 of a tile; c2, c3 row g + 8. Into y (+ bias, one rounding)
+  // or, with a workspace, into split `split` of it: every (split, m, n) is
+  // written by exactly one lane, so no atomics and no memset.
+  template <int N_TILES>
+  __device__ __forceinline__ void store(const float (&acc)[N_TILES][RT][4], int m0, int M, int N,
+                                        int split, float* ws, const T* bias, T* y) const {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+      for (int nt = 0; nt < N_TILES; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int n = row[2 * rt + (i >> 1)];
+          const int m = m0 + nt * 8 + 2 * t + (i & 1);
+          if (n < N && m < M) {
+            if (ws != nullptr) {
+              ws[((size_t)split * M + m) * N + n] = acc[nt][rt][i];
+            } else {
+              float v = acc[nt][rt][i];
+              if (bias != nullptr) v += float(bias[n]);
+              y[(size_t)m * N + n] = T(v);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
 // y = T(sum of the splits' partial products + bias): the end of a split-K product.
 template <typename T>
 __global__ void finish_split_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
