@@ -6,12 +6,14 @@
 // bits of a float16 (1024.0) or bfloat16 (128.0) whose last mantissa bit is
 // worth 1 turns each half into magic + code exactly, and one packed subtract
 // gives the codes as a pair of floats. One shift, one LOP3 and one HSUB2 per
-// two codes: no integer-to-float conversion instructions.
+// two codes (float16, 2- and 4-bit: one shift per byte, see decode_codes): no
+// integer-to-float conversion instructions.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace mpq::cuda {
 
@@ -62,7 +64,25 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
   constexpr int P = 32 / W;
   constexpr uint32_t kMask = (1u << W) - 1u;
   constexpr uint32_t kMask2 = kMask | (kMask << 16);
-  if constexpr (W <= Pair<T>::kMaxBits) {
+  if constexpr (std::is_same_v<T, __half> && W <= 4) {
+    // float16 has room above 1024 for a code shifted left by up to 6 bits
+    // (1024 + 64 * 3 < 2048 for 2-bit codes, 1024 + 16 * 15 for 4-bit), so the
+    // codes at bit offsets 0..7 of each byte pair come out of one LOP3 each,
+    // the shift undone by the packed multiply-add that removes the magic value:
+    // one shift per byte instead of one per pair.
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j) {
+      const int bit = W * j, in = bit % 8;
+      const uint32_t src = bit >= 8 ? word >> (bit - in) : word;
+      const uint32_t v = and_or(src, kMask2 << in, Pair<T>::kMagic);
+      if (in == 0) {
+        out[j] = __hsub2(as_pair<V>(v), as_pair<V>(Pair<T>::kMagic));
+      } else {
+        const float f = 1.f / float(1 << in);
+        out[j] = __hfma2(as_pair<V>(v), __float2half2_rn(f), __float2half2_rn(-1024.f * f));
+      }
+    }
+  } else if constexpr (W <= Pair<T>::kMaxBits) {
     const V magic = as_pair<V>(Pair<T>::kMagic);
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)

@@ -15,8 +15,11 @@ bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_b
   const auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
+  // 32-bit element offsets (tile::WeightRows): qweight, and with it the
+  // smaller scales and zeros, under 2^31 elements.
   return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
-         K % super_k == 0 && K < (int64_t{1} << 22) && aligned(x) && aligned(qweight);
+         K % super_k == 0 && K < (int64_t{1} << 22) && qweight.numel() < (int64_t{1} << 31) &&
+         aligned(x) && aligned(qweight);
 }
 
 MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {

@@ -50,12 +50,12 @@ __device__ __forceinline__ int swizzle(int c, int r) {
 }
 
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED>
+          bool PAIRED, bool LATE>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
-                     int M, int N, int K, int group_size, int steps_per_split) {
+                     int M, int N, int K, tile::Groups groups, int steps_per_split) {
   using Rows = tile::WeightRows<T, W, RT>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int tile0 = (blockIdx.y * WARPS + warp) * 16 * RT;
   // Warps past N still copy x and meet the barriers; they skip the math.
   const bool active = tile0 < N;
-  const Rows rows(qweight, scales, zeros, tile0, g, t, N, K, group_size);
+  const Rows rows(qweight, scales, zeros, tile0, g, t, N, K, groups);
 
   float acc[N_TILES][RT][4];
 #pragma unroll
@@ -139,10 +139,27 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const auto compute = [&](const Step& st, int stage) {
     const uint4* xs = x_lane + stage * STAGE;
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
+    // LATE: this step's sums of x * code and of x (Rows::apply).
+    float part[LATE ? N_TILES : 1][RT][4], xsum[LATE ? N_TILES : 1][4];
+    if constexpr (LATE) {
+#pragma unroll
+      for (int nt = 0; nt < N_TILES; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          xsum[nt][i] = 0.f;
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) part[nt][rt][i] = 0.f;
+        }
+      }
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       V d[R][P / 2];
-      Rows::dequant(st, j, d);
+      if constexpr (LATE) {
+        Rows::codes(st, j, d);
+      } else {
+        Rows::dequant(st, j, d);
+      }
       // Word j of a lane covers k = t * LANE_K + j * P .. + P: one 16-byte chunk
       // of x for 4-bit codes, two for 2-bit, half of one for 8-bit (whose chunk
       // is loaded at even j for all tiles and kept for the odd j).
@@ -184,9 +201,17 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
           }
         }
 #pragma unroll
-        for (int mi = 0; mi < P / 4; ++mi) Rows::mma(acc[nt], d, mi, b[mi][0], b[mi][1]);
+        for (int mi = 0; mi < P / 4; ++mi) {
+          if constexpr (LATE) {
+            Rows::mma(part[nt], d, mi, b[mi][0], b[mi][1]);
+            Rows::mma_ones(xsum[nt], b[mi][0], b[mi][1]);
+          } else {
+            Rows::mma(acc[nt], d, mi, b[mi][0], b[mi][1]);
+          }
+        }
       }
     }
+    if constexpr (LATE) Rows::template apply<N_TILES>(st, part, xsum, acc);
   };
 
   // Prologue: STAGES - 1 steps of x in flight, U steps of weights in registers.
@@ -238,10 +263,10 @@ inline int x_tiles(int64_t M, int w_bit) {
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1,
-          bool PAIRED = W != 2>
-void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-            const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
-            int64_t group_size) {
+          bool PAIRED = W != 2, bool LATE = false>
+void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                   int64_t group_size) {
   constexpr int SUPER_K = 16 * (32 / W);
   constexpr int BM = 8 * N_TILES;
   constexpr int STAGE_BYTES = BM * SUPER_K * 2;
@@ -249,7 +274,8 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   constexpr int STAGES = std::min(4, 48 * 1024 / STAGE_BYTES);
   static_assert(STAGES >= 2, "a staged step must leave room for two");
   constexpr int SMEM = STAGES * STAGE_BYTES;
-  const auto kernel = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED>;
+  const auto kernel =
+      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE>;
   const int M = x.size(0), K = x.size(1), N = qweight.size(0);
   const int m_chunks = (M + BM - 1) / BM;
   const int row_blocks = (N + 16 * RT * WARPS - 1) / (16 * RT * WARPS);
@@ -277,10 +303,29 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
       bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
-      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, static_cast<int>(group_size),
+      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
       per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+}
+
+// Late scaling (tile::WeightRows::codes) where no step straddles a group and
+// x has at most two tiles: with few x rows the dequantize's multiply and
+// subtract per weight are most of a step's instructions, while the extra MMA
+// for the sum of x costs one per x tile and word.
+template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1>
+void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+            int64_t group_size) {
+  constexpr int SUPER_K = 16 * (32 / W);
+  constexpr bool PAIRED = W != 2;
+  if constexpr (N_TILES <= 2) {
+    if (group_size % SUPER_K == 0)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true>(
+          x, qweight, scales, zeros, bias, y, group_size);
+  }
+  launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false>(x, qweight, scales, zeros,
+                                                                       bias, y, group_size);
 }
 
 template <typename T, int W>
@@ -289,9 +334,11 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                int64_t group_size) {
   switch (x_tiles(x.size(0), W)) {
     // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
+    // Five blocks per SM (late scaling needs 105 registers uncapped, which
+    // leaves four): the single-tile kernel is bound by loads in flight.
     case 1:
       if constexpr (W != 8)
-        return launch<T, W, 1, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
+        return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
       [[fallthrough]];  // not reached: x_tiles gives 8-bit codes two tiles or more
     case 2: return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);

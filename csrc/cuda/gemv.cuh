@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     gemv_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
-                     int M, int N, int K, int group_size, int steps_per_split) {
+                     int M, int N, int K, tile::Groups groups, int steps_per_split) {
   using Rows = tile::WeightRows<T, W, RT>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int g = lane >> 2, t = lane & 3;
   const int tile = (blockIdx.x * WARPS + warp) * 16 * RT;
   if (tile >= N) return;  // no block-wide barrier below
-  const Rows rows(qweight, scales, zeros, tile, g, t, N, K, group_size);
+  const Rows rows(qweight, scales, zeros, tile, g, t, N, K, groups);
 
   float acc[N_TILES][RT][4];
 #pragma unroll
@@ -162,7 +162,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
       reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
       bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
-      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, static_cast<int>(group_size),
+      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
       per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);

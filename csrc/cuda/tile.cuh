@@ -46,6 +46,25 @@ __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
   return as_bits(v);
 }
 
+// Division by the group size with a multiply-high, an add and a shift
+// (Granlund-Montgomery, exact for 0 <= n < 2^31): the group index of a step
+// is needed on every step, and an integer division costs ~25 instructions.
+struct Groups {
+  int size;
+  uint32_t mul;
+  int shift;
+  static Groups of(int64_t group_size) {
+    int l = 0;
+    while ((int64_t{1} << l) < group_size) ++l;
+    const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << l) - group_size)) / group_size + 1;
+    return {static_cast<int>(group_size), static_cast<uint32_t>(m), l};
+  }
+  __device__ __forceinline__ int index(int k) const {
+    return static_cast<int>((__umulhi(static_cast<uint32_t>(k), mul) + static_cast<uint32_t>(k)) >>
+                            shift);
+  }
+};
+
 // The weight side of a warp's RT tiles of 16 output features, as both fused
 // kernels walk it: lane (g, t) owns rows g and g + 8 of each tile and reads a
 // 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
@@ -65,37 +84,43 @@ struct WeightRows {
     T s[R][HALVES], z[R][HALVES];
   };
 
+  // 32-bit offsets from the three base pointers, so that an address is one
+  // add and one wide multiply-add (fused_supported keeps the tensors under 2^31
+  // elements).
   int row[R];
-  const uint4* q[R];
-  const T* sp[R];
-  const T* zp[R];
-  int t, group_size;
+  uint32_t qo[R];  // 16-byte units, this lane's chunk of step 0
+  uint32_t so[R];  // first group of the row
+  const uint4* qb;
+  const T* sb;
+  const T* zb;
+  int t;
+  Groups groups;
 
   __device__ __forceinline__ WeightRows(const uint32_t* qweight, const T* scales, const T* zeros,
-                                        int tile0, int g, int t_, int N, int K, int group_size_)
-      : t(t_), group_size(group_size_) {
-    const int words = K / P, groups = K / group_size_;
+                                        int tile0, int g, int t_, int N, int K, Groups groups_)
+      : qb(reinterpret_cast<const uint4*>(qweight)), sb(scales), zb(zeros), t(t_),
+        groups(groups_) {
+    const uint32_t chunks = K / (4 * P), n_groups = K / groups_.size;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       row[r] = tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
-      const int safe = row[r] < N ? row[r] : 0;
-      q[r] = reinterpret_cast<const uint4*>(qweight + (size_t)safe * words) + t_;
-      sp[r] = scales + (size_t)safe * groups;
-      zp[r] = zeros + (size_t)safe * groups;
+      const uint32_t safe = row[r] < N ? row[r] : 0;
+      qo[r] = safe * chunks + t_;
+      so[r] = safe * n_groups;
     }
   }
 
   __device__ __forceinline__ void load(int s, Step& st) const {
 #pragma unroll
-    for (int r = 0; r < R; ++r) st.w[r] = load_stream(q[r] + s * 4);
+    for (int r = 0; r < R; ++r) st.w[r] = load_stream(qb + (qo[r] + 4u * s));
     const int k0 = s * SUPER_K + t * LANE_K;
 #pragma unroll
     for (int h = 0; h < HALVES; ++h) {
-      const int grp = (k0 + 32 * h) / group_size;
+      const uint32_t grp = groups.index(k0 + 32 * h);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        st.s[r][h] = sp[r][grp];
-        st.z[r][h] = zp[r][grp];
+        st.s[r][h] = sb[so[r] + grp];
+        st.z[r][h] = zb[so[r] + grp];
       }
     }
   }
@@ -109,6 +134,41 @@ struct WeightRows {
       const int h = (W == 2 && j >= 2) ? 1 : 0;
       const T sc = st.s[r][h], zc = st.z[r][h];
       dequant_word<T, W>((&st.w[r].x)[j], V{zc, zc}, V{sc, sc}, float(zc), float(sc), d[r]);
+    }
+  }
+
+  // Late scaling, for groups that no step straddles (group_size % SUPER_K
+  // == 0): the MMAs take the exact codes (word j of every row, as pairs like
+  // dequant's) into per-step partial sums, and apply() scales them once per
+  // step: acc += s * (sum_k x c - z * sum_k x). Two instructions fewer per
+  // pair of weights; the sum of x comes from one more MMA per word with A = 1.
+  __device__ __forceinline__ static void codes(const Step& st, int j, V (&d)[R][P / 2]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) decode_codes<T, W>((&st.w[r].x)[j], d[r]);
+  }
+  __device__ __forceinline__ static void mma_ones(float (&xsum)[4], uint32_t b0, uint32_t b1) {
+    const uint32_t one = pack_pair<T>(T(1.f), T(1.f));
+    const uint32_t a[4] = {one, one, one, one};
+    mma_16816<T>(xsum, a, b0, b1);
+  }
+  // Rows (g, g + 8) of tile rt are c[0..1] and c[2..3]; x rows 2t and 2t + 1
+  // are c[0], c[2] and c[1], c[3], whose sums of x are xsum[0] and xsum[1].
+  template <int N_TILES>
+  __device__ __forceinline__ static void apply(const Step& st, const float (&part)[N_TILES][RT][4],
+                                               const float (&xsum)[N_TILES][4],
+                                               float (&acc)[N_TILES][RT][4]) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float sc = float(st.s[2 * rt + hr][0]), zc = float(st.z[2 * rt + hr][0]);
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            acc[nt][rt][2 * hr + c] = fmaf(sc, fmaf(-zc, xsum[nt][c], part[nt][rt][2 * hr + c]),
+                                           acc[nt][rt][2 * hr + c]);
+      }
     }
   }
 
