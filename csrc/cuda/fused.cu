@@ -2,6 +2,7 @@
 // serve, which one takes how many rows of x, and the code-width dispatch.
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm.cuh"
 #include "gemv.cuh"
@@ -38,24 +39,26 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
   return MatmulKernel::Dequantize;
 }
 
+// f(std::integral_constant<int, W>{}) for the code width W = w_bit.
+template <typename F>
+static void by_width(int64_t w_bit, F&& f) {
+  switch (w_bit) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 void gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size) {
-  switch (w_bit) {
-    case 2: return gemv_w<2>(x, qweight, scales, zeros, bias, y, group_size);
-    case 4: return gemv_w<4>(x, qweight, scales, zeros, bias, y, group_size);
-    default: return gemv_w<8>(x, qweight, scales, zeros, bias, y, group_size);
-  }
+  by_width(w_bit, [&](auto w) { gemv_w<w.value>(x, qweight, scales, zeros, bias, y, group_size); });
 }
 
 void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size) {
-  switch (w_bit) {
-    case 2: return gemm_w<2>(x, qweight, scales, zeros, bias, y, group_size);
-    case 4: return gemm_w<4>(x, qweight, scales, zeros, bias, y, group_size);
-    default: return gemm_w<8>(x, qweight, scales, zeros, bias, y, group_size);
-  }
+  by_width(w_bit, [&](auto w) { gemm_w<w.value>(x, qweight, scales, zeros, bias, y, group_size); });
 }
 
 }  // namespace mpq::cuda

@@ -140,18 +140,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     const uint4* xs = x_lane + stage * STAGE;
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
     // LATE: this step's sums of x * code and of x (Rows::apply).
-    float part[LATE ? N_TILES : 1][RT][4], xsum[LATE ? N_TILES : 1][4];
-    if constexpr (LATE) {
-#pragma unroll
-      for (int nt = 0; nt < N_TILES; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          xsum[nt][i] = 0.f;
-#pragma unroll
-          for (int rt = 0; rt < RT; ++rt) part[nt][rt][i] = 0.f;
-        }
-      }
-    }
+    float part[LATE ? N_TILES : 1][RT][4] = {}, xsum[LATE ? N_TILES : 1][4] = {};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       V d[R][P / 2];
@@ -262,8 +251,8 @@ inline int x_tiles(int64_t M, int w_bit) {
   return M <= 8 && w_bit != 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
-template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1,
-          bool PAIRED = W != 2, bool LATE = false>
+template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
+          bool LATE>
 void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
@@ -317,10 +306,9 @@ template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
             int64_t group_size) {
-  constexpr int SUPER_K = 16 * (32 / W);
   constexpr bool PAIRED = W != 2;
   if constexpr (N_TILES <= 2) {
-    if (group_size % SUPER_K == 0)
+    if (group_size % tile::WeightRows<T, W, RT>::SUPER_K == 0)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true>(
           x, qweight, scales, zeros, bias, y, group_size);
   }
@@ -360,11 +348,9 @@ template <int W>
 void gemm_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
             int64_t group_size) {
-  if (x.scalar_type() == at::kHalf) {
-    gemm_detail::gemm_bits<__half, W>(x, qweight, scales, zeros, bias, y, group_size);
-  } else {
-    gemm_detail::gemm_bits<__nv_bfloat16, W>(x, qweight, scales, zeros, bias, y, group_size);
-  }
+  tile::by_dtype(x, [&](auto t) {
+    gemm_detail::gemm_bits<decltype(t), W>(x, qweight, scales, zeros, bias, y, group_size);
+  });
 }
 
 #define MPQ_GEMM_WIDTH(W)                                                                    \

@@ -205,11 +205,9 @@ template <int W>
 void gemv_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
             int64_t group_size) {
-  if (x.scalar_type() == at::kHalf) {
-    gemv_detail::gemv_bits<__half, W>(x, qweight, scales, zeros, bias, y, group_size);
-  } else {
-    gemv_detail::gemv_bits<__nv_bfloat16, W>(x, qweight, scales, zeros, bias, y, group_size);
-  }
+  tile::by_dtype(x, [&](auto t) {
+    gemv_detail::gemv_bits<decltype(t), W>(x, qweight, scales, zeros, bias, y, group_size);
+  });
 }
 
 #define MPQ_GEMV_WIDTH(W)                                                                    \

@@ -65,6 +65,17 @@ struct Groups {
   }
 };
 
+// f(T{}) with T the CUDA type of x's dtype (fp16 or bf16): the one dtype
+// dispatch of the fused kernels' entry points.
+template <typename F>
+void by_dtype(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kHalf) {
+    f(__half{});
+  } else {
+    f(__nv_bfloat16{});
+  }
+}
+
 // The weight side of a warp's RT tiles of 16 output features, as both fused
 // kernels walk it: lane (g, t) owns rows g and g + 8 of each tile and reads a
 // 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
