@@ -2,8 +2,13 @@
 build of torch are present (or MPQ_OPS_CUDA=1/0 forces the choice).
 
 The choice is made from the toolchain, not from torch.cuda.is_available(), so
-a wheel can be built on a machine without a GPU."""
+a wheel can be built on a machine without a GPU.
+
+mpq_ops._mlx (the MLX backend's CPU kernels in C++, csrc/mlx/) is built when
+mlx is installed at build time with its headers and libmlx (MPQ_OPS_MLX=1/0
+forces the choice); without it the Python bridge serves alone."""
 import glob
+import importlib.util
 import os
 
 import torch
@@ -36,8 +41,37 @@ def extension():
                         py_limited_api=True)
 
 
+def mlx_dirs():
+    """(include dir, lib dir) of the installed mlx package, or None."""
+    forced = os.environ.get("MPQ_OPS_MLX")
+    if forced is not None and forced in ("0", "", "false", "False"):
+        return None
+    spec = importlib.util.find_spec("mlx")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
+        if os.path.exists(os.path.join(inc, "mlx", "mlx.h")) and glob.glob(os.path.join(lib, "libmlx.*")):
+            return inc, lib
+    if forced is not None:
+        raise RuntimeError("MPQ_OPS_MLX=1 but no mlx package with include/ and lib/ was found")
+    return None
+
+
+def mlx_extension():
+    dirs = mlx_dirs()
+    if dirs is None:
+        return []
+    inc, lib = dirs
+    # libmlx is found through the rpath, and is already loaded by `import mlx.core`,
+    # which mpq_ops does before loading this library.
+    return [CppExtension("mpq_ops._mlx", ["csrc/mlx/bridge.cpp", "csrc/checks.cpp"],
+                         include_dirs=[inc], library_dirs=[lib], libraries=["mlx"],
+                         extra_compile_args={"cxx": ["-O2", "-DPy_LIMITED_API=0x03090000"]},
+                         extra_link_args=[f"-Wl,-rpath,{lib}"], py_limited_api=True)]
+
+
 setup(
-    ext_modules=[extension()],
+    ext_modules=[extension()] + mlx_extension(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -21,7 +21,10 @@ call is: torch -> MLX arrays, mx.quantized_matmul, MLX -> torch.
 Backends: the MPS dispatch key always uses this module once it is imported
 (mpq_ops imports it when mlx is installed). On CPU, `use_mlx_on_cpu()` (or
 MPQ_OPS_CPU_BACKEND=mlx at import) routes torch.ops.mpq.* through MLX
-instead of the C++ kernels."""
+instead of the native C++ kernels: by default through the C++ bridge
+(mpq_ops._mlx, csrc/mlx/bridge.cpp: the same steps with no Python on the call
+path, built when mlx is installed at build time), else through the Python
+functions here (`bridge="python"` asks for them)."""
 from __future__ import annotations
 
 import contextlib
@@ -119,8 +122,25 @@ def weight_arrays(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.d
 
 
 def cached_weights() -> int:
-    """Number of weights whose MLX arrays are held (for tests and diagnostics)."""
-    return len(_weight_cache)
+    """Number of weights whose MLX arrays are held, by the Python and the C++
+    bridge together (for tests and diagnostics)."""
+    return len(_weight_cache) + (torch.ops.mpq_mlx.cached_weights() if cpp_bridge() else 0)
+
+
+_cpp = None
+
+
+def cpp_bridge() -> bool:
+    """Whether the C++ bridge (mpq_ops._mlx) is built and loads."""
+    global _cpp
+    if _cpp is None:
+        try:
+            mlx()  # loads libmlx, which mpq_ops._mlx links against
+            from . import _mlx  # noqa: F401
+            _cpp = True
+        except (ImportError, RuntimeError):
+            _cpp = False
+    return _cpp
 
 
 def mlx_serves(w_bit: int, group_size: int, K: int) -> bool:
@@ -205,13 +225,35 @@ def register_mps() -> None:
         _mps_lib.impl("dequantize", dequantize_mlx, "MPS")
 
 
-def set_cpu_backend(backend: str) -> None:
-    """"mlx": CPU tensors go through MLX; "native": the C++ CPU kernels."""
+def set_cpu_backend(backend: str, bridge: str = "auto") -> None:
+    """"mlx": CPU tensors go through MLX; "native": the C++ CPU kernels.
+    bridge (for "mlx"): "cpp" (mpq_ops._mlx), "python" (this module), or
+    "auto": the C++ one where it was built."""
     global _cpu_lib
     if backend not in ("mlx", "native"):
         raise ValueError(f"backend must be 'mlx' or 'native', got {backend!r}")
-    if backend == "mlx" and _cpu_lib is None:
+    if bridge not in ("auto", "cpp", "python"):
+        raise ValueError(f"bridge must be 'auto', 'cpp' or 'python', got {bridge!r}")
+    if backend == "mlx":
         mlx()  # fail now, with the install hint, if mlx is missing
+        if bridge == "auto":
+            bridge = "cpp" if cpp_bridge() else "python"
+        if bridge == "cpp" and not cpp_bridge():
+            raise RuntimeError("the C++ MLX bridge (mpq_ops._mlx) was not built: install mlx, "
+                               "then rebuild mpq_ops (pip install --no-build-isolation -e .)")
+        if cpu_backend(detail=True) == bridge:
+            return
+    # Back to the native kernels first (each bridge overrides them for CPU).
+    if _cpu_lib is not None:
+        _cpu_lib._destroy()
+        _cpu_lib = None
+    if _cpp:
+        torch.ops.mpq_mlx.set_cpu_kernels(False)
+    if backend == "native":
+        return
+    if bridge == "cpp":
+        torch.ops.mpq_mlx.set_cpu_kernels(True)
+    else:
         import warnings
         with warnings.catch_warnings():
             # Replacing the C++ CPU kernel is the point here, not an accident.
@@ -220,24 +262,29 @@ def set_cpu_backend(backend: str) -> None:
             lib.impl("matmul", matmul_mlx, "CPU")
             lib.impl("dequantize", dequantize_mlx, "CPU")
         _cpu_lib = lib
-    elif backend == "native" and _cpu_lib is not None:
-        _cpu_lib._destroy()
-        _cpu_lib = None
 
 
-def cpu_backend() -> str:
-    return "mlx" if _cpu_lib is not None else "native"
+def cpu_backend(detail: bool = False) -> str:
+    """"mlx" or "native"; with detail, "cpp" or "python" for the MLX bridge in use."""
+    if _cpu_lib is not None:
+        return "python" if detail else "mlx"
+    if _cpp and torch.ops.mpq_mlx.cpu_kernels_on():
+        return "cpp" if detail else "mlx"
+    return "native"
 
 
 @contextlib.contextmanager
-def use_mlx_on_cpu():
+def use_mlx_on_cpu(bridge: str = "auto"):
     """Within the block, torch.ops.mpq.* on CPU tensors run through MLX."""
-    before = cpu_backend()
-    set_cpu_backend("mlx")
+    before = cpu_backend(detail=True)
+    set_cpu_backend("mlx", bridge)
     try:
         yield
     finally:
-        set_cpu_backend(before)
+        if before == "native":
+            set_cpu_backend("native")
+        else:
+            set_cpu_backend("mlx", before)
 
 
 register_mps()

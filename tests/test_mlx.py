@@ -21,10 +21,16 @@ from helpers import (REL_TOL, make_weight, make_x, np_pack_rows, ref_dequantize,
 K, N = 256, 96
 
 
-@pytest.fixture
-def mlx_cpu():
-    with mlx_bridge.use_mlx_on_cpu():
-        yield
+BRIDGES = ("cpp", "python")
+
+
+@pytest.fixture(params=BRIDGES)
+def mlx_cpu(request):
+    """Runs the test through the C++ bridge (mpq_ops._mlx) and the Python one."""
+    if request.param == "cpp" and not mlx_bridge.cpp_bridge():
+        pytest.skip("mpq_ops._mlx was not built (mlx missing at build time)")
+    with mlx_bridge.use_mlx_on_cpu(bridge=request.param):
+        yield request.param
 
 
 def fresh_weight_goes_through_mlx(fn):
@@ -78,6 +84,9 @@ def test_float16_accumulation_error_measured_and_avoided():
           f"(float32 inside): {bridge_err:.2e}")
     assert bridge_err < REL_TOL[torch.float16]
     assert bridge_err <= direct_err
+    if mlx_bridge.cpp_bridge():
+        cpp_err = rel_err(torch.ops.mpq_mlx.matmul(x, qweight, scales, zeros, 4, 128), ref)
+        assert cpp_err < REL_TOL[torch.float16] and cpp_err <= direct_err
 
 
 @pytest.mark.parametrize("group_size", (-1, 256))
@@ -95,13 +104,20 @@ def test_weight_arrays_cached_once_and_in_place_updates_seen(mlx_cpu):
     x = make_x((3,), K, torch.float32)
     before = mlx_bridge.cached_weights()
     torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 32)
-    first = mlx_bridge.weight_arrays(qweight, scales, zeros, torch.float32)
     torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 32)
-    assert mlx_bridge.weight_arrays(qweight, scales, zeros, torch.float32) is first
-    assert mlx_bridge.cached_weights() == before + 1
-    scales.mul_(2)  # in place: the cache must notice
+    assert mlx_bridge.cached_weights() == before + 1  # made once
+    if mlx_cpu == "python":
+        first = mlx_bridge.weight_arrays(qweight, scales, zeros, torch.float32)
+        assert mlx_bridge.weight_arrays(qweight, scales, zeros, torch.float32) is first
+    for update in (lambda: scales.mul_(2), lambda: zeros.add_(1),
+                   lambda: qweight.copy_(qweight.flip(0))):
+        update()  # in place: the cache must notice
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 32)
+        assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 32)) < 1e-5
+    assert mlx_bridge.cached_weights() == before + 1  # replaced, not added
+    zeros = zeros.clone()  # a new tensor in place of an old one: seen too
+    zeros.sub_(2)
     y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 32)
-    assert mlx_bridge.weight_arrays(qweight, scales, zeros, torch.float32) is not first
     assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 32)) < 1e-5
     del qweight
     gc.collect()
@@ -125,12 +141,37 @@ def test_gradients_through_mlx(mlx_cpu):
 
 
 def test_backend_switch():
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     assert mlx_bridge.cpu_backend() == "native"
-    with mlx_bridge.use_mlx_on_cpu():
-        assert mlx_bridge.cpu_backend() == "mlx"
-    assert mlx_bridge.cpu_backend() == "native"
+    for bridge in ("python", "cpp") if mlx_bridge.cpp_bridge() else ("python",):
+        with mlx_bridge.use_mlx_on_cpu(bridge):
+            assert mlx_bridge.cpu_backend() == "mlx"
+            assert mlx_bridge.cpu_backend(detail=True) == bridge
+            with mlx_bridge.use_mlx_on_cpu("python"):  # nested switch, restored after
+                assert mlx_bridge.cpu_backend(detail=True) == "python"
+            assert mlx_bridge.cpu_backend(detail=True) == bridge
+        assert mlx_bridge.cpu_backend() == "native"
+        assert has_kernel("mpq::matmul", "CPU")  # the native kernel is back
     with pytest.raises(ValueError, match="backend must be 'mlx' or 'native'"):
         mlx_bridge.set_cpu_backend("metal")
+    with pytest.raises(ValueError, match="bridge must be 'auto', 'cpp' or 'python'"):
+        mlx_bridge.set_cpu_backend("mlx", bridge="rust")
+
+
+def test_native_kernels_serve_again_after_the_switch():
+    """After use_mlx_on_cpu, a fresh weight is served by the C++ CPU kernel (no
+    MLX arrays made), and gives the same result."""
+    qweight, scales, zeros = make_weight(N, K, 4, 64, torch.float32)
+    x = make_x((3,), K, torch.float32)
+    for bridge in ("python", "cpp") if mlx_bridge.cpp_bridge() else ("python",):
+        q1, q2 = qweight.clone(), qweight.clone()  # fresh weights, alive through the checks
+        with mlx_bridge.use_mlx_on_cpu(bridge):
+            through_mlx = fresh_weight_goes_through_mlx(
+                lambda: torch.ops.mpq.matmul(x, q1, scales, zeros, 4, 64))
+        before = mlx_bridge.cached_weights()
+        native = torch.ops.mpq.matmul(x, q2, scales, zeros, 4, 64)
+        assert mlx_bridge.cached_weights() == before
+        torch.testing.assert_close(through_mlx, native, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_mlx_gives_install_hint(monkeypatch):
