@@ -25,6 +25,22 @@ def want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def hopper_arch_specific() -> bool:
+    """Builds compute capability 9.0 as sm_90a (wgmma, csrc/cuda/gemm_sm90.cu):
+    rewrites 9.0 to 9.0a in TORCH_CUDA_ARCH_LIST (taken from the visible GPUs
+    when unset, as torch would). True when the list then holds 9.0a."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs is None:
+        if not torch.cuda.is_available():
+            return False
+        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                 for i in range(torch.cuda.device_count())}))
+    tokens = [("9.0a" + t[3:]) if t.startswith("9.0") and not t.startswith("9.0a") else t
+              for t in archs.replace(" ", ";").split(";") if t]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(tokens)
+    return any(t.startswith("9.0a") for t in tokens)
+
+
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is left to BuildExtension: it must match the one torch was built with.
@@ -34,6 +50,8 @@ def extension():
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        if hopper_arch_specific():
+            nvcc.append("-DMPQ_SM90A")
         return CUDAExtension("mpq_ops._C", cpp + cu,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              py_limited_api=True)

@@ -1,6 +1,8 @@
 """CUDA-only checks: every kernel path (the fused GEMV's tiles, the staged fused
-kernel, the dequantize + cuBLAS path, shapes the fused kernels do not take), each
-also forced for every M it can serve, and CUDA graphs. Skipped without a GPU."""
+kernel, the wgmma kernel on Hopper, the dequantize + cuBLAS path, shapes the
+fused kernels do not take), each also forced for every M it can serve, and CUDA
+graphs. Outputs are checked against a float64 reference, with the caching
+allocator poisoned with NaN first. Skipped without a GPU."""
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,13 @@ from helpers import REL_TOL, make_weight, make_x, ref_matmul, rel_err
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "dequantize"))
+def poison_allocator(numel, dtype):
+    """Leaves a NaN-filled block in the caching allocator, so that an output
+    allocated next (at::empty) starts as NaN and unwritten elements show."""
+    torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "sm90", "dequantize"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
 @pytest.mark.parametrize("N,K,group_size", [(100, 512, 128), (4096, 1024, -1), (45, 96, 32),
@@ -23,10 +31,31 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (1, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
-        y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-        y.copy_(torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        poison_allocator(M * N, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
         err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
         assert err < REL_TOL[dtype], (M, err)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("group_size", (32, 64, 128, -1))
+def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
+    """The wgmma kernel (4-bit, Hopper) over several tiles of x rows and weight
+    rows, with ragged edges in both: few tiles and a long K (64 steps, split
+    over the SMs), and many tiles in groups of x-row tiles, the last group
+    partial (no split); with and without bias. Elsewhere the dispatch falls
+    back and the same checks hold."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
+    for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
+                               (1000, 1152, 4096, True), (2600, 8448, 512, True),
+                               (150, 16896, 1024, False)):
+        qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+        x = make_x((M,), K, dtype, "cuda")
+        poison_allocator(M * N, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, group_size, None, bias)
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, group_size, None, bias))
+        assert err < REL_TOL[dtype], (M, N, err)
 
 
 def test_float32_on_cuda_through_dequantize_path():

@@ -32,9 +32,14 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
   if (const char* forced = std::getenv("MPQ_OPS_CUDA_KERNEL")) {
     if (std::strcmp(forced, "gemv") == 0 && M <= gemv_max) return MatmulKernel::Gemv;
     if (std::strcmp(forced, "gemm") == 0) return MatmulKernel::Gemm;
+    if (std::strcmp(forced, "sm90") == 0 && sm90_supported(x, qweight, w_bit))
+      return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
   if (M <= kGemvRows && w_bit == 8) return MatmulKernel::Gemv;
+  if (M > kGemmMaxRowsSm90 && sm90_supported(x, qweight, w_bit) &&
+      (M <= kSm90MaxRows || (M <= kSm90MaxRowsLarge && qweight.size(0) * x.size(1) >= kSm90Large)))
+    return MatmulKernel::Sm90;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;
 }

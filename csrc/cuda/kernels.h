@@ -12,11 +12,22 @@ namespace mpq::cuda {
 // registers).
 constexpr int64_t kGemvRows = 8;
 constexpr int64_t kGemvMaxRows = 64;
-// Rows of x up to which the shared-memory-staged kernel (gemm.cuh) beats
-// dequantize + cuBLAS; it takes any number of rows.
+// Rows of x up to which the shared-memory-staged kernel (gemm.cuh) is the
+// default where the wgmma kernel does not serve; it takes any number of rows.
+// Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
+// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 64 rows,
+// up to 512; up to 1024 for weights of 2^27 elements and more. Beyond, the
+// dequantize pass is a small share of cuBLAS's time, and cuBLAS ran faster than
+// the wgmma kernel (H100, w4 g128: M = 4096 at (8192, 28672) 2919 against
+// 3462 us; M = 1024 at (14336, 4096) 222 against 265 us, at (28672, 8192) 908
+// against 829 us).
+constexpr int64_t kGemmMaxRowsSm90 = 64;
+constexpr int64_t kSm90MaxRows = 512;
+constexpr int64_t kSm90MaxRowsLarge = 1024;
+constexpr int64_t kSm90Large = int64_t{1} << 27;
 
-enum class MatmulKernel { Gemv, Gemm, Dequantize };
+enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
 
 // x [M, K] contiguous fp16/bf16, K a multiple of the fused kernels' step,
 // 16-byte aligned x and qweight: what both fused kernels need.
@@ -32,6 +43,13 @@ void gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
 void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size);
+
+// The wgmma kernel for many rows (gemm_sm90.cu): 4-bit codes, K a multiple of
+// 128, on a compute capability 9.0 device of a build with the sm_90a pass.
+bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
+                    int64_t group_size);
 
 // W [N, K] in scales' dtype; group_size resolved.
 void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales,

@@ -1,7 +1,8 @@
 // CUDA registrations of the mpq ops. Few rows of x go to the fused
-// tensor-core GEMV (gemv.cuh), tens to hundreds to the fused kernel with x
-// staged in shared memory (gemm.cuh); more rows are dequantized to a temporary
-// from PyTorch's caching allocator and multiplied by cuBLAS. No host syncs, current
+// tensor-core GEMV (gemv.cuh), up to 128 to the fused kernel with x staged in
+// shared memory (gemm.cuh), more to the wgmma kernel on Hopper (gemm_sm90.cu,
+// 4-bit codes); the rest are dequantized to a temporary from PyTorch's caching
+// allocator and multiplied by cuBLAS. No host syncs, current
 // stream throughout, so the ops capture into CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,6 +38,8 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     auto y = at::empty({M, N}, x.options());
     if (kernel == MatmulKernel::Gemv) {
       gemv_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
+    } else if (kernel == MatmulKernel::Sm90) {
+      gemm_sm90_cuda(x2, q, s, z, bias, y, shape.group_size);
     } else {
       gemm_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
     }
