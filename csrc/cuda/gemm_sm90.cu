@@ -4,11 +4,16 @@
 // wgmma's A operand, which may come from registers: each thread reads its
 // share of the packed codes from shared memory, dequantizes them to fp16/bf16
 // pairs and hands them to the tensor cores, while x (B) is read by the tensor
-// cores straight from shared memory. A block has two warpgroups, 64 weight
-// rows each, and BM rows of x; x and the packed weights of the next steps
-// arrive by bulk tensor copies (TMA) in a ring of STAGES buffers, each
-// completing on its mbarrier. (TMA writes through the async proxy, which the
-// tensor cores read: no proxy fence per step, which cp.async would need.)
+// cores straight from shared memory. A block has two consumer warpgroups, 64
+// weight rows each, and BM rows of x, and a third warpgroup (its registers
+// given to the consumers by setmaxnreg) whose first thread keeps a ring of
+// STAGES buffers filled by bulk tensor copies (TMA): each stage has a "full"
+// mbarrier the copies complete and an "empty" one the eight consumer warps
+// arrive at when done, so the consumers never wait for each other. (TMA
+// writes through the async proxy, which the tensor cores read: no proxy fence
+// per step, which cp.async would need: M = 1024 at (8192, 28672) took 1492 us
+// with cp.async and a block barrier per step, 1178 us with TMA, 839 us with
+// the copy warpgroup and 256-row tiles.)
 //
 // The register layout of A (the m16n8k16 A fragment per warp) puts, for each
 // k16 slice, the pairs (2c, 2c+1) and (2c+8, 2c+9) in lane c of a quad. With
@@ -33,7 +38,8 @@
 
 namespace mpq::cuda::sm90 {
 
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kConsumers = 256;          // two warpgroups: decode and MMAs
+constexpr int kThreads = kConsumers + 128;  // + a warpgroup whose first thread issues the copies
 constexpr int kRowsW = 128;    // weight rows (output features) per block, 64 per warpgroup
 constexpr int kStepK = 64;     // k per step: one 128-byte swizzle row per row of x
 constexpr int kRowBytesW = kStepK / 2;  // 4-bit codes of one weight row per step
@@ -43,8 +49,8 @@ struct Layout {
   static constexpr int kX = BM * 128;           // x tile of one stage (1024-byte multiple)
   static constexpr int kW = kRowsW * kRowBytesW;  // weight tile of one stage
   static constexpr int kStage = kX + kW;
-  // + the stages' mbarriers, + slack to align the base to 1024
-  static constexpr int kBytes = STAGES * kStage + 8 * STAGES + 1024;
+  // + two mbarriers per stage, + slack to align the base to 1024
+  static constexpr int kBytes = STAGES * kStage + 16 * STAGES + 1024;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -55,6 +61,9 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
@@ -125,11 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using V = typename Pair<T>::type;
   using L = Layout<BM, STAGES>;
-  constexpr int PRE = STAGES - 2;  // steps loaded ahead (the buffer of step kt-1 may still be read)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
-  // One mbarrier per stage after the tiles: "x and codes of this stage landed".
-  const uint32_t bars = smem + STAGES * L::kStage;
+  // Two mbarriers per stage after the tiles: full ("x and codes of this
+  // stage landed") and empty ("every consumer warp is done with it").
+  const uint32_t full = smem + STAGES * L::kStage, empty = full + 8 * STAGES;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -148,16 +157,33 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Issued by one thread: rows past M or N arrive as zeros.
   auto load_stage = [&](int i) {  // i: this block's step index
     const int s = i % STAGES, kt = k_first + i;
-    const uint32_t base = smem + s * L::kStage, bar = bars + 8 * s;
+    const uint32_t base = smem + s * L::kStage, bar = full + 8 * s;
     mbar_expect_tx(bar, L::kStage);
     tma_load_2d(base, &x_map, kt * kStepK, m0, bar);
     tma_load_2d(base + L::kX, &w_map, kt * (kStepK / 8), n0, bar);
   };
   if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) mbar_init(bars + 8 * s, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full + 8 * s, 1);
+      mbar_init(empty + 8 * s, kConsumers / 32);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+
+  // The copy warp runs the whole ring ahead of the consumers, refilling a
+  // stage as soon as all eight consumer warps released it.
+  // Registers move from the copy warpgroup to the consumers (setmaxnreg).
+  if (tid >= kConsumers) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (tid == kConsumers) {
+      for (int i = 0; i < n_steps; ++i) {
+        if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
+        load_stage(i);
+      }
+    }
+  } else {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
 
   // This lane's two weight rows (g and g + 8 of its warp's 16).
   const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
@@ -202,11 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // step's wgmmas are not overwritten).
   auto step = [&](int i, auto buf) {
     constexpr int B = decltype(buf)::value;
-    mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
-    // Every warp is past step i - 1, so the wgmmas of step i - 2 are done
-    // (wgmma_wait<1> below) and its buffer may be refilled.
-    __syncthreads();
-    if (tid == 0 && i + PRE < n_steps) load_stage(i + PRE);
+    mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
 
     const uint32_t base = smem + (i % STAGES) * L::kStage;
     uint32_t words[2][8];
@@ -237,11 +259,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < 4; ++j) wgmma_step<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
     wgmma_commit();
     wgmma_wait<1>();
+    // This warp's wgmmas of step i - 1 are done (and its reads of the codes
+    // long before): release that stage.
+    __syncwarp();
+    if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
   };
 
-  if (tid == 0) {
-    for (int p = 0; p < PRE && p < n_steps; ++p) load_stage(p);
-  }
   load_params(k_first);
   for (int i = 0; i < n_steps; i += 2) {
     step(i, std::integral_constant<int, 0>{});
@@ -271,6 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -334,12 +358,15 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       2, M, K, BM, kStepK, CU_TENSOR_MAP_SWIZZLE_128B);
   const auto w_map = tensor_map(qweight.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, N, K / 8,
                                 kRowsW, kStepK / 8, CU_TENSOR_MAP_SWIZZLE_32B);
-  // Split K when the tiles leave SMs idle (one block per SM), e.g. few rows of
-  // x against a short, wide weight; steps are split in pairs.
+  // Split K when the tiles leave at least half the SMs idle (one block per
+  // SM), e.g. few rows of x against a long, narrow weight; steps are split in
+  // pairs. (Filling the last few SMs by splitting costs more in partial sums
+  // than it gains: 112 tiles at (4096, 14336), M = 128, 7 splits took 84 us,
+  // none 45.5 us.)
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
   const int sms = tile::sm_count();
-  const int splits = tiles < sms ? tile::wave_filling_splits(tiles, pairs, sms, 8) : 1;
+  const int splits = 2 * tiles <= sms ? tile::wave_filling_splits(tiles, pairs, sms, 8) : 1;
   const int split_steps = 2 * ((pairs + splits - 1) / splits);
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
