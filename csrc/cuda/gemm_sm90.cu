@@ -171,9 +171,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // The copy warp runs the whole ring ahead of the consumers, refilling a
-  // stage as soon as all eight consumer warps released it.
-  // Registers move from the copy warpgroup to the consumers (setmaxnreg).
+  // The copy warpgroup's first thread runs the whole ring ahead of the
+  // consumers, refilling a stage as soon as all eight consumer warps released
+  // it; the warpgroup's registers move to the consumers (setmaxnreg).
   if (tid >= kConsumers) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (tid == kConsumers) {
@@ -183,117 +183,117 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
 
-  // This lane's two weight rows (g and g + 8 of its warp's 16).
-  const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
-  const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
-  const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
-  const uint32_t w_off = L::kX + row0 * kRowBytesW, w_swz = ((row0 >> 2) & 1) << 4;
+    // This lane's two weight rows (g and g + 8 of its warp's 16).
+    const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
+    const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
+    const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
+    const uint32_t w_off = L::kX + row0 * kRowBytesW, w_swz = ((row0 >> 2) & 1) << 4;
 
-  // Scale and zero of each row, as pairs, for the two 32-wide halves of a
-  // step (a group is a multiple of 32 wide: two groups per step only for 32),
-  // read one step ahead.
-  const T* s_a = scales + static_cast<size_t>(n_a) * G;
-  const T* z_a = zeros + static_cast<size_t>(n_a) * G;
-  const T* s_b = scales + static_cast<size_t>(n_b) * G;
-  const T* z_b = zeros + static_cast<size_t>(n_b) * G;
-  const bool two_groups = groups.size < kStepK;
-  V sz[2][2][2];  // [half of the step][row a/b][scale/zero]
-  auto load_params = [&](int kt) {
-    const int g0 = groups.index(kt * kStepK);
-    sz[0][0][0] = V{s_a[g0], s_a[g0]};
-    sz[0][0][1] = V{z_a[g0], z_a[g0]};
-    sz[0][1][0] = V{s_b[g0], s_b[g0]};
-    sz[0][1][1] = V{z_b[g0], z_b[g0]};
-    if (two_groups) {
-      const int g1 = g0 + 1;
-      sz[1][0][0] = V{s_a[g1], s_a[g1]};
-      sz[1][0][1] = V{z_a[g1], z_a[g1]};
-      sz[1][1][0] = V{s_b[g1], s_b[g1]};
-      sz[1][1][1] = V{z_b[g1], z_b[g1]};
-    } else {
+    // Scale and zero of each row, as pairs, for the two 32-wide halves of a
+    // step (a group is a multiple of 32 wide: two groups per step only for 32),
+    // read one step ahead.
+    const T* s_a = scales + static_cast<size_t>(n_a) * G;
+    const T* z_a = zeros + static_cast<size_t>(n_a) * G;
+    const T* s_b = scales + static_cast<size_t>(n_b) * G;
+    const T* z_b = zeros + static_cast<size_t>(n_b) * G;
+    const bool two_groups = groups.size < kStepK;
+    V sz[2][2][2];  // [half of the step][row a/b][scale/zero]
+    auto load_params = [&](int kt) {
+      const int g0 = groups.index(kt * kStepK);
+      sz[0][0][0] = V{s_a[g0], s_a[g0]};
+      sz[0][0][1] = V{z_a[g0], z_a[g0]};
+      sz[0][1][0] = V{s_b[g0], s_b[g0]};
+      sz[0][1][1] = V{z_b[g0], z_b[g0]};
+      if (two_groups) {
+        const int g1 = g0 + 1;
+        sz[1][0][0] = V{s_a[g1], s_a[g1]};
+        sz[1][0][1] = V{z_a[g1], z_a[g1]};
+        sz[1][1][0] = V{s_b[g1], s_b[g1]};
+        sz[1][1][1] = V{z_b[g1], z_b[g1]};
+      } else {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) sz[1][r][0] = sz[0][r][0], sz[1][r][1] = sz[0][r][1];
-    }
-  };
-
-  float acc[BM / 2];
-#pragma unroll
-  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-  uint32_t frag[2][4][4];  // [buffer][k16 slice][A register]
-
-  // One step: x and codes of step kt in its buffer; the A fragments go to
-  // frag[B] (B alternates so that the slices still read by the previous
-  // step's wgmmas are not overwritten).
-  auto step = [&](int i, auto buf) {
-    constexpr int B = decltype(buf)::value;
-    mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
-
-    const uint32_t base = smem + (i % STAGES) * L::kStage;
-    uint32_t words[2][8];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int ch = 0; ch < 2; ++ch) {
-        const uint4 v = lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
-        words[r][ch * 4 + 0] = v.x;
-        words[r][ch * 4 + 1] = v.y;
-        words[r][ch * 4 + 2] = v.z;
-        words[r][ch * 4 + 3] = v.w;
+        for (int r = 0; r < 2; ++r) sz[1][r][0] = sz[0][r][0], sz[1][r][1] = sz[0][r][1];
       }
-    }
+    };
+
+    float acc[BM / 2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+    uint32_t frag[2][4][4];  // [buffer][k16 slice][A register]
+
+    // One step: x and codes of step i in its buffer; the A fragments go to
+    // frag[B] (B alternates so that the slices still read by the previous
+    // step's wgmmas are not overwritten).
+    auto step = [&](int i, auto buf) {
+      constexpr int B = decltype(buf)::value;
+      mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
+
+      const uint32_t base = smem + (i % STAGES) * L::kStage;
+      uint32_t words[2][8];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const V s2 = sz[j / 2][r][0], z2 = sz[j / 2][r][1];
-        frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, s2, z2);
-        frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, s2, z2);
+#pragma unroll
+        for (int ch = 0; ch < 2; ++ch) {
+          const uint4 v = lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
+          words[r][ch * 4 + 0] = v.x;
+          words[r][ch * 4 + 1] = v.y;
+          words[r][ch * 4 + 2] = v.z;
+          words[r][ch * 4 + 3] = v.w;
+        }
       }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const V s2 = sz[j / 2][r][0], z2 = sz[j / 2][r][1];
+          frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, s2, z2);
+          frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, s2, z2);
+        }
+      }
+      if (i + 1 < n_steps) load_params(k_first + i + 1);
+
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_step<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
+      wgmma_commit();
+      wgmma_wait<1>();
+      // This warp's wgmmas of step i - 1 are done (and its reads of the codes
+      // long before): release that stage.
+      __syncwarp();
+      if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
+    };
+
+    load_params(k_first);
+    for (int i = 0; i < n_steps; i += 2) {
+      step(i, std::integral_constant<int, 0>{});
+      step(i + 1, std::integral_constant<int, 1>{});
     }
-    if (i + 1 < n_steps) load_params(k_first + i + 1);
+    wgmma_wait<0>();
 
-    wgmma_fence();
+    // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma_step<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
-    wgmma_commit();
-    wgmma_wait<1>();
-    // This warp's wgmmas of step i - 1 are done (and its reads of the codes
-    // long before): release that stage.
-    __syncwarp();
-    if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
-  };
-
-  load_params(k_first);
-  for (int i = 0; i < n_steps; i += 2) {
-    step(i, std::integral_constant<int, 0>{});
-    step(i + 1, std::integral_constant<int, 1>{});
-  }
-  wgmma_wait<0>();
-
-  // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + row0 + 8 * h;
+      if (n >= N) continue;
+      const float b = bias != nullptr && ws == nullptr ? static_cast<float>(bias[n]) : 0.f;
+      float* part = ws != nullptr ? ws + static_cast<size_t>(blockIdx.y) * M * N : nullptr;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int n = n0 + row0 + 8 * h;
-    if (n >= N) continue;
-    const float b = bias != nullptr && ws == nullptr ? static_cast<float>(bias[n]) : 0.f;
-    float* part = ws != nullptr ? ws + static_cast<size_t>(blockIdx.y) * M * N : nullptr;
+      for (int i = 0; i < BM / 8; ++i) {
 #pragma unroll
-    for (int i = 0; i < BM / 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * i + 2 * c + e;
-        if (m >= M) continue;
-        const size_t at = static_cast<size_t>(m) * N + n;
-        if (part != nullptr) {
-          part[at] = acc[4 * i + 2 * h + e];
-        } else {
-          y[at] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
+        for (int e = 0; e < 2; ++e) {
+          const int m = m0 + 8 * i + 2 * c + e;
+          if (m >= M) continue;
+          const size_t at = static_cast<size_t>(m) * N + n;
+          if (part != nullptr) {
+            part[at] = acc[4 * i + 2 * h + e];
+          } else {
+            y[at] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
+          }
         }
       }
     }
-  }
   }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
