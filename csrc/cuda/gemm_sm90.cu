@@ -112,12 +112,10 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel,
 
 template <typename T, int BM>
 __device__ __forceinline__ void wgmma_step(float* acc, const uint32_t* a, uint64_t desc) {
-  if constexpr (std::is_same_v<T, __half>) {
-    if constexpr (BM == 128) wgmma_m64n128_f16(acc, a, desc);
-    else wgmma_m64n256_f16(acc, a, desc);
+  if constexpr (BM == 128) {
+    wgmma_m64n128<T>(acc, a, desc);
   } else {
-    if constexpr (BM == 128) wgmma_m64n128_bf16(acc, a, desc);
-    else wgmma_m64n256_bf16(acc, a, desc);
+    wgmma_m64n256<T>(acc, a, desc);
   }
 }
 
