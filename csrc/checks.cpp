@@ -102,4 +102,15 @@ WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
   return shape;
 }
 
+at::Tensor checked_perm(const at::Tensor& perm, int64_t K) {
+  // Checked here because index_select's own error does not say which
+  // argument was wrong.
+  const auto p = perm.to(at::kLong);
+  if (p.numel() == 0) return p;
+  const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", num(K).c_str(),
+              "), got values in [", num(lo).c_str(), ", ", num(hi).c_str(), "]");
+  return p;
+}
+
 }  // namespace mpq

@@ -53,6 +53,10 @@ WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
                          const std::optional<at::Tensor>& perm,
                          const std::optional<at::Tensor>& bias);
 
+// perm as int64 after checking its values lie in [0, K) (reads them on the
+// host: CPU kernels only).
+at::Tensor checked_perm(const at::Tensor& perm, int64_t K);
+
 // K implied by a qweight of shape [N, K*w_bit/32], after w_bit is checked.
 int64_t infer_k(const char* op, const at::Tensor& qweight, int64_t w_bit);
 

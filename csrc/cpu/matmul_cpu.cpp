@@ -53,21 +53,6 @@ void fused_rows(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
   });
 }
 
-template <typename scale_t>
-at::Tensor dequantize_float(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
-                            int64_t K, int64_t w_bit, int64_t group_size) {
-  const int64_t N = q.size(0);
-  auto w = at::empty({N, K}, q.options().dtype(at::kFloat));
-  const int32_t* qp = q.data_ptr<int32_t>();
-  const scale_t* sp = s.data_ptr<scale_t>();
-  const scale_t* zp = z.data_ptr<scale_t>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    dequantize_rows<scale_t, float>(qp, sp, zp, n0, n1, K, w_bit, group_size, wp + n0 * K);
-  });
-  return w;
-}
-
 }  // namespace
 
 at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -84,15 +69,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     if (bias.has_value()) y.add_(*bias);
     return y.view(out_sizes);
   }
-  if (perm.has_value()) {
-    // Validated here because index_select's own error does not say which
-    // argument was wrong.
-    const auto p = perm->to(at::kLong);
-    const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", num(K).c_str(),
-                "), got values in [", num(lo).c_str(), ", ", num(hi).c_str(), "]");
-    x2 = x2.index_select(1, p);
-  }
+  if (perm.has_value()) x2 = x2.index_select(1, checked_perm(*perm, K));
   auto xf = x2.to(at::kFloat).contiguous();
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
@@ -103,7 +80,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
       yf = at::empty({M, N}, xf.options());
       fused_rows<scalar_t>(xf, q, s, z, w_bit, shape.group_size, yf);
     } else {
-      yf = at::mm(xf, dequantize_float<scalar_t>(q, s, z, K, w_bit, shape.group_size).t());
+      yf = at::mm(xf, dequantize_tensor(q, s, z, K, w_bit, shape.group_size, /*as_float=*/true).t());
     }
   });
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));

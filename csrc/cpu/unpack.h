@@ -1,6 +1,10 @@
 // Row dequantization on the CPU: W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g].
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 
 namespace mpq::cpu {
@@ -48,6 +52,30 @@ void dequantize_rows(const int32_t* qweight, const scale_t* scales, const scale_
     default:
       return dequantize_rows_w<8>(qweight, scales, zeros, n0, n1, K, group_size, out);
   }
+}
+
+// W [N, K] as a new tensor, in float32 (as_float) or in the scales' dtype,
+// rows dequantized in parallel; q, s, z contiguous.
+inline at::Tensor dequantize_tensor(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
+                                    int64_t K, int64_t w_bit, int64_t group_size, bool as_float) {
+  const int64_t N = q.size(0);
+  auto out = at::empty({N, K}, as_float ? s.options().dtype(at::kFloat) : s.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dequantize_tensor", [&] {
+    const int32_t* qp = q.data_ptr<int32_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      if (as_float) {
+        dequantize_rows<scalar_t, float>(qp, sp, zp, n0, n1, K, w_bit, group_size,
+                                         out.data_ptr<float>() + n0 * K);
+      } else {
+        dequantize_rows<scalar_t, scalar_t>(qp, sp, zp, n0, n1, K, w_bit, group_size,
+                                            out.data_ptr<scalar_t>() + n0 * K);
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace mpq::cpu

@@ -21,6 +21,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../cpu/unpack.h"
 #include "../mpq.h"
 
 namespace mx = mlx::core;
@@ -121,19 +122,6 @@ int64_t cached_weights() {
   return static_cast<int64_t>(cache.size());
 }
 
-// --- fallback for what MLX lacks (group sizes other than 32/64/128) -------------
-
-at::Tensor dequantize_float(const at::Tensor& qweight, const at::Tensor& scales,
-                            const at::Tensor& zeros, int64_t w_bit, int64_t gs) {
-  const int64_t N = qweight.size(0), K = qweight.size(1) * (32 / w_bit);
-  const auto shifts = at::arange(0, 32, w_bit, qweight.options());
-  // Arithmetic shift of int32 words; the mask keeps only the code's bits.
-  const auto codes = qweight.unsqueeze(-1).bitwise_right_shift(shifts)
-                         .bitwise_and((1 << w_bit) - 1).reshape({N, K / gs, gs}).to(at::kFloat);
-  const auto W = (codes - zeros.to(at::kFloat).unsqueeze(-1)) * scales.to(at::kFloat).unsqueeze(-1);
-  return W.reshape({N, K});
-}
-
 // --- kernels ----------------------------------------------------------------------
 
 at::Tensor matmul_mlx_cpu(const at::Tensor& x, const at::Tensor& qweight,
@@ -144,13 +132,7 @@ at::Tensor matmul_mlx_cpu(const at::Tensor& x, const at::Tensor& qweight,
   const int64_t N = shape.N, K = shape.K;
   auto [x2, out_sizes] = mpq::as_rows(x, K, N);
   if (x2.numel() == 0 || N == 0) return at::zeros(out_sizes, x.options());
-  if (perm.has_value() && perm->numel()) {
-    const auto p = perm->to(at::kLong);
-    const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", mpq::num(K).c_str(),
-                "), got values in [", mpq::num(lo).c_str(), ", ", mpq::num(hi).c_str(), "]");
-    x2 = x2.index_select(1, p);
-  }
+  if (perm.has_value()) x2 = x2.index_select(1, mpq::checked_perm(*perm, K));
   // MLX's CPU kernels accumulate in the input dtype: they get float32.
   const auto xf = x2.to(at::kFloat);
   at::Tensor y;
@@ -162,7 +144,10 @@ at::Tensor matmul_mlx_cpu(const at::Tensor& x, const at::Tensor& qweight,
     mx::eval(ya);
     y = to_torch(ya);
   } else {
-    y = at::mm(xf, dequantize_float(qweight, scales, zeros, w_bit, shape.group_size).t());
+    // What MLX lacks (group sizes other than 32/64/128): the native unpacking.
+    y = at::mm(xf, mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
+                                               zeros.contiguous(), K, w_bit, shape.group_size,
+                                               /*as_float=*/true).t());
   }
   if (bias.has_value()) y = y + bias->to(at::kFloat);
   return y.to(x.scalar_type()).view(out_sizes);
@@ -174,8 +159,9 @@ at::Tensor dequantize_mlx_cpu(const at::Tensor& qweight, const at::Tensor& scale
   const auto shape = mpq::check_weight("mpq::dequantize", qweight, scales, zeros, w_bit,
                                        group_size, K);
   if (!mlx_serves(w_bit, shape.group_size) || qweight.numel() == 0) {
-    return dequantize_float(qweight, scales, zeros, w_bit, shape.group_size)
-        .to(scales.scalar_type());
+    return mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
+                                       zeros.contiguous(), K, w_bit, shape.group_size,
+                                       /*as_float=*/false);
   }
   auto [w_q, s, b] = weight_arrays(qweight, scales, zeros);
   auto W = mx::dequantize(w_q, s, b, static_cast<int>(shape.group_size), static_cast<int>(w_bit),
