@@ -13,14 +13,11 @@ namespace mpq::cuda {
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
   const int64_t K = x.size(1);
   const int64_t super_k = 4 * 4 * (32 / w_bit);
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
   // 32-bit element offsets (tile::WeightRows): qweight, and with it the
   // smaller scales and zeros, under 2^31 elements.
   return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
          K % super_k == 0 && K < (int64_t{1} << 22) && qweight.numel() < (int64_t{1} << 31) &&
-         aligned(x) && aligned(qweight);
+         aligned16(x) && aligned16(qweight);
 }
 
 MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {

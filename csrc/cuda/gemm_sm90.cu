@@ -404,13 +404,10 @@ bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bi
     }
     return v;
   }();
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
   return is_sm90[x.get_device()] &&
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
          x.size(1) % (2 * sm90::kStepK) == 0 && x.size(0) < (int64_t{1} << 30) &&
-         qweight.size(0) < (int64_t{1} << 30) && aligned(x) && aligned(qweight);
+         qweight.size(0) < (int64_t{1} << 30) && aligned16(x) && aligned16(qweight);
 }
 
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

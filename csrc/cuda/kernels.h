@@ -29,6 +29,11 @@ constexpr int64_t kSm90Large = int64_t{1} << 27;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
 
+// 16-byte aligned data: the fused kernels read x and the codes 16 bytes at a time.
+inline bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // x [M, K] contiguous fp16/bf16, K a multiple of the fused kernels' step,
 // 16-byte aligned x and qweight: what both fused kernels need.
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
