@@ -58,6 +58,22 @@ def test_mlx_matmul_matches_float64(mlx_cpu, w_bit, dtype, group_size):
 
 
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_opcheck_through_mlx(mlx_cpu, w_bit):
+    """opcheck (schema, fake kernel, autograd registration) with the MLX kernels
+    serving CPU: perm and bias, a group size MLX lacks, x and scales wanting grads."""
+    from torch.library import opcheck
+    for dtype, group_size, M in ((torch.float32, 64, 5), (torch.float16, 32, 1),
+                                 (torch.bfloat16, 256, 13)):
+        qweight, scales, zeros = make_weight(N, 512, w_bit, group_size, dtype)
+        x = make_x((M,), 512, dtype).requires_grad_(True)
+        perm = torch.randperm(512).to(torch.int32)
+        bias = torch.randn(N).to(dtype)
+        opcheck(torch.ops.mpq.matmul.default,
+                (x, qweight, scales.requires_grad_(True), zeros, w_bit, group_size, perm, bias))
+        opcheck(torch.ops.mpq.dequantize.default, (qweight, scales, zeros, w_bit, group_size))
+
+
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
 def test_mlx_dequantize_matches_float64(mlx_cpu, w_bit):
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         qweight, scales, zeros = make_weight(N, K, w_bit, 64, dtype)
