@@ -58,6 +58,29 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
         assert err < REL_TOL[dtype], (M, N, err)
 
 
+@pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))
+def test_opcheck_each_forced_path(kernel, monkeypatch):
+    """opcheck (schema, fake kernel, autograd registration, dynamic shapes) with
+    each CUDA path forced, so that the paths the default policy picks only for
+    many rows (the wgmma kernel above 64, dequantize + cuBLAS) are checked at
+    opcheck's small sizes too; a path that cannot serve an input falls back."""
+    from torch.library import opcheck
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
+    K, N = 256, 96
+    # (M, group_size, perm, bias, non-contiguous x, grad)
+    cases = ((1, 64, False, True, False, False), (13, -1, True, False, True, True),
+             (33, 128, False, True, True, False), (70, 64, True, True, False, True))
+    for w_bit in (2, 4, 8):
+        for dtype in (torch.float16, torch.bfloat16):
+            for M, group_size, with_perm, with_bias, noncontig, grad in cases:
+                qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+                x = make_x((M,), K, dtype, "cuda", noncontig).requires_grad_(grad)
+                perm = torch.randperm(K, device="cuda").to(torch.int32) if with_perm else None
+                bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+                opcheck(torch.ops.mpq.matmul.default,
+                        (x, qweight, scales, zeros, w_bit, group_size, perm, bias))
+
+
 def test_float32_on_cuda_through_dequantize_path():
     qweight, scales, zeros = make_weight(64, 256, 4, 64, torch.float32, "cuda")
     x = make_x((7,), 256, torch.float32, "cuda")
