@@ -5,9 +5,10 @@ M), PyTorch's int4 kernel aten._weight_int4pack_mm (bf16, g128) and a
 pure-PyTorch dequantize + matmul under torch.compile. Times are medians of
 triton.testing.do_bench (L2 flushed between runs). "floor" is the kernel's
 compulsory bytes (packed weights, scales, zeros, x, y) over the measured
-device-to-device copy bandwidth; %floor = floor / time.
+device-to-device copy bandwidth; %floor = floor / time. --clean-l2 adds, for
+M <= 16, times with L2 emptied by a read instead (bench_clean_l2).
 
-    python scripts/bench.py --out bench.json [--quick]
+    python scripts/bench.py --out bench.json [--quick] [--clean-l2]
 """
 import argparse
 import json
@@ -27,6 +28,27 @@ MS = [1, 16, 64, 256, 1024, 4096]
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def bench_clean_l2(fn, reps=200):
+    """Median time (us) of fn with L2 emptied by a 256 MB read before each run.
+    do_bench empties it by writing zeros, which leaves L2 full of dirty lines
+    whose write-back to memory then lands inside the timed kernel; a read
+    leaves clean lines, as a preceding kernel that reads weights would."""
+    buf = torch.empty(2**26, dtype=torch.float32, device="cuda").uniform_()
+    sink = torch.empty((), dtype=torch.float32, device="cuda")
+    for _ in range(10):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        torch.sum(buf, 0, out=sink)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2] * 1e3
 
 
 def copy_bandwidth():
@@ -68,6 +90,9 @@ def main():
     ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
     ap.add_argument("--mpq-only", action="store_true",
                     help="time mpq only (no anchors): for comparing kernel variants")
+    ap.add_argument("--clean-l2", action="store_true",
+                    help="for M <= 16 also time fp16, mpq and int4pack with L2 emptied by a "
+                         "read instead of do_bench's zero-fill (bench_clean_l2)")
     ap.add_argument("--kernels", default=None,
                     help="also time each CUDA path forced, e.g. gemv,gemm,dequantize "
                          "(MPQ_OPS_CUDA_KERNEL; a path that cannot serve M falls back)")
@@ -119,6 +144,15 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
+            if args.clean_l2 and M <= 16:
+                row["fp16_clean_us"] = bench_clean_l2(lambda: F.linear(x, lin_w))
+                for b in bits:
+                    qw = weights[b]
+                    row[f"mpq_w{b}_clean_us"] = bench_clean_l2(
+                        lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
+                if packed is not None:
+                    row["int4pack_clean_us"] = bench_clean_l2(
+                        lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
             if packed is not None:
                 row["int4pack_us"] = bench(
                     lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
@@ -131,6 +165,8 @@ def main():
         json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
                   indent=1)
     print_table(rows)
+    if args.clean_l2:
+        print_clean(rows)
     if args.kernels:
         print_kernels(rows, args.kernels.split(","))
 
@@ -144,6 +180,22 @@ def print_kernels(rows, kernels):
             if f"mpq_w{b}_us" in r:
                 print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} {b:>4} | {r[f'mpq_w{b}_us']:8.1f} | "
                       + " ".join(f"{r[f'mpq_w{b}_{k}_us']:10.1f}" for k in kernels))
+
+
+def print_clean(rows):
+    print("\nM <= 16 with L2 emptied by a read (us; %floor = memory floor / time)")
+    print(f"{'K':>6} {'N':>6} {'M':>5} | {'fp16':>8} | {'int4pk':>8} | "
+          + " | ".join(f"{'w' + str(b):>7} {'%fl':>4} {'x':>5}" for b in (2, 4, 8)))
+    for r in rows:
+        if "fp16_clean_us" not in r:
+            continue
+        cells = []
+        for b in (2, 4, 8):
+            t = r[f"mpq_w{b}_clean_us"]
+            cells.append(f"{t:7.1f} {100 * r[f'mpq_w{b}_floor_us'] / t:4.0f} "
+                         f"{r['fp16_clean_us'] / t:5.2f}")
+        print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} | {r['fp16_clean_us']:8.1f} | "
+              f"{r.get('int4pack_clean_us', float('nan')):8.1f} | " + " | ".join(cells))
 
 
 def print_table(rows):
