@@ -273,13 +273,26 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // that fit) only adds workspace traffic and pipeline fills: measured at M=64
   // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
   // splits were 1 / 4 / 2 / 4-8, each the most that stays within two per SM.
-  // A single x tile is a streaming GEMV with a tiny workspace, where more warps
-  // in flight pay: 4 splits measured best on all four shapes (M=1: 71.5 -> 68.7,
-  // 74.1 -> 68.6, 28.1 -> 26.3, 15.1 -> 14.6 us against the register-fed GEMV).
+  // A single x tile is a streaming GEMV with a tiny workspace: split until the
+  // grid fills about 4/5 of one wave of resident blocks, up to 8 splits of at
+  // least 4 steps. Measured on the H100 (w4 g128, M=1, splits 1..8): the best
+  // grids held 448-512 blocks of the 660 slots, e.g. (14336, 4096) 24.8 us with
+  // 4 splits -> 22.9 with 8, (4096, 14336) 25.6 -> 23.8 with 2, (8192, 28672)
+  // 65.3 -> 64.4 with 1, (28672, 8192) 62.0 with 4, as before, when a fixed 4
+  // was the rule. 2-bit codes keep the fixed 4 (half the bytes per step: at
+  // (8192, 28672) one split took 61.5 us against 56.9 with 4).
+  static const int slots = [&] {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, SMEM));
+    return std::max(1, per_sm) * tile::sm_count();
+  }();
   const long blocks = (long)m_chunks * row_blocks;
   const int splits =
-      N_TILES == 1
+      N_TILES == 1 && W == 2
           ? std::min(4, std::max(1, steps / 4))
+      : N_TILES == 1
+          ? (int)std::max<long>(1, std::min<long>({4L * slots / (5L * blocks), 8L,
+                                                   std::max(1, steps / 4)}))
           : (int)std::max<long>(
                 1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
