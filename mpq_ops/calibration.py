@@ -2,9 +2,17 @@
 
 Prompts of varied kinds start batched, sampled generation (temperature 0.9,
 top-p 0.95, fixed seed); the prompt plus the continuation is one sample. The
-demo's evaluation text (data/eval.txt) is not among them."""
+demo's evaluation text (data/eval.txt) is not among them.
+
+`shipped` returns such samples written once by SmolLM2-135M (128 samples of up
+to 256 new tokens, seed 0) and kept in data/calibration.json, so that the demo
+and the tests calibrate on about 25k tokens without generating them again
+(generation on a 2-core CPU takes minutes); `self_generated` makes new ones
+for any model."""
 from __future__ import annotations
 
+import json
+import os
 from typing import List
 
 import torch
@@ -56,3 +64,12 @@ def self_generated(model, tokenizer, n_samples: int = 16, new_tokens: int = 128,
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def shipped(tokenizer) -> List[Tensor]:
+    """The shipped calibration samples (data/calibration.json), tokenized: a list
+    of input_ids tensors [1, T], one per sample, as self_generated returns."""
+    path = os.path.join(os.path.dirname(__file__), "data", "calibration.json")
+    with open(path, encoding="utf-8") as f:
+        samples = json.load(f)["samples"]
+    return [tokenizer(text, return_tensors="pt").input_ids for text in samples]

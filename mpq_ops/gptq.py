@@ -38,13 +38,18 @@ class GPTQ:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add_batch(self, inp: Tensor) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).float()
+    def add_batch(self, inp: Tensor, xtx: Optional[Tensor] = None) -> None:
+        """Adds the layer inputs `inp` [..., K] to H; `xtx` = x^T x of those
+        rows in float32 when the caller has it already (layers that read the
+        same input share one product)."""
+        x = inp.reshape(-1, inp.shape[-1])
         m = x.shape[0]
+        if xtx is None:
+            xf = x.float()
+            xtx = xf.t() @ xf
         self.H *= self.nsamples / (self.nsamples + m)
         self.nsamples += m
-        x = x * (2.0 / self.nsamples) ** 0.5
-        self.H += x.t() @ x
+        self.H += xtx * (2.0 / self.nsamples)
 
     @torch.no_grad()
     def quantize(self, w_bit: int, group_size: int = 128, symmetric: bool = False,
@@ -199,6 +204,19 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
             else [list(linears)]
         for group in groups:
             stats, hooks = {}, []
+            # x^T x per input tensor of the current forward: layers that read the
+            # same tensor (q/k/v, gate/up) share one product. The tensor is held
+            # with its product until the forward ends, so its id is not reused.
+            products: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+            def record(inp, st):
+                x = inp[0]
+                hit = products.get(id(x))
+                if hit is None or hit[0] is not x:
+                    xf = x.reshape(-1, x.shape[-1]).float()
+                    hit = products[id(x)] = (x, xf.t() @ xf)
+                st.add_batch(x, hit[1])
+
             for n in group:
                 full = f"{prefix}.{b}.{n}"
                 if _match(full, skip):
@@ -206,12 +224,13 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
                     continue
                 stats[n] = GPTQ(linears[n])
                 hooks.append(linears[n].register_forward_hook(
-                    lambda _m, inp, _out, s=stats[n]: s.add_batch(inp[0])))
+                    lambda _m, inp, _out, s=stats[n]: record(inp, s)))
             if not stats:
                 continue
             try:
                 for args, kwargs in captured:
                     block(*args, **kwargs)
+                    products.clear()
             finally:
                 for h in hooks:
                     h.remove()

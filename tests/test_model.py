@@ -113,30 +113,48 @@ def test_checkpoint_roundtrip(smollm2, w4g32, tmp_path):
 
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    from mpq_ops.calibration import self_generated
+    from mpq_ops.calibration import shipped
     base, tok, ids, _ = smollm2
-    samples = self_generated(base, tok, n_samples=16, new_tokens=128)
-    eval_text = tok.decode(ids[0, 1:40])
-    assert all(eval_text not in tok.decode(s[0]) for s in samples)
+    samples = shipped(tok)
+    assert len(samples) == 128 and sum(s.shape[1] for s in samples) > 20000
+    # No 40-token stretch of the evaluation text in any sample.
+    windows = [tok.decode(ids[0, i:i + 40]) for i in range(1, ids.shape[1] - 40, 20)]
+    for s in samples:
+        sample = tok.decode(s[0])
+        assert not any(w in sample for w in windows)
     return samples
 
 
-# (group_size, integer zero points, bound on the perplexity increase). The
-# targets asked of GPTQ (8% at g32, 12% at g64) are not met yet: measured
-# +9.8% and +14.6% (see the demo); these bounds hold what is reached.
-GPTQ_CASES = [(32, True, 0.12), (64, False, 0.17)]
+def test_self_generated_samples_start_with_the_prompts(smollm2):
+    from mpq_ops.calibration import PROMPTS, self_generated
+    base, tok, _, _ = smollm2
+    samples = self_generated(base, tok, n_samples=3, new_tokens=6, seed=1)
+    assert len(samples) == 3
+    for i, s in enumerate(samples):
+        assert s.dim() == 2 and s.shape[0] == 1
+        assert tok.decode(s[0]).startswith(PROMPTS[i])
+        assert s.shape[1] > len(tok(PROMPTS[i]).input_ids)
 
 
-@pytest.mark.parametrize("group_size,integer_zeros,bound", GPTQ_CASES)
+# (group_size, integer zero points, GPTQ options, bound on the perplexity
+# increase): the targets asked of GPTQ, 8% at g32 and 12% at g64, with the
+# demo's settings (act-order, clipped group ranges, the shipped calibration
+# samples; layer groups in order at g64).
+GPTQ_CASES = [(32, True, {"clip": True}, 0.08),
+              (64, False, {"clip": True, "true_sequential": True}, 0.12)]
+
+
+@pytest.mark.parametrize("group_size,integer_zeros,options,bound", GPTQ_CASES)
 def test_gptq_beats_rtn_on_smollm2(smollm2, calibration, tmp_path, group_size, integer_zeros,
-                                   bound):
+                                   options, bound):
     import time
     base, tok, ids, fp_ppl = smollm2
     gptq_model = copy.deepcopy(base)
     t = time.perf_counter()
     summary = quantize_model(gptq_model, w_bit=4, group_size=group_size, method="gptq",
                              calibration=calibration, act_order=True,
-                             integer_zeros=integer_zeros, progress=False)
+                             integer_zeros=integer_zeros, gptq_options=options,
+                             progress=False)
     seconds = time.perf_counter() - t
     assert summary["layers"] == 210
     assert summary["linear_bytes_after"] < summary["linear_bytes_before"] / 4
