@@ -281,11 +281,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 65.3 -> 64.4 with 1, (28672, 8192) 62.0 with 4, as before, when a fixed 4
   // was the rule. 2-bit codes keep the fixed 4 (half the bytes per step: at
   // (8192, 28672) one split took 61.5 us against 56.9 with 4).
-  static const int slots = [&] {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, SMEM));
-    return std::max(1, per_sm) * tile::sm_count();
-  }();
+  static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
   const long blocks = (long)m_chunks * row_blocks;
   const int splits =
       N_TILES == 1 && W == 2

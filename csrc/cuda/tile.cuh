@@ -256,6 +256,15 @@ inline int sm_count() {
   return sms;
 }
 
+// Blocks of `kernel` (threads, dynamic shared memory smem) resident on the
+// whole GPU at once: the slots a wave of the grid fills.
+template <typename Kernel>
+int resident_slots(Kernel kernel, int threads, int smem) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return std::max(1, per_sm) * sm_count();
+}
+
 // Number of K splits (at most max_splits) for a grid of `blocks` blocks, each
 // walking `steps` steps, on `slots` resident-block slots: the one whose waves
 // are busiest, as a second wave that is mostly empty costs as much as a full
