@@ -29,6 +29,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "decode.cuh"
@@ -110,18 +111,9 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel,
   return as_bits(__hmul2(__hsub2(c, z2), s2));
 }
 
-template <typename T, int BM>
-__device__ __forceinline__ void wgmma_step(float* acc, const uint32_t* a, uint64_t desc) {
-  if constexpr (BM == 128) {
-    wgmma_m64n128<T>(acc, a, desc);
-  } else {
-    wgmma_m64n256<T>(acc, a, desc);
-  }
-}
-
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <typename T, int BM, int STAGES>
+template <typename T, int BM, int STAGES, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
                  const __grid_constant__ CUtensorMap w_map,
@@ -191,28 +183,33 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Scale and zero of each row, as pairs, for the two 32-wide halves of a
     // step (a group is a multiple of 32 wide: two groups per step only for 32),
-    // read one step ahead.
+    // read D steps ahead into a ring of D slots: they come from memory, not
+    // through the stage ring, and the shorter a step's math (64-row tiles),
+    // the less of a load's latency one step covers. (Measured at M = 64 with
+    // D = 4 against 1: 135.9 -> 131.9 us at (8192, 28672), 37.2 -> 36.0 at
+    // (4096, 14336); the 64-row tile still spends about 400 instructions per
+    // KB of codes, twice the staged kernel's, which is why it starts at 41 rows.)
     const T* s_a = scales + static_cast<size_t>(n_a) * G;
     const T* z_a = zeros + static_cast<size_t>(n_a) * G;
     const T* s_b = scales + static_cast<size_t>(n_b) * G;
     const T* z_b = zeros + static_cast<size_t>(n_b) * G;
     const bool two_groups = groups.size < kStepK;
-    V sz[2][2][2];  // [half of the step][row a/b][scale/zero]
-    auto load_params = [&](int kt) {
+    V sz[D][2][2][2];  // [slot][half of the step][row a/b][scale/zero]
+    auto load_params = [&](int kt, V (&p)[2][2][2]) {
       const int g0 = groups.index(kt * kStepK);
-      sz[0][0][0] = V{s_a[g0], s_a[g0]};
-      sz[0][0][1] = V{z_a[g0], z_a[g0]};
-      sz[0][1][0] = V{s_b[g0], s_b[g0]};
-      sz[0][1][1] = V{z_b[g0], z_b[g0]};
+      p[0][0][0] = V{s_a[g0], s_a[g0]};
+      p[0][0][1] = V{z_a[g0], z_a[g0]};
+      p[0][1][0] = V{s_b[g0], s_b[g0]};
+      p[0][1][1] = V{z_b[g0], z_b[g0]};
       if (two_groups) {
         const int g1 = g0 + 1;
-        sz[1][0][0] = V{s_a[g1], s_a[g1]};
-        sz[1][0][1] = V{z_a[g1], z_a[g1]};
-        sz[1][1][0] = V{s_b[g1], s_b[g1]};
-        sz[1][1][1] = V{z_b[g1], z_b[g1]};
+        p[1][0][0] = V{s_a[g1], s_a[g1]};
+        p[1][0][1] = V{z_a[g1], z_a[g1]};
+        p[1][1][0] = V{s_b[g1], s_b[g1]};
+        p[1][1][1] = V{z_b[g1], z_b[g1]};
       } else {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) sz[1][r][0] = sz[0][r][0], sz[1][r][1] = sz[0][r][1];
+        for (int r = 0; r < 2; ++r) p[1][r][0] = p[0][r][0], p[1][r][1] = p[0][r][1];
       }
     };
 
@@ -223,9 +220,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // One step: x and codes of step i in its buffer; the A fragments go to
     // frag[B] (B alternates so that the slices still read by the previous
-    // step's wgmmas are not overwritten).
-    auto step = [&](int i, auto buf) {
-      constexpr int B = decltype(buf)::value;
+    // step's wgmmas are not overwritten); scales and zeros from slot S.
+    auto step = [&](int i, auto buf, auto slot) {
+      constexpr int B = decltype(buf)::value, S = decltype(slot)::value;
       mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
 
       const uint32_t base = smem + (i % STAGES) * L::kStage;
@@ -245,16 +242,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const V s2 = sz[j / 2][r][0], z2 = sz[j / 2][r][1];
+          const V s2 = sz[S][j / 2][r][0], z2 = sz[S][j / 2][r][1];
           frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, s2, z2);
           frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, s2, z2);
         }
       }
-      if (i + 1 < n_steps) load_params(k_first + i + 1);
+      if (i + D < n_steps) load_params(k_first + i + D, sz[S]);
 
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_step<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
+      for (int j = 0; j < 4; ++j) wgmma_m64<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
       wgmma_commit();
       wgmma_wait<1>();
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
@@ -263,10 +260,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
     };
 
-    load_params(k_first);
-    for (int i = 0; i < n_steps; i += 2) {
-      step(i, std::integral_constant<int, 0>{});
-      step(i + 1, std::integral_constant<int, 1>{});
+    using Zero = std::integral_constant<int, 0>;
+    using One = std::integral_constant<int, 1>;
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (d < n_steps) load_params(k_first + d, sz[d]);
+    // Steps in pairs (n_steps is even), D of them per pass for the ring's slots.
+    for (int i = 0; i < n_steps; i += std::max(2, D)) {
+      step(i, Zero{}, Zero{});
+      step(i + 1, One{}, std::integral_constant<int, 1 % D>{});
+      if constexpr (D == 4) {
+        if (i + 2 < n_steps) {
+          step(i + 2, Zero{}, std::integral_constant<int, 2>{});
+          step(i + 3, One{}, std::integral_constant<int, 3>{});
+        }
+      }
     }
     wgmma_wait<0>();
 
@@ -333,7 +341,7 @@ static CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, int el
   return map;
 }
 
-template <typename T, int BM, int STAGES>
+template <typename T, int BM, int STAGES, int D>
 static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
@@ -343,7 +351,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int m_tiles = (M + BM - 1) / BM, n_tiles = (N + kRowsW - 1) / kRowsW;
   // Groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.
   const int group_m = 8;
-  auto* kernel = gemm_sm90_w4<T, BM, STAGES>;
+  auto* kernel = gemm_sm90_w4<T, BM, STAGES, D>;
   // Per call, not once: the limit belongs to the current device.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       L::kBytes));
@@ -360,11 +368,22 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // SM), e.g. few rows of x against a long, narrow weight; steps are split in
   // pairs. (Filling the last few SMs by splitting costs more in partial sums
   // than it gains: 112 tiles at (4096, 14336), M = 128, 7 splits took 84 us,
-  // none 45.5 us.)
+  // none 45.5 us.) A 64-row tile does less math per byte of codes: splits fill
+  // its one wave as far as they can, and where the tiles already cover half
+  // the SMs, only while the float32 partial sums (written and read once) stay
+  // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192) 120 -> 110 us with 2 splits,
+  // (14336, 4096) 98 -> 37 us with 4; (8192, 28672) 132 us unsplit, 146 us
+  // with 4).
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
   const int sms = tile::sm_count();
-  const int splits = 2 * tiles <= sms ? tile::wave_filling_splits(tiles, pairs, sms, 8) : 1;
+  int splits = 1;
+  if (BM <= 64) {
+    const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
+    splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
+  } else if (2 * tiles <= sms) {
+    splits = tile::wave_filling_splits(tiles, pairs, sms, 8);
+  }
   const int split_steps = 2 * ((pairs + splits - 1) / splits);
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
@@ -385,6 +404,20 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 static bool prefer_narrow_tiles(int64_t M, int64_t N) {
   const int64_t n_tiles = (N + kRowsW - 1) / kRowsW, sms = tile::sm_count();
   return M <= 192 || (((M + 255) / 256) * n_tiles < sms && ((M + 127) / 128) * n_tiles >= sms);
+}
+
+template <typename T>
+static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const at::Tensor& zeros,
+                            const std::optional<at::Tensor>& bias, at::Tensor& y,
+                            int64_t group_size) {
+  const int64_t M = x.size(0);
+  // Up to 64 rows: one 64-row tile (its own split rule; a deeper ring of
+  // stages, as the weights' stream is most of the work).
+  if (M <= 64) return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  if (prefer_narrow_tiles(M, qweight.size(0)))
+    return launch<T, 128, 6, 2>(x, qweight, scales, zeros, bias, y, group_size);
+  launch<T, 256, 5, 2>(x, qweight, scales, zeros, bias, y, group_size);
 }
 
 }  // namespace mpq::cuda::sm90
@@ -414,12 +447,7 @@ void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Te
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                     int64_t group_size) {
   tile::by_dtype(x, [&](auto t) {
-    using T = decltype(t);
-    if (sm90::prefer_narrow_tiles(x.size(0), qweight.size(0))) {
-      sm90::launch<T, 128, 6>(x, qweight, scales, zeros, bias, y, group_size);
-    } else {
-      sm90::launch<T, 256, 5>(x, qweight, scales, zeros, bias, y, group_size);
-    }
+    sm90::launch_for_rows<decltype(t)>(x, qweight, scales, zeros, bias, y, group_size);
   });
 }
 

@@ -16,13 +16,16 @@ constexpr int64_t kGemvMaxRows = 64;
 // default where the wgmma kernel does not serve; it takes any number of rows.
 // Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
-// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 64 rows,
-// up to 512; up to 1024 for weights of 2^27 elements and more. Beyond, the
+// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 40 rows
+// (a 64-row tile up to 64: H100, w4 g128, M = 48 and 64 it beat the staged
+// kernel on four of the five benchmark shapes, e.g. M = 64 at (4096, 14336)
+// 43.2 -> 35.3 us; at 32 rows the staged kernel won on four), up to 512; up to
+// 1024 for weights of 2^27 elements and more. Beyond, the
 // dequantize pass is a small share of cuBLAS's time, and cuBLAS ran faster than
 // the wgmma kernel (H100, w4 g128: M = 4096 at (8192, 28672) 2919 against
 // 3462 us; M = 1024 at (14336, 4096) 222 against 265 us, at (28672, 8192) 908
 // against 829 us).
-constexpr int64_t kGemmMaxRowsSm90 = 64;
+constexpr int64_t kGemmMaxRowsSm90 = 40;
 constexpr int64_t kSm90MaxRows = 512;
 constexpr int64_t kSm90MaxRowsLarge = 1024;
 constexpr int64_t kSm90Large = int64_t{1} << 27;

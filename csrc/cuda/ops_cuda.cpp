@@ -1,7 +1,7 @@
 // CUDA registrations of the mpq ops. Few rows of x go to the fused
 // tensor-core GEMV (gemv.cuh), up to 128 to the fused kernel with x staged in
-// shared memory (gemm.cuh), more to the wgmma kernel on Hopper (gemm_sm90.cu,
-// 4-bit codes); the rest are dequantized to a temporary from PyTorch's caching
+// shared memory (gemm.cuh) unless the wgmma kernel takes them (Hopper, 4-bit
+// codes, above 40 rows: gemm_sm90.cu); the rest are dequantized to a temporary from PyTorch's caching
 // allocator and multiplied by cuBLAS. No host syncs, current
 // stream throughout, so the ops capture into CUDA graphs.
 #include <ATen/ATen.h>

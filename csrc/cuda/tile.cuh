@@ -268,8 +268,10 @@ int resident_slots(Kernel kernel, int threads, int smem) {
 // Number of K splits (at most max_splits) for a grid of `blocks` blocks, each
 // walking `steps` steps, on `slots` resident-block slots: the one whose waves
 // are busiest, as a second wave that is mostly empty costs as much as a full
-// one, and a grid that leaves SMs idle gets no credit.
-inline int wave_filling_splits(long blocks, int steps, int slots, int max_splits) {
+// one. With idle_penalty (the rule of the kernels with several blocks per
+// SM), a grid of less than one wave scores below any grid that fills one.
+inline int wave_filling_splits(long blocks, int steps, int slots, int max_splits,
+                               bool idle_penalty = true) {
   int splits = 1;
   double best = -1.0;
   for (int sp = 1; sp <= max_splits; ++sp) {
@@ -277,7 +279,8 @@ inline int wave_filling_splits(long blocks, int steps, int slots, int max_splits
     const int real = (steps + per - 1) / per;
     const long total = blocks * real;
     const long waves = (total + slots - 1) / slots;
-    const double score = (double)total / (waves * slots) - (total < slots ? 1.0 : 0.0);
+    const double score =
+        (double)total / (waves * slots) - (idle_penalty && total < slots ? 1.0 : 0.0);
     if (score > best + 1e-9) {
       best = score;
       splits = real;
