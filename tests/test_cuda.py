@@ -29,7 +29,7 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
         monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
     qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
-    for M in (1, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65, 100, 129, 256, 300):
+    for M in (1, 3, 5, 8, 9, 16, 17, 32, 33, 40, 41, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         poison_allocator(M * N, dtype)
         y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)

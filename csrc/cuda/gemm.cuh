@@ -50,26 +50,30 @@ __device__ __forceinline__ int swizzle(int c, int r) {
 }
 
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED, bool LATE>
+          bool PAIRED, bool LATE, bool KP>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                      int M, int N, int K, tile::Groups groups, int steps_per_split) {
-  using Rows = tile::WeightRows<T, W, RT>;
+  using Rows = tile::WeightRows<T, W, RT, KP>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
   constexpr int P = Rows::P, SUPER_K = Rows::SUPER_K, R = Rows::R, HALVES = Rows::HALVES;
-  constexpr int BM = 8 * N_TILES;        // rows of x per block
-  constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one x row per step
+  // Rows of the staged x tile per block (the B operand's columns). KP (see
+  // tile::WeightRows): column c is x row c / 2 over k range c % 2 of a step of
+  // 2 * SUPER_K, so a block covers 4 rows of x.
+  constexpr int BM = 8 * N_TILES;
+  constexpr int X_ROWS = KP ? BM / 2 : BM;  // rows of x per block
+  constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one staged row per step
   constexpr int STAGE = BM * CHUNKS;     // 16-byte chunks per staged step
   constexpr int THREADS = WARPS * 32;
   extern __shared__ uint4 x_stages[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BM;
-  const int tile0 = (blockIdx.y * WARPS + warp) * 16 * RT;
+  const int m0 = blockIdx.x * X_ROWS;
+  const int tile0 = (blockIdx.y * WARPS + warp) * Rows::ROWS * RT;
   // Warps past N still copy x and meet the barriers; they skip the math.
   const bool active = tile0 < N;
   const Rows rows(qweight, scales, zeros, tile0, g, t, N, K, groups);
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
 
   const int s_begin = blockIdx.z * steps_per_split;
-  const int s_end = min(K / SUPER_K, s_begin + steps_per_split);
+  const int s_end = min(K / Rows::STEP_K, s_begin + steps_per_split);
 
   // Copies: thread i always copies chunk i % CHUNKS of rows i / CHUNKS + k * ROWS_PER_PASS,
   // so its source offset and swizzled destination are fixed up to a stride.
@@ -92,12 +96,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int copy_c = threadIdx.x % CHUNKS, copy_r = threadIdx.x / CHUNKS;
   uint4* const copy_ptr = x_stages + copy_r * CHUNKS + swizzle(copy_c, copy_r);
   const uint32_t copy_dst = static_cast<uint32_t>(__cvta_generic_to_shared(copy_ptr));
-  const T* copy_src = x + (size_t)(m0 + copy_r) * K + copy_c * 8;
+  // The x row and k offset of staged row copy_r (KP: row copy_r / 2, range copy_r % 2).
+  const int copy_m = KP ? copy_r >> 1 : copy_r;
+  constexpr int M_PER_PASS = KP ? ROWS_PER_PASS / 2 : ROWS_PER_PASS;
+  const T* copy_src = x + (size_t)(m0 + copy_m) * K + (KP ? (copy_r & 1) * SUPER_K : 0) + copy_c * 8;
   const auto copy_step = [&](int s, int stage) {
 #pragma unroll
     for (int k = 0; k < COPIES; ++k) {
-      const bool in = m0 + copy_r + k * ROWS_PER_PASS < M;
-      const T* src = in ? copy_src + (size_t)k * ROWS_PER_PASS * K + (size_t)s * SUPER_K : x;
+      const bool in = m0 + copy_m + k * M_PER_PASS < M;
+      const T* src = in ? copy_src + (size_t)k * M_PER_PASS * K + (size_t)s * Rows::STEP_K : x;
       cp_async16(copy_dst + 16u * (stage * STAGE + k * ROWS_PER_PASS * CHUNKS), src, in ? 16 : 0);
     }
   };
@@ -252,7 +259,7 @@ inline int x_tiles(int64_t M, int w_bit) {
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
-          bool LATE>
+          bool LATE, bool KP = false>
 void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
@@ -264,11 +271,13 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   static_assert(STAGES >= 2, "a staged step must leave room for two");
   constexpr int SMEM = STAGES * STAGE_BYTES;
   const auto kernel =
-      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE>;
+      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE, KP>;
+  using Rows = tile::WeightRows<T, W, RT, KP>;
   const int M = x.size(0), K = x.size(1), N = qweight.size(0);
-  const int m_chunks = (M + BM - 1) / BM;
-  const int row_blocks = (N + 16 * RT * WARPS - 1) / (16 * RT * WARPS);
-  const int steps = K / SUPER_K;
+  const int x_rows = KP ? BM / 2 : BM, w_rows = Rows::ROWS * RT * WARPS;
+  const int m_chunks = (M + x_rows - 1) / x_rows;
+  const int row_blocks = (N + w_rows - 1) / w_rows;
+  const int steps = K / Rows::STEP_K;
   // Split K until the grid has about two blocks per SM. More (up to the three
   // that fit) only adds workspace traffic and pipeline fills: measured at M=64
   // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
@@ -317,9 +326,18 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
             int64_t group_size) {
   constexpr bool PAIRED = W != 2;
   if constexpr (N_TILES <= 2) {
-    if (group_size % tile::WeightRows<T, W, RT>::SUPER_K == 0)
+    constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
+    if (group_size % SUPER_K == 0) {
+      // Up to 4 rows of x, 4-bit codes: k-paired rows (tile::WeightRows), whose
+      // loads read 128 bytes of a row at a time.
+      if constexpr (N_TILES == 1 && RT == 1 && W == 4) {
+        if (x.size(0) <= 4 && x.size(1) % (2 * SUPER_K) == 0)
+          return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, true>(
+              x, qweight, scales, zeros, bias, y, group_size);
+      }
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true>(
           x, qweight, scales, zeros, bias, y, group_size);
+    }
   }
   launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false>(x, qweight, scales, zeros,
                                                                        bias, y, group_size);
