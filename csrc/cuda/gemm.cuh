@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // The x row and k offset of staged row copy_r (KP: row copy_r / 2, range copy_r % 2).
   const int copy_m = KP ? copy_r >> 1 : copy_r;
   constexpr int M_PER_PASS = KP ? ROWS_PER_PASS / 2 : ROWS_PER_PASS;
-  const T* copy_src = x + (size_t)(m0 + copy_m) * K + (KP ? (copy_r & 1) * SUPER_K : 0) + copy_c * 8;
+  const T* copy_src =
+      x + (size_t)(m0 + copy_m) * K + (KP ? (copy_r & 1) * SUPER_K : 0) + copy_c * 8;
   const auto copy_step = [&](int s, int stage) {
 #pragma unroll
     for (int k = 0; k < COPIES; ++k) {
