@@ -251,7 +251,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_m64<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
+      for (int j = 0; j < 4; ++j)
+        wgmma_m64<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
       wgmma_commit();
       wgmma_wait<1>();
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
