@@ -19,7 +19,7 @@ constexpr int64_t kGemmMaxRows = 128;
 // Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 40 rows
 // (a 64-row tile up to 64: H100, w4 g128, M = 48 and 64 it beat the staged
 // kernel on four of the five benchmark shapes, e.g. M = 64 at (4096, 14336)
-// 43.2 -> 35.3 us; at 32 rows the staged kernel won on four), up to 512; up to
+// 43.2 -> 35.3 us; at 32 rows the staged kernel won on all five), up to 512; up to
 // 1024 for weights of 2^27 elements and more. Beyond, the
 // dequantize pass is a small share of cuBLAS's time, and cuBLAS ran faster than
 // the wgmma kernel (H100, w4 g128: M = 4096 at (8192, 28672) 2919 against
