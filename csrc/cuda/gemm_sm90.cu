@@ -372,9 +372,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // none 45.5 us.) A 64-row tile does less math per byte of codes: splits fill
   // its one wave as far as they can, and where the tiles already cover half
   // the SMs, only while the float32 partial sums (written and read once) stay
-  // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192) 120 -> 110 us with 2 splits,
-  // (14336, 4096) 98 -> 37 us with 4; (8192, 28672) 132 us unsplit, 146 us
-  // with 4).
+  // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192)
+  // 120 -> 110 us with 2 splits, (14336, 4096) 98 -> 37 us with 4;
+  // (8192, 28672) 132 us unsplit, 146 us with 4).
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
   const int sms = tile::sm_count();

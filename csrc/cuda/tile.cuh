@@ -211,9 +211,22 @@ struct WeightRows {
     }
   }
 
+  // One output (x row m, weight row n), if inside y: into y (+ bias, one
+  // rounding) or, with a workspace, into split `split` of it.
+  __device__ __forceinline__ static void put(float v, int m, int n, int M, int N, int split,
+                                             float* ws, const T* bias, T* y) {
+    if (n < N && m < M) {
+      if (ws != nullptr) {
+        ws[((size_t)split * M + m) * N + n] = v;
+      } else {
+        if (bias != nullptr) v += float(bias[n]);
+        y[(size_t)m * N + n] = T(v);
+      }
+    }
+  }
+
   // Writes the accumulators of x rows m0 + [0, 8 * N_TILES): c0, c1 are row g,
-  // x rows 2t, 2t+1 of a tile; c2, c3 row g + 8. Into y (+ bias, one rounding)
-  // or, with a workspace, into split `split` of it: every (split, m, n) is
+  // x rows 2t, 2t+1 of a tile; c2, c3 row g + 8. Every (split, m, n) is
   // written by exactly one lane, so no atomics and no memset.
   template <int N_TILES>
   __device__ __forceinline__ void store(const float (&acc)[N_TILES][RT][4], int m0, int M, int N,
@@ -227,15 +240,7 @@ struct WeightRows {
       for (int r = 0; r < 2; ++r) {
         float v = h ? acc[0][0][2 * r + 1] : acc[0][0][2 * r];
         v += __shfl_xor_sync(0xffffffffu, v, 4);
-        const int n = row[r], m = m0 + t;
-        if (h == 0 && n < N && m < M) {
-          if (ws != nullptr) {
-            ws[((size_t)split * M + m) * N + n] = v;
-          } else {
-            if (bias != nullptr) v += float(bias[n]);
-            y[(size_t)m * N + n] = T(v);
-          }
-        }
+        if (h == 0) put(v, m0 + t, row[r], M, N, split, ws, bias, y);
       }
       return;
     }
@@ -244,19 +249,9 @@ struct WeightRows {
 #pragma unroll
       for (int nt = 0; nt < N_TILES; ++nt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int n = row[2 * rt + (i >> 1)];
-          const int m = m0 + nt * 8 + 2 * (k_lane / LANE_K) + (i & 1);
-          if (n < N && m < M) {
-            if (ws != nullptr) {
-              ws[((size_t)split * M + m) * N + n] = acc[nt][rt][i];
-            } else {
-              float v = acc[nt][rt][i];
-              if (bias != nullptr) v += float(bias[n]);
-              y[(size_t)m * N + n] = T(v);
-            }
-          }
-        }
+        for (int i = 0; i < 4; ++i)
+          put(acc[nt][rt][i], m0 + nt * 8 + 2 * (k_lane / LANE_K) + (i & 1),
+              row[2 * rt + (i >> 1)], M, N, split, ws, bias, y);
       }
     }
   }
