@@ -10,7 +10,9 @@
 // measured a few percent faster). Here the warps of a
 // block stage the BM = 8 * N_TILES rows of x they share in shared memory with
 // cp.async, STAGES steps ahead of use, and read their B fragments from there
-// (16 bytes per lane per load, conflict-free through the swizzle below).
+// (16 bytes per lane per load, conflict-free through the swizzle below). For
+// one row of x the block's whole slice of x is staged once, before its loop
+// (XR), so that the loop has no barriers.
 //
 // More rows than BM are covered by blockIdx.x over BM-row chunks of x. It is
 // the fastest-moving grid index, so the blocks that decode the same W tiles
@@ -49,8 +51,34 @@ __device__ __forceinline__ int swizzle(int c, int r) {
   return c ^ ((((c >> 3) << 1) | (r & 1)) & 7);
 }
 
+// In-place reorder of one staged 16-byte chunk of x into the (k, k + P/2)
+// pairs the MMA's B operand takes (4- and 8-bit codes; a 2-bit word's x spans
+// two chunks).
+template <int W>
+__device__ __forceinline__ void pair_chunk(uint4* p) {
+  const uint4 v = *p;
+  uint4 o;
+  if constexpr (W == 4) {  // (x0 .. x7) -> (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+    o.x = __byte_perm(v.x, v.z, 0x5410);
+    o.y = __byte_perm(v.x, v.z, 0x7632);
+    o.z = __byte_perm(v.y, v.w, 0x5410);
+    o.w = __byte_perm(v.y, v.w, 0x7632);
+  } else {  // two words of 4: (x0,x2) (x1,x3) (x4,x6) (x5,x7)
+    o.x = __byte_perm(v.x, v.y, 0x5410);
+    o.y = __byte_perm(v.x, v.y, 0x7632);
+    o.z = __byte_perm(v.z, v.w, 0x5410);
+    o.w = __byte_perm(v.z, v.w, 0x7632);
+  }
+  *p = o;
+}
+
+// XR > 0 (one row of x, one x tile): instead of a ring of STAGES steps, the
+// block's whole slice of x (XR staged rows per step: the row's two k ranges
+// with KP, else the one row) is copied into shared memory once, before the
+// loop, which then runs without barriers or copies. Lanes whose B column has
+// no staged row read row g % XR instead: their columns are never stored.
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED, bool LATE, bool KP>
+          bool PAIRED, bool LATE, bool KP, int XR = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
@@ -68,6 +96,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one staged row per step
   constexpr int STAGE = BM * CHUNKS;     // 16-byte chunks per staged step
   constexpr int THREADS = WARPS * 32;
+  constexpr bool RESIDENT = XR > 0;
+  static_assert(!RESIDENT || (N_TILES == 1 && XR <= BM), "a resident x is one tile");
+  // Chunks between consecutive steps of x in shared memory.
+  constexpr int X_STEP = RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -115,22 +147,25 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // 4- and 8-bit codes only: a 2-bit word's x spans two chunks.
   const auto pair_up = [&](int stage) {
 #pragma unroll
-    for (int k = 0; k < COPIES; ++k) {
-      uint4* p = copy_ptr + stage * STAGE + k * ROWS_PER_PASS * CHUNKS;
-      const uint4 v = *p;
-      uint4 o;
-      if constexpr (W == 4) {  // (x0 .. x7) -> (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-        o.x = __byte_perm(v.x, v.z, 0x5410);
-        o.y = __byte_perm(v.x, v.z, 0x7632);
-        o.z = __byte_perm(v.y, v.w, 0x5410);
-        o.w = __byte_perm(v.y, v.w, 0x7632);
-      } else {  // two words of 4: (x0,x2) (x1,x3) (x4,x6) (x5,x7)
-        o.x = __byte_perm(v.x, v.y, 0x5410);
-        o.y = __byte_perm(v.x, v.y, 0x7632);
-        o.z = __byte_perm(v.z, v.w, 0x5410);
-        o.w = __byte_perm(v.z, v.w, 0x7632);
+    for (int k = 0; k < COPIES; ++k)
+      pair_chunk<W>(copy_ptr + stage * STAGE + k * ROWS_PER_PASS * CHUNKS);
+  };
+  // RESIDENT: the copy of the block's slice of x, chunk i of the slice for
+  // i = threadIdx.x + THREADS * n; with `pair` the same chunks are paired.
+  const auto copy_slice = [&](bool pair) {
+    const int n = (s_end - s_begin) * X_STEP;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+      const int c = i % CHUNKS, r = i / CHUNKS % XR, st = i / X_STEP;
+      uint4* dst = x_stages + st * X_STEP + r * CHUNKS + swizzle(c, r);
+      if (pair) {
+        pair_chunk<W>(dst);
+        continue;
       }
-      *p = o;
+      const int m = KP ? r >> 1 : r;
+      const bool in = m0 + m < M;
+      const T* src = x + (size_t)(m0 + m) * K + (size_t)(s_begin + st) * Rows::STEP_K +
+                     (KP ? (r & 1) * SUPER_K : 0) + c * 8;
+      cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)), in ? src : x, in ? 16 : 0);
     }
   };
   // Reads: lane (g, t) reads chunks t * CPL + jj (jj < CPL) of rows nt * 8 + g.
@@ -138,14 +173,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // for all of them (row parity = g's, span = t's), so the swizzled index is
   // one lane constant XOR jj, and the tile offset is an immediate.
   constexpr int CPL = CHUNKS / 4;
-  const int read_base = swizzle(t * CPL, g);
-  const uint4* x_lane = x_stages + g * CHUNKS;
+  const int x_row = RESIDENT ? g % XR : g;
+  const int read_base = swizzle(t * CPL, x_row);
+  const uint4* x_lane = x_stages + x_row * CHUNKS;
 
   const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
 
   // One step: 4 words per row of this lane, each against the matching x.
   const auto compute = [&](const Step& st, int stage) {
-    const uint4* xs = x_lane + stage * STAGE;
+    const uint4* xs = x_lane + stage * X_STEP;
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
     // LATE: this step's sums of x * code and of x (Rows::apply).
     float part[LATE ? N_TILES : 1][RT][4] = {}, xsum[LATE ? N_TILES : 1][4] = {};
@@ -211,16 +247,28 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     if constexpr (LATE) Rows::template apply<N_TILES>(st, part, xsum, acc);
   };
 
-  // Prologue: STAGES - 1 steps of x in flight, U steps of weights in registers.
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (s_begin + i < s_end) copy_step(s_begin + i, i);
+  // Prologue: STAGES - 1 steps of x in flight (RESIDENT: all of them), U
+  // steps of weights in registers.
+  if constexpr (RESIDENT) {
+    copy_slice(false);
     cp_async_commit();
+  } else {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (s_begin + i < s_end) copy_step(s_begin + i, i);
+      cp_async_commit();
+    }
   }
   Step next[U];
 #pragma unroll
   for (int u = 0; u < U; ++u)
     if (active && s_begin + u < s_end) load_step(s_begin + u, next[u]);
+  if constexpr (RESIDENT) {
+    cp_async_wait<0>();
+    if constexpr (PAIRED) copy_slice(true);
+    __syncthreads();
+    if (!active) return;
+  }
 
   int stage = 0;
   for (int s = s_begin; s < s_end; s += U) {
@@ -234,6 +282,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     for (int u = 0; u < U; ++u) {
       const int ss = s + u;
       if (ss >= s_end) break;  // the same for the whole block
+      if constexpr (RESIDENT) {
+        compute(cur[u], ss - s_begin);
+        continue;
+      }
       // Step ss's group is complete once at most STAGES - 2 newer ones are pending;
       // the barrier also ends every warp's reads of the stage refilled next.
       cp_async_wait<STAGES - 2>();
@@ -310,7 +362,20 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<dim3(m_chunks, row_blocks, splits), WARPS * 32, SMEM, stream>>>(
+  // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
+  // XR) where that takes at most 40 KB, so that five blocks still fit an SM.
+  // H100, M = 1, g128, against the ring of staged steps (us): w4 at (4096,
+  // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
+  // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
+  constexpr int XR = KP ? 2 : 1;
+  const int resident_smem = per_split * XR * (SUPER_K / 8) * 16;
+  const bool resident = N_TILES == 1 && M == 1 && resident_smem <= 40 * 1024;
+  const auto launched =
+      resident ? gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE,
+                                  KP, N_TILES == 1 ? XR : 0>
+               : kernel;
+  launched<<<dim3(m_chunks, row_blocks, splits), WARPS * 32, resident ? resident_smem : SMEM,
+             stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
       reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
