@@ -33,7 +33,6 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
       return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (M <= kGemvRows && w_bit == 8) return MatmulKernel::Gemv;
   if (M > kGemmMaxRowsSm90 && sm90_supported(x, qweight, w_bit) &&
       (M <= kSm90MaxRows || (M <= kSm90MaxRowsLarge && qweight.size(0) * x.size(1) >= kSm90Large)))
     return MatmulKernel::Sm90;

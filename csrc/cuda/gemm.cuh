@@ -122,8 +122,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 
   // Copies: thread i always copies chunk i % CHUNKS of rows i / CHUNKS + k * ROWS_PER_PASS,
   // so its source offset and swizzled destination are fixed up to a stride.
-  static_assert(STAGE % THREADS == 0 && THREADS % CHUNKS == 0, "whole copy passes");
-  constexpr int COPIES = STAGE / THREADS;
+  // (8-bit codes, one x tile: a stage of 64 chunks, which the first 64 threads copy.)
+  static_assert((STAGE % THREADS == 0 || THREADS % STAGE == 0) && THREADS % CHUNKS == 0,
+                "whole copy passes");
+  constexpr int COPIES = STAGE >= THREADS ? STAGE / THREADS : 1;
+  const bool copier = STAGE >= THREADS || (int)threadIdx.x < STAGE;
   constexpr int ROWS_PER_PASS = THREADS / CHUNKS;  // even: a thread's rows share a parity
   const int copy_c = threadIdx.x % CHUNKS, copy_r = threadIdx.x / CHUNKS;
   uint4* const copy_ptr = x_stages + copy_r * CHUNKS + swizzle(copy_c, copy_r);
@@ -134,6 +137,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const T* copy_src =
       x + (size_t)(m0 + copy_m) * K + (KP ? (copy_r & 1) * SUPER_K : 0) + copy_c * 8;
   const auto copy_step = [&](int s, int stage) {
+    if (!copier) return;
 #pragma unroll
     for (int k = 0; k < COPIES; ++k) {
       const bool in = m0 + copy_m + k * M_PER_PASS < M;
@@ -146,6 +150,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // so that readers (every warp reads every chunk) use the words as they are.
   // 4- and 8-bit codes only: a 2-bit word's x spans two chunks.
   const auto pair_up = [&](int stage) {
+    if (!copier) return;
 #pragma unroll
     for (int k = 0; k < COPIES; ++k)
       pair_chunk<W>(copy_ptr + stage * STAGE + k * ROWS_PER_PASS * CHUNKS);
@@ -304,11 +309,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   rows.store(acc, m0, M, N, blockIdx.z, ws, bias, y);
 }
 
-// Rows of x per block: 8 (not for 8-bit codes, whose 8-row stage is less than
-// one 16-byte copy per thread), 16, 32 or 64 (32 at most for 2-bit codes, whose
+// Rows of x per block: 8, 16, 32 or 64 (32 at most for 2-bit codes, whose
 // 64-row stage would not fit three steps in 48 KB).
 inline int x_tiles(int64_t M, int w_bit) {
-  return M <= 8 && w_bit != 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
+  return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
@@ -398,9 +402,9 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   if constexpr (N_TILES <= 2) {
     constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
     if (group_size % SUPER_K == 0) {
-      // Up to 4 rows of x, 4-bit codes: k-paired rows (tile::WeightRows), whose
-      // loads read 128 bytes of a row at a time.
-      if constexpr (N_TILES == 1 && RT == 1 && W == 4) {
+      // Up to 4 rows of x, 4- and 8-bit codes: k-paired rows (tile::WeightRows),
+      // whose loads read 128 bytes of a row at a time.
+      if constexpr (N_TILES == 1 && RT == 1 && W != 2) {
         if (x.size(0) <= 4 && x.size(1) % (2 * SUPER_K) == 0)
           return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, true>(
               x, qweight, scales, zeros, bias, y, group_size);
@@ -421,11 +425,14 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
     // Five blocks per SM (late scaling needs 105 registers uncapped, which
     // leaves four): the single-tile kernel is bound by loads in flight.
-    case 1:
-      if constexpr (W != 8)
-        return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
-      [[fallthrough]];  // not reached: x_tiles gives 8-bit codes two tiles or more
-    case 2: return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
+    // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
+    // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and
+    // 8-bit codes measured slower so, e.g. w4 at (8192, 28672) 71.2 -> 85.4).
+    case 2:
+      if constexpr (W == 2)
+        return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);
+      return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:
       // 4-bit: three blocks per SM (registers capped at 168, no spills) measured

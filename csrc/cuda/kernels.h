@@ -6,11 +6,12 @@
 
 namespace mpq::cuda {
 
-// Rows of x up to which the register-fed GEMV (gemv.cuh) is the default for
-// 8-bit codes (the staged kernel serves everything else), and the most it
-// takes at all (half of it for 2-bit weights, whose widest tile would spill
-// registers).
-constexpr int64_t kGemvRows = 8;
+// The most rows of x the register-fed GEMV (gemv.cuh) takes (half of it for
+// 2-bit weights, whose widest tile would spill registers). It serves only
+// when forced (MPQ_OPS_CUDA_KERNEL=gemv): the staged kernel with its one-row
+// and k-paired variants measured faster for every width, 8-bit codes
+// included (H100, g128, M = 1: (28672, 8192) 120.4 -> 101.4 us, M = 8: 130.0
+// -> 107.6).
 constexpr int64_t kGemvMaxRows = 64;
 // Rows of x up to which the shared-memory-staged kernel (gemm.cuh) is the
 // default where the wgmma kernel does not serve; it takes any number of rows.

@@ -81,7 +81,7 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
 // contiguous bytes of a row). Rows past N read row 0 and are never stored.
 //
-// KP (k-paired, for up to 4 rows of x, one tile): the 16 rows of the MMA's A
+// KP (k-paired, for up to 4 rows of x, one tile; 4- and 8-bit codes): the 16 rows of the MMA's A
 // operand hold 8 weight rows, each twice, over two consecutive k ranges of
 // SUPER_K: A row g is weight row g / 2 (g + 8: 4 + g / 2) over k range g % 2,
 // so a step covers 2 * SUPER_K inputs of 8 rows and each load instruction of
@@ -100,7 +100,7 @@ struct WeightRows {
   static constexpr int HALVES = W == 2 ? 2 : 1;  // groups a lane's chunk spans
   static constexpr int STEP_K = KP ? 2 * SUPER_K : SUPER_K;  // inputs per step
   static constexpr int ROWS = KP ? 8 : 16;  // weight rows per tile
-  static_assert(!KP || (RT == 1 && W == 4), "k pairing: one tile of 4-bit codes");
+  static_assert(!KP || (RT == 1 && W != 2), "k pairing: one tile of 4- or 8-bit codes");
   // Everything a step reads from W's side, so that it can be loaded ahead:
   // the packed words of the lane's rows and their scales and zeros.
   struct Step {
