@@ -23,7 +23,7 @@ def poison_allocator(numel, dtype):
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
 @pytest.mark.parametrize("N,K,group_size", [(100, 512, 128), (4096, 1024, -1), (45, 96, 32),
                                             (512, 768, 256), (33, 2048, 64), (72, 1536, 384),
-                                            (40, 1280, 32)])
+                                            (40, 1280, 32), (64, 768, 96)])
 def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monkeypatch):
     if kernel is not None:
         # Read by the CUDA dispatch on every call; a path that cannot serve M falls back.

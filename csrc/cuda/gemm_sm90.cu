@@ -19,8 +19,8 @@
 // k16 slice, the pairs (2c, 2c+1) and (2c+8, 2c+9) in lane c of a quad. With
 // the canonical layout (8 codes per word, lowest bits first) that pair is byte
 // c of a word, so each lane decodes byte c of every word of its rows: one byte
-// permute, one LOP3 and one packed FMA give the exact codes (float16), then
-// (c - z) * s as in mpq::dequantize.
+// permute, one LOP3 and one packed FMA give the exact codes (float16), and a
+// second packed FMA c * s - z * s the weights.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,6 +30,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "decode.cuh"
@@ -90,31 +91,50 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   return v;
 }
 
-// Byte `sel` of a word (both nibbles: codes 2c and 2c+1) as a dequantized pair.
+// Byte `sel` of a word (both nibbles: codes 2c and 2c+1) as a dequantized
+// pair, c * s - z * s in one packed FMA (nzs = -(z * s), rounded once, as
+// (c - z) is for fractional zeros; one instruction fewer per pair than
+// subtracting then scaling).
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel,
+__device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel, uint32_t unshift,
                                                  typename Pair<T>::type s2,
-                                                 typename Pair<T>::type z2) {
+                                                 typename Pair<T>::type nzs2) {
   using V = typename Pair<T>::type;
   V c;
   if constexpr (std::is_same_v<T, __half>) {
     // The byte in all four bytes; low code at bits 0..3, high code at bits 20..23:
     // (1024 + lo, 1024 + 16 hi), undone exactly by one packed FMA.
     const uint32_t v = and_or(__byte_perm(word, 0, sel), 0x00F0000Fu, Pair<T>::kMagic);
-    c = __hfma2(as_pair<V>(v), __halves2half2(__float2half(1.f), __float2half(1.f / 16)),
+    c = __hfma2(as_pair<V>(v), as_pair<V>(unshift),
                 __halves2half2(__float2half(-1024.f), __float2half(-64.f)));
   } else {
     // bfloat16 has no room for a shifted code: take the high code from word >> 4.
     const uint32_t v = and_or(__byte_perm(word, word >> 4, sel), 0x000F000Fu, Pair<T>::kMagic);
     c = __hsub2(as_pair<V>(v), as_pair<V>(Pair<T>::kMagic));
   }
-  return as_bits(__hmul2(__hsub2(c, z2), s2));
+  return as_bits(__hfma2(c, s2, nzs2));
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <typename T, int BM, int STAGES, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+// Registers per thread of the copy warpgroup and of the consumers (setmaxnreg)
+// with BLOCKS blocks per SM: 2 blocks share the register file, 64K registers.
+template <int BLOCKS>
+struct Regs {
+  static constexpr int kCopy = BLOCKS == 1 ? 40 : 24;
+  static constexpr int kConsumer = BLOCKS == 1 ? 232 : 104;
+  static_assert(BLOCKS * (128 * kCopy + kConsumers * kConsumer) <= 65536, "register file");
+};
+
+// f(integral_constant<int, s>) for each s of the sequence, in order.
+template <int... S, typename F>
+__device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f) {
+  (f(std::integral_constant<int, S>{}), ...);
+}
+
+// U: steps per set of scales and zeros (2 where groups are whole step pairs).
+template <typename T, int BM, int STAGES, int D, int BLOCKS, int U>
+__global__ void __launch_bounds__(kThreads, BLOCKS)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
                  const __grid_constant__ CUtensorMap w_map,
                  const T* __restrict__ scales, const T* __restrict__ zeros,
@@ -165,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // consumers, refilling a stage as soon as all eight consumer warps released
   // it; the warpgroup's registers move to the consumers (setmaxnreg).
   if (tid >= kConsumers) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS>::kCopy));
     if (tid == kConsumers) {
       for (int i = 0; i < n_steps; ++i) {
         if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
@@ -173,45 +193,42 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS>::kConsumer));
 
     // This lane's two weight rows (g and g + 8 of its warp's 16).
     const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
     const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
     const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
+    // (1, 1/16) as halves for dequant_byte, made from M (>= 0, so its top bit
+    // adds nothing) so that the compiler keeps it in a register instead of
+    // rematerializing it every step.
+    const uint32_t unshift = 0x2C003C00u + (static_cast<uint32_t>(M) >> 31);
     const uint32_t w_off = L::kX + row0 * kRowBytesW, w_swz = ((row0 >> 2) & 1) << 4;
 
-    // Scale and zero of each row, as pairs, for the two 32-wide halves of a
-    // step (a group is a multiple of 32 wide: two groups per step only for 32),
-    // read D steps ahead into a ring of D slots: they come from memory, not
-    // through the stage ring, and the shorter a step's math (64-row tiles),
-    // the less of a load's latency one step covers. (Measured at M = 64 with
-    // D = 4 against 1: 135.9 -> 131.9 us at (8192, 28672), 37.2 -> 36.0 at
-    // (4096, 14336); the 64-row tile still spends about 400 instructions per
-    // KB of codes, twice the staged kernel's, which is why it starts at 41 rows.)
+    // Scale and zero of each row for a unit of U steps: for groups that are
+    // whole step pairs (U = 2) one value per pair, else one per 32-wide half
+    // of a step (a group is a multiple of 32 wide), read D units ahead into a
+    // ring of D slots: they come from memory, not through the stage ring, and
+    // the shorter a step's math (64-row tiles), the less of a load's latency
+    // one step covers. The slots hold the loaded scalars; they become pairs
+    // where a step uses them, so that nothing waits on a load before then.
     const T* s_a = scales + static_cast<size_t>(n_a) * G;
     const T* z_a = zeros + static_cast<size_t>(n_a) * G;
     const T* s_b = scales + static_cast<size_t>(n_b) * G;
     const T* z_b = zeros + static_cast<size_t>(n_b) * G;
-    const bool two_groups = groups.size < kStepK;
-    V sz[D][2][2][2];  // [slot][half of the step][row a/b][scale/zero]
-    auto load_params = [&](int kt, V (&p)[2][2][2]) {
-      const int g0 = groups.index(kt * kStepK);
-      p[0][0][0] = V{s_a[g0], s_a[g0]};
-      p[0][0][1] = V{z_a[g0], z_a[g0]};
-      p[0][1][0] = V{s_b[g0], s_b[g0]};
-      p[0][1][1] = V{z_b[g0], z_b[g0]};
-      if (two_groups) {
-        const int g1 = g0 + 1;
-        p[1][0][0] = V{s_a[g1], s_a[g1]};
-        p[1][0][1] = V{z_a[g1], z_a[g1]};
-        p[1][1][0] = V{s_b[g1], s_b[g1]};
-        p[1][1][1] = V{z_b[g1], z_b[g1]};
-      } else {
+    constexpr int H = U == 2 ? 1 : 2;  // halves of a step with their own values
+    T sz[D][H][2][2];                  // [slot][half][row a/b][scale/zero]
+    auto load_params = [&](int unit, T (&p)[H][2][2]) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) p[1][r][0] = p[0][r][0], p[1][r][1] = p[0][r][1];
+      for (int h = 0; h < H; ++h) {
+        const int gi = groups.index((k_first + unit * U) * kStepK + 32 * h);
+        p[h][0][0] = s_a[gi];
+        p[h][0][1] = z_a[gi];
+        p[h][1][0] = s_b[gi];
+        p[h][1][1] = z_b[gi];
       }
     };
+    const int n_units = n_steps / U;
 
     float acc[BM / 2];
 #pragma unroll
@@ -220,8 +237,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // One step: x and codes of step i in its buffer; the A fragments go to
     // frag[B] (B alternates so that the slices still read by the previous
-    // step's wgmmas are not overwritten); scales and zeros from slot S.
-    auto step = [&](int i, auto buf, auto slot) {
+    // step's wgmmas are not overwritten); scales and zeros from slot S, which
+    // the unit's last step refills.
+    auto step = [&](int i, auto buf, auto slot, auto last) {
       constexpr int B = decltype(buf)::value, S = decltype(slot)::value;
       mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
 
@@ -242,12 +260,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const V s2 = sz[S][j / 2][r][0], z2 = sz[S][j / 2][r][1];
-          frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, s2, z2);
-          frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, s2, z2);
+          const int h = H == 2 ? j / 2 : 0;  // constant once unrolled
+          const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
+          const V nzs2 = __hneg2(__hmul2(V{sz[S][h][r][1], sz[S][h][r][1]}, s2));
+          frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, unshift, s2, nzs2);
+          frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, unshift, s2, nzs2);
         }
       }
-      if (i + D < n_steps) load_params(k_first + i + D, sz[S]);
+      if constexpr (decltype(last)::value) {
+        const int unit = i / U;
+        if (unit + D < n_units) load_params(unit + D, sz[S]);
+      }
 
       wgmma_fence();
 #pragma unroll
@@ -261,21 +284,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
     };
 
-    using Zero = std::integral_constant<int, 0>;
-    using One = std::integral_constant<int, 1>;
 #pragma unroll
     for (int d = 0; d < D; ++d)
-      if (d < n_steps) load_params(k_first + d, sz[d]);
-    // Steps in pairs (n_steps is even), D of them per pass for the ring's slots.
-    for (int i = 0; i < n_steps; i += std::max(2, D)) {
-      step(i, Zero{}, Zero{});
-      step(i + 1, One{}, std::integral_constant<int, 1 % D>{});
-      if constexpr (D == 4) {
-        if (i + 2 < n_steps) {
-          step(i + 2, Zero{}, std::integral_constant<int, 2>{});
-          step(i + 3, One{}, std::integral_constant<int, 3>{});
+      if (d < n_units) load_params(d, sz[d]);
+    // D units per pass, one per slot, in pairs of steps (n_steps is even):
+    // only the pairs past the first need a bound check.
+    constexpr int kPass = D * U;
+    static_assert(kPass % 2 == 0, "steps go in pairs (two fragment buffers)");
+    for (int i = 0; i < n_steps; i += kPass) {
+      for_each(std::make_integer_sequence<int, kPass / 2>{}, [&](auto p) {
+        if (p == 0 || i + 2 * p < n_steps) {
+          for_each(std::integer_sequence<int, 2 * p, 2 * p + 1>{}, [&](auto s) {
+            step(i + s, std::integral_constant<int, s % 2>{}, std::integral_constant<int, s / U>{},
+                 std::bool_constant<s % U == U - 1>{});
+          });
         }
-      }
+      });
     }
     wgmma_wait<0>();
 
@@ -342,7 +366,7 @@ static CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, int el
   return map;
 }
 
-template <typename T, int BM, int STAGES, int D>
+template <typename T, int BM, int STAGES, int D, int BLOCKS = 1>
 static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
@@ -352,7 +376,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int m_tiles = (M + BM - 1) / BM, n_tiles = (N + kRowsW - 1) / kRowsW;
   // Groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.
   const int group_m = 8;
-  auto* kernel = gemm_sm90_w4<T, BM, STAGES, D>;
+  // Scales and zeros once per step pair where groups are whole pairs.
+  auto* kernel = group_size % (2 * kStepK) == 0 ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2>
+                                                : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1>;
   // Per call, not once: the limit belongs to the current device.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       L::kBytes));
@@ -377,7 +403,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (8192, 28672) 132 us unsplit, 146 us with 4).
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
-  const int sms = tile::sm_count();
+  const int sms = BLOCKS * tile::sm_count();  // block slots of one wave
   int splits = 1;
   if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
@@ -415,7 +441,16 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   const int64_t M = x.size(0);
   // Up to 64 rows: one 64-row tile (its own split rule; a deeper ring of
   // stages, as the weights' stream is most of the work).
-  if (M <= 64) return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  if (M <= 64) {
+    // Where the weight tiles alone fill more than one wave of single blocks,
+    // two blocks per SM (6 stages each, 104 registers per consumer thread)
+    // take the tiles in one wave and hide each other's latencies (H100, w4
+    // g128, M = 64 at (8192, 28672): 93.5 -> 87.4 us; with fewer tiles than
+    // SMs one block of 12 stages ran faster: (4096, 14336) 27.9 against 44.6).
+    if ((qweight.size(0) + kRowsW - 1) / kRowsW > tile::sm_count())
+      return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  }
   if (prefer_narrow_tiles(M, qweight.size(0)))
     return launch<T, 128, 6, 2>(x, qweight, scales, zeros, bias, y, group_size);
   launch<T, 256, 5, 2>(x, qweight, scales, zeros, bias, y, group_size);
