@@ -30,7 +30,7 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
         monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
     qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
-    for M in (1, 3, 5, 8, 9, 16, 17, 32, 33, 40, 41, 64, 65, 100, 129, 256, 300):
+    for M in (1, 3, 5, 8, 9, 16, 17, 25, 32, 33, 40, 41, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         poison_allocator(M * N, dtype)
         y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
@@ -44,12 +44,13 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     """The wgmma kernel (4-bit, Hopper) over several tiles of x rows and weight
     rows, with ragged edges in both: few tiles and a long K (64 steps, split
     over the SMs), and many tiles in groups of x-row tiles, the last group
-    partial (no split); with and without bias. Elsewhere the dispatch falls
+    partial (no split); with and without bias; up to 64 rows against more
+    weight tiles than SMs (two blocks per SM). Elsewhere the dispatch falls
     back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
-                               (150, 16896, 1024, False)):
+                               (150, 16896, 1024, False), (50, 17000, 1024, True)):
         qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")

@@ -17,19 +17,20 @@ constexpr int64_t kGemvMaxRows = 64;
 // default where the wgmma kernel does not serve; it takes any number of rows.
 // Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
-// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 40 rows
-// (a 64-row tile up to 64: H100, w4 g128, M = 48 and 64 it beat the staged
-// kernel on four of the five benchmark shapes, e.g. M = 64 at (4096, 14336)
-// 43.2 -> 35.3 us; at 32 rows the staged kernel won on all five), up to 512; up to
-// 1024 for weights of 2^27 elements and more. Beyond, the
-// dequantize pass is a small share of cuBLAS's time, and cuBLAS ran faster than
-// the wgmma kernel (H100, w4 g128: M = 4096 at (8192, 28672) 2919 against
-// 3462 us; M = 1024 at (14336, 4096) 222 against 265 us, at (28672, 8192) 908
-// against 829 us).
-constexpr int64_t kGemmMaxRowsSm90 = 40;
-constexpr int64_t kSm90MaxRows = 512;
+// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 24 rows
+// (H100, w4 g128, staged / wgmma us: M = 24 at (4096, 14336) 32.0 / 29.3,
+// (28672, 8192) 92.2 / 83.4, (8192, 28672) 93.7 / 95.3; at 17 rows the staged
+// kernel won on three of the five benchmark shapes), up to 1024 rows for
+// weights of 2^25 elements and more, 192 for smaller ones. There it ran
+// faster than dequantize + cuBLAS (M = 1024: (4096, 14336) 218.0 against
+// 228.3 us, (8192, 28672) 760.5 against 937.3); beyond, the weights are
+// dequantized to a temporary and cuBLAS multiplies (M = 256 at (4096, 4096):
+// 40.1 against 42.0 us; M = 4096 at (8192, 28672), an earlier build of the
+// wgmma kernel: 2919 against 3462 us).
+constexpr int64_t kGemmMaxRowsSm90 = 24;
+constexpr int64_t kSm90MaxRows = 192;
 constexpr int64_t kSm90MaxRowsLarge = 1024;
-constexpr int64_t kSm90Large = int64_t{1} << 27;
+constexpr int64_t kSm90Large = int64_t{1} << 25;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
 
