@@ -33,8 +33,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
       return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (M > kGemmMaxRowsSm90 && sm90_supported(x, qweight, w_bit) &&
-      (M <= kSm90MaxRows || (M <= kSm90MaxRowsLarge && qweight.size(0) * x.size(1) >= kSm90Large)))
+  if (M > kGemmMaxRowsSm90 && M <= kSm90MaxRows && sm90_supported(x, qweight, w_bit))
     return MatmulKernel::Sm90;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;

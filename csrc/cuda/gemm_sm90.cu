@@ -424,13 +424,14 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
 }
 
-// 128 rows of x per block rather than 256: for up to 192 rows, and where only
-// the narrower tiles fill the SMs without a K split (measured on the H100:
-// M = 256 at (4096, 14336) 83.5 against 138.5 us; where both need a split, the
-// wider tiles with more splits won, e.g. 218 against 276 us at (28672, 8192)).
+// 128 rows of x per block rather than 256: for up to 192 rows, and where the
+// 256-row tiles would leave more than half the SMs without a tile (the
+// narrower tiles then need fewer K splits). H100, w4 g128, 128- / 256-row
+// tiles: M = 512 at (4096, 4096) 34.4 / 53.9 us, at (14336, 4096) 99.3 / 105.8;
+// M = 1024 at (14336, 4096), where both fill the SMs, 209.3 / 173.3.
 static bool prefer_narrow_tiles(int64_t M, int64_t N) {
   const int64_t n_tiles = (N + kRowsW - 1) / kRowsW, sms = tile::sm_count();
-  return M <= 192 || (((M + 255) / 256) * n_tiles < sms && ((M + 127) / 128) * n_tiles >= sms);
+  return M <= 192 || 2 * ((M + 255) / 256) * n_tiles <= sms;
 }
 
 template <typename T>

@@ -20,17 +20,14 @@ constexpr int64_t kGemmMaxRows = 128;
 // Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 24 rows
 // (H100, w4 g128, staged / wgmma us: M = 24 at (4096, 14336) 32.0 / 29.3,
 // (28672, 8192) 92.2 / 83.4, (8192, 28672) 93.7 / 95.3; at 17 rows the staged
-// kernel won on three of the five benchmark shapes), up to 1024 rows for
-// weights of 2^25 elements and more, 192 for smaller ones. There it ran
-// faster than dequantize + cuBLAS (M = 1024: (4096, 14336) 218.0 against
-// 228.3 us, (8192, 28672) 760.5 against 937.3); beyond, the weights are
-// dequantized to a temporary and cuBLAS multiplies (M = 256 at (4096, 4096):
-// 40.1 against 42.0 us; M = 4096 at (8192, 28672), an earlier build of the
-// wgmma kernel: 2919 against 3462 us).
+// kernel won on three of the five benchmark shapes), up to 1024 rows, where
+// it ran faster than dequantize + cuBLAS on every benchmark shape (M = 512
+// at (4096, 4096): 34.4 against 46.9 us; M = 1024 at (4096, 14336): 209.1
+// against 228.3, at (8192, 28672) 733.6 against 937.3). Beyond, the weights
+// are dequantized to a temporary and cuBLAS multiplies (M = 4096 at
+// (8192, 28672), an earlier build of the wgmma kernel: 2919 against 3462 us).
 constexpr int64_t kGemmMaxRowsSm90 = 24;
-constexpr int64_t kSm90MaxRows = 192;
-constexpr int64_t kSm90MaxRowsLarge = 1024;
-constexpr int64_t kSm90Large = int64_t{1} << 25;
+constexpr int64_t kSm90MaxRows = 1024;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
 
