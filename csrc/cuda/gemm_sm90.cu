@@ -92,9 +92,10 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 }
 
 // Byte `sel` of a word (both nibbles: codes 2c and 2c+1) as a dequantized
-// pair, c * s - z * s in one packed FMA (nzs = -(z * s), rounded once, as
-// (c - z) is for fractional zeros; one instruction fewer per pair than
-// subtracting then scaling).
+// pair, c * s - z * s in one packed FMA, one instruction fewer per pair than
+// (c - z) * s. nzs = -(z * s) is rounded once before it, an error no larger
+// than the final rounding's (|z| and |c - z| are both below 16), where
+// (c - z) * s, exact difference times s, rounds only once as mpq::dequantize.
 template <typename T>
 __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel, uint32_t unshift,
                                                  typename Pair<T>::type s2,
