@@ -96,20 +96,24 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
   }
 }
 
-// Dequantizes the P codes of one word: out[j] = ((c_j, c_{j+P/2}) - z) * s,
-// rounded once to T (the product of an exact difference and s), which is what
-// mpq::dequantize returns for those elements.
-template <typename T, int W>
-__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type z2,
-                                             typename Pair<T>::type s2, float zf, float sf,
+// Dequantizes the P codes of one word. FMA: out[j] = (c_j, c_{j+P/2}) * s -
+// z * s, one packed FMA per pair on the exact codes with zz2 = -(z * s),
+// which is rounded once before it: an error no larger than the result's own
+// rounding (|z| and |c - z| are both below 2^W). Else zz2 = z and out[j] =
+// (c - z) * s, one instruction more per pair, rounded once for float16 (the
+// difference is exact there: |c - z| < 2^W, z on float16's grid), which is
+// what mpq::dequantize returns; bfloat16 may round twice. bfloat16 with 8-bit
+// codes goes through float32 (zf, sf) either way.
+template <typename T, int W, bool FMA>
+__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type s2,
+                                             typename Pair<T>::type zz2, float zf, float sf,
                                              typename Pair<T>::type* out) {
   constexpr int P = 32 / W;
   if constexpr (W <= Pair<T>::kMaxBits) {
     decode_codes<T, W>(word, out);
-    // For float16, c - z is exact (|c - z| < 2^W and z on float16's grid),
-    // so the product is the only rounding; bfloat16 may round twice.
 #pragma unroll
-    for (int j = 0; j < P / 2; ++j) out[j] = __hmul2(__hsub2(out[j], z2), s2);
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = FMA ? __hfma2(out[j], s2, zz2) : __hmul2(__hsub2(out[j], zz2), s2);
   } else {
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)

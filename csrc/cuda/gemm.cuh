@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       if constexpr (LATE) {
         Rows::codes(st, j, d);
       } else {
-        Rows::dequant(st, j, d);
+        Rows::template dequant<(N_TILES < 8)>(st, j, d);
       }
       // Word j of a lane covers k = t * LANE_K + j * P .. + P: one 16-byte chunk
       // of x for 4-bit codes, two for 2-bit, half of one for 8-bit (whose chunk
