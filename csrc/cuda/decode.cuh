@@ -96,13 +96,20 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
   }
 }
 
+// -(z * s) as a pair, for dequantizing exact codes c as c * s - z * s in one
+// packed FMA per pair instead of (c - z) * s in two. It is rounded once before
+// the FMA: an error no larger than the result's own rounding (|z| and |c - z|
+// are both below 2^W), where (c - z) * s rounds only the product (the
+// difference is exact for float16), as mpq::dequantize does.
+template <typename V>
+__device__ __forceinline__ V neg_zero_scale(V s2, V z2) {
+  return __hneg2(__hmul2(z2, s2));
+}
+
 // Dequantizes the P codes of one word. FMA: out[j] = (c_j, c_{j+P/2}) * s -
-// z * s, one packed FMA per pair on the exact codes with zz2 = -(z * s),
-// which is rounded once before it: an error no larger than the result's own
-// rounding (|z| and |c - z| are both below 2^W). Else zz2 = z and out[j] =
-// (c - z) * s, one instruction more per pair, rounded once for float16 (the
-// difference is exact there: |c - z| < 2^W, z on float16's grid), which is
-// what mpq::dequantize returns; bfloat16 may round twice. bfloat16 with 8-bit
+// z * s with zz2 = neg_zero_scale(s2, z). Else zz2 = z and out[j] = (c - z) *
+// s, one instruction more per pair, rounded once for float16 (what
+// mpq::dequantize returns); bfloat16 may round twice. bfloat16 with 8-bit
 // codes goes through float32 (zf, sf) either way.
 template <typename T, int W, bool FMA>
 __device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type s2,

@@ -46,6 +46,9 @@ constexpr int kRowsW = 128;    // weight rows (output features) per block, 64 pe
 constexpr int kStepK = 64;     // k per step: one 128-byte swizzle row per row of x
 constexpr int kRowBytesW = kStepK / 2;  // 4-bit codes of one weight row per step
 
+// Blocks of kRowsW weight rows that cover N.
+inline int64_t weight_tiles(int64_t N) { return (N + kRowsW - 1) / kRowsW; }
+
 template <int BM, int STAGES>
 struct Layout {
   static constexpr int kX = BM * 128;           // x tile of one stage (1024-byte multiple)
@@ -92,10 +95,7 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 }
 
 // Byte `sel` of a word (both nibbles: codes 2c and 2c+1) as a dequantized
-// pair, c * s - z * s in one packed FMA, one instruction fewer per pair than
-// (c - z) * s. nzs = -(z * s) is rounded once before it, an error no larger
-// than the final rounding's (|z| and |c - z| are both below 16), where
-// (c - z) * s, exact difference times s, rounds only once as mpq::dequantize.
+// pair, c * s - z * s in one packed FMA (nzs2 = neg_zero_scale(s2, z2)).
 template <typename T>
 __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel, uint32_t unshift,
                                                  typename Pair<T>::type s2,
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
         for (int r = 0; r < 2; ++r) {
           const int h = H == 2 ? j / 2 : 0;  // constant once unrolled
           const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
-          const V nzs2 = __hneg2(__hmul2(V{sz[S][h][r][1], sz[S][h][r][1]}, s2));
+          const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
           frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, unshift, s2, nzs2);
           frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, unshift, s2, nzs2);
         }
@@ -374,7 +374,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   using L = Layout<BM, STAGES>;
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int N = static_cast<int>(qweight.size(0));
-  const int m_tiles = (M + BM - 1) / BM, n_tiles = (N + kRowsW - 1) / kRowsW;
+  const int m_tiles = (M + BM - 1) / BM, n_tiles = static_cast<int>(weight_tiles(N));
   // Groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.
   const int group_m = 8;
   // Scales and zeros once per step pair where groups are whole pairs.
@@ -431,8 +431,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // tiles: M = 512 at (4096, 4096) 34.4 / 53.9 us, at (14336, 4096) 99.3 / 105.8;
 // M = 1024 at (14336, 4096), where both fill the SMs, 209.3 / 173.3.
 static bool prefer_narrow_tiles(int64_t M, int64_t N) {
-  const int64_t n_tiles = (N + kRowsW - 1) / kRowsW, sms = tile::sm_count();
-  return M <= 192 || 2 * ((M + 255) / 256) * n_tiles <= sms;
+  return M <= 192 || 2 * ((M + 255) / 256) * weight_tiles(N) <= tile::sm_count();
 }
 
 template <typename T>
@@ -449,7 +448,7 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
     // take the tiles in one wave and hide each other's latencies (H100, w4
     // g128, M = 64 at (8192, 28672): 93.5 -> 87.4 us; with fewer tiles than
     // SMs one block of 12 stages ran faster: (4096, 14336) 27.9 against 44.6).
-    if ((qweight.size(0) + kRowsW - 1) / kRowsW > tile::sm_count())
+    if (weight_tiles(qweight.size(0)) > tile::sm_count())
       return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }

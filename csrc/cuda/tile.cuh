@@ -164,7 +164,7 @@ struct WeightRows {
       const int h = (W == 2 && j >= 2) ? 1 : 0;
       const T sc = st.s[r][h], zc = st.z[r][h];
       const V s2{sc, sc};
-      const V zz2 = FMA ? __hneg2(__hmul2(V{zc, zc}, s2)) : V{zc, zc};
+      const V zz2 = FMA ? neg_zero_scale(s2, V{zc, zc}) : V{zc, zc};
       dequant_word<T, W, FMA>((&st.w[r].x)[j], s2, zz2, float(zc), float(sc), d[r]);
     }
   }
