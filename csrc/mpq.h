@@ -43,7 +43,13 @@ struct Rows {
 inline Rows as_rows(const at::Tensor& x, int64_t K, int64_t N) {
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
-  return {x.reshape({-1, K}), std::move(out_sizes)};
+  // A 2-D x is already its rows: no reshape, which would make a view (and its
+  // autograd metadata) on every call.
+  return {x.dim() == 2 ? x : x.reshape({-1, K}), std::move(out_sizes)};
+}
+// The [M, N] result in the output's sizes (a view only where they differ).
+inline at::Tensor as_output(const at::Tensor& y, const std::vector<int64_t>& out_sizes) {
+  return y.sizes() == at::IntArrayRef(out_sizes) ? y : y.view(out_sizes);
 }
 
 // Checks x, perm and bias for mpq::matmul and returns the weight shape.

@@ -6,8 +6,11 @@ torch.inference_mode() as inference runs (entered once around the timing
 loop, as an inference loop enters it once: entering it costs ~16 us of Python
 per `with`, which is not the bridge's) and with autograd on (the op's autograd
 kernel, in Python, then runs first), and the Python one. The native C++ CPU
-kernel is timed alongside for reference. Median of many runs, each bridge
-interleaved with the direct call in the same mode; JSON + a printed table.
+kernel is timed alongside for reference, and so is the direct call with a
+new MLX array of x made per call (from numpy), as an application calling MLX
+itself makes one; the bridge, too, hands MLX a new array each time. Median of many runs, each bridge
+interleaved with the direct call in the same mode (in turn first and second);
+JSON + a printed table.
 
     python scripts/bench_mlx.py --out bench_mlx.json [--shapes 4096x32 --ms 1]
 """
@@ -39,8 +42,13 @@ def median_us(fns, budget_s=3.0):
     once = time.perf_counter() - t
     rounds = int(min(2000, max(5, budget_s / max(once, 1e-6))))
     times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
+    order = list(zip(fns, times))
+    for r in range(rounds):
+        # Each round reverses the order of the last: a call's time depends on
+        # what ran just before it (MLX's worker thread may still be awake, or
+        # busy freeing the previous call's arrays), so no function always
+        # follows the same one.
+        for fn, ts in (order if r % 2 == 0 else order[::-1]):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
@@ -69,16 +77,22 @@ def main():
             def direct():
                 mx.eval(mx.quantized_matmul(xa, w_q, s, b, transpose=True, group_size=64, bits=4))
 
+            # The direct call as an application makes it: a new MLX array of x
+            # per call (the bridge, too, hands MLX a new array every time).
+            def direct_new_x():
+                mx.eval(mx.quantized_matmul(mx.array(x.numpy()), w_q, s, b, transpose=True,
+                                            group_size=64, bits=4))
+
             def bridge():
                 torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, 4, 64)
 
             has_cpp = mlx_bridge.cpp_bridge()
             nan = float("nan")
-            direct_us = cpp_us = direct_grad_us = cpp_grad_us = nan
+            direct_us = cpp_us = direct_grad_us = cpp_grad_us = new_x_us = nan
             if has_cpp:
                 mlx_bridge.set_cpu_backend("mlx", "cpp")
                 with torch.inference_mode():
-                    direct_us, cpp_us = median_us([direct, bridge])
+                    direct_us, cpp_us, new_x_us = median_us([direct, bridge, direct_new_x])
                 direct_grad_us, cpp_grad_us = median_us([direct, bridge])
             else:
                 (direct_us,) = median_us([direct])
@@ -89,6 +103,7 @@ def main():
             row = {"K": K, "N": N, "M": M, "mlx_direct_us": direct_us,
                    "cpp_bridge_us": cpp_us, "cpp_overhead_us": cpp_us - direct_us,
                    "cpp_overhead_pct": 100 * (cpp_us / direct_us - 1),
+                   "mlx_direct_new_x_us": new_x_us,
                    "mlx_direct_grad_mode_us": direct_grad_us,
                    "cpp_bridge_grad_mode_us": cpp_grad_us,
                    "cpp_grad_mode_overhead_us": cpp_grad_us - direct_grad_us,
@@ -100,11 +115,13 @@ def main():
         json.dump({"threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
     print("\nMLX bridge on the CPU (float32; median us). 'overhead': the bridge's time minus "
           "that of mx.quantized_matmul on the same arrays, timed alongside it in the same mode")
-    print(f"{'K':>6} {'N':>6} {'M':>4} | {'mx direct':>10} | {'C++ bridge':>10} {'overhead':>9} "
+    print(f"{'K':>6} {'N':>6} {'M':>4} | {'mx direct':>10} {'new x':>10} | "
+          f"{'C++ bridge':>10} {'overhead':>9} "
           f"{'%':>6} | {'grad on':>10} {'overhead':>9} | {'Py bridge':>10} {'overhead':>9} | "
           f"{'native':>9}")
     for r in rows:
-        print(f"{r['K']:>6} {r['N']:>6} {r['M']:>4} | {r['mlx_direct_us']:10.1f} | "
+        print(f"{r['K']:>6} {r['N']:>6} {r['M']:>4} | {r['mlx_direct_us']:10.1f} "
+              f"{r['mlx_direct_new_x_us']:10.1f} | "
               f"{r['cpp_bridge_us']:10.1f} {r['cpp_overhead_us']:9.1f} {r['cpp_overhead_pct']:6.1f} | "
               f"{r['cpp_bridge_grad_mode_us']:10.1f} {r['cpp_grad_mode_overhead_us']:9.1f} | "
               f"{r['python_bridge_us']:10.1f} {r['python_overhead_us']:9.1f} | "

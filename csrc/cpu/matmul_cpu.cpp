@@ -67,7 +67,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   if (K == 0) {
     auto y = at::zeros({M, N}, x.options());
     if (bias.has_value()) y.add_(*bias);
-    return y.view(out_sizes);
+    return as_output(y, out_sizes);
   }
   if (perm.has_value()) x2 = x2.index_select(1, checked_perm(*perm, K));
   auto xf = x2.to(at::kFloat).contiguous();
@@ -84,7 +84,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     }
   });
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
-  return yf.to(x.scalar_type()).view(out_sizes);
+  return as_output(yf.to(x.scalar_type()), out_sizes);
 }
 
 TORCH_LIBRARY_IMPL(mpq, CPU, m) { m.impl("matmul", &matmul_cpu); }

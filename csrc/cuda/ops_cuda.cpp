@@ -44,12 +44,12 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     } else {
       gemm_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
     }
-    return y.view(out_sizes);
+    return as_output(y, out_sizes);
   }
   auto W = at::empty({N, K}, scales.options());
   dequantize_into(q, s, z, w_bit, shape.group_size, W);
   auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
-  return y.view(out_sizes);
+  return as_output(y, out_sizes);
 }
 
 TORCH_LIBRARY_IMPL(mpq, CUDA, m) {

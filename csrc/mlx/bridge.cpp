@@ -17,6 +17,7 @@
 #include <c10/util/intrusive_ptr.h>
 #include <mlx/mlx.h>
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -42,6 +43,27 @@ mx::array to_mlx(const at::Tensor& t, mx::Dtype dt) {
   mx::Shape shape(c.sizes().begin(), c.sizes().end());
   auto* keep = new at::Tensor(c);
   return mx::array(c.data_ptr(), std::move(shape), dt, [keep](void*) { delete keep; });
+}
+
+// x's rows [M, K] as a float32 MLX array (MLX's CPU kernels accumulate in the
+// input dtype, so they get float32). MLX's CPU allocator cannot adopt foreign
+// memory (the raw-pointer constructor above copies), so where MLX lets us own
+// a buffer of its allocator, x is converted straight into it: one pass over x
+// whatever its dtype, no torch temporary.
+mx::array rows_to_mlx(const at::Tensor& x2) {
+#if defined(MLX_VERSION_NUMERIC) && MLX_VERSION_NUMERIC >= 32000
+  const int64_t M = x2.size(0), K = x2.size(1);
+  mx::array a(mx::allocator::malloc(static_cast<size_t>(M * K) * sizeof(float)),
+              mx::Shape{static_cast<int>(M), static_cast<int>(K)}, mx::float32);
+  if (x2.scalar_type() == at::kFloat && x2.is_contiguous()) {
+    std::memcpy(a.data<float>(), x2.data_ptr<float>(), static_cast<size_t>(M * K) * sizeof(float));
+  } else {
+    at::from_blob(a.data<float>(), {M, K}, at::TensorOptions().dtype(at::kFloat)).copy_(x2);
+  }
+  return a;
+#else
+  return to_mlx(x2.to(at::kFloat), mx::float32);
+#endif
 }
 
 // An evaluated float32 MLX array as a torch tensor sharing its buffer: the
@@ -133,24 +155,22 @@ at::Tensor matmul_mlx_cpu(const at::Tensor& x, const at::Tensor& qweight,
   auto [x2, out_sizes] = mpq::as_rows(x, K, N);
   if (x2.numel() == 0 || N == 0) return at::zeros(out_sizes, x.options());
   if (perm.has_value()) x2 = x2.index_select(1, mpq::checked_perm(*perm, K));
-  // MLX's CPU kernels accumulate in the input dtype: they get float32.
-  const auto xf = x2.to(at::kFloat);
   at::Tensor y;
   if (mlx_serves(w_bit, shape.group_size)) {
     auto [w_q, s, b] = weight_arrays(qweight, scales, zeros);
-    auto ya = mx::quantized_matmul(to_mlx(xf, mx::float32), w_q, s, b, /*transpose=*/true,
+    auto ya = mx::quantized_matmul(rows_to_mlx(x2), w_q, s, b, /*transpose=*/true,
                                    static_cast<int>(shape.group_size), static_cast<int>(w_bit),
                                    "affine");
     mx::eval(ya);
     y = to_torch(ya);
   } else {
     // What MLX lacks (group sizes other than 32/64/128): the native unpacking.
-    y = at::mm(xf, mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
+    y = at::mm(x2.to(at::kFloat), mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
                                                zeros.contiguous(), K, w_bit, shape.group_size,
                                                /*as_float=*/true).t());
   }
   if (bias.has_value()) y = y + bias->to(at::kFloat);
-  return y.to(x.scalar_type()).view(out_sizes);
+  return mpq::as_output(y.to(x.scalar_type()), out_sizes);
 }
 
 at::Tensor dequantize_mlx_cpu(const at::Tensor& qweight, const at::Tensor& scales,
