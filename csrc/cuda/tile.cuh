@@ -90,14 +90,19 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // m over k range h is the B operand's column 2m + h, so lane (g, t) finds x row
 // t's product for its A rows in column 2t + g % 2, and the two k ranges of a
 // weight row meet in lanes g and g ^ 1 (one shuffle at the end).
-template <typename T, int W, int RT, bool KP = false>
+//
+// WIDE (2-bit codes with groups a multiple of 64): a lane's 64 codes of a row
+// per step lie in one group, so one scale and zero per row and step are loaded
+// instead of one per 32-wide half.
+template <typename T, int W, int RT, bool KP = false, bool WIDE = false>
 struct WeightRows {
   using V = typename Pair<T>::type;
   static constexpr int P = 32 / W;            // codes per word
   static constexpr int LANE_K = 4 * P;        // codes per lane per row per step
   static constexpr int SUPER_K = 4 * LANE_K;  // inputs per step
   static constexpr int R = 2 * RT;            // rows of W per lane
-  static constexpr int HALVES = W == 2 ? 2 : 1;  // groups a lane's chunk spans
+  static constexpr int HALVES = W == 2 ? 2 : 1;  // 32-wide halves of a lane's chunk
+  static constexpr int GROUPS = W == 2 && !WIDE ? 2 : 1;  // groups a lane's chunk may span
   static constexpr int STEP_K = KP ? 2 * SUPER_K : SUPER_K;  // inputs per step
   static constexpr int ROWS = KP ? 8 : 16;  // weight rows per tile
   static_assert(!KP || (RT == 1 && W != 2), "k pairing: one tile of 4- or 8-bit codes");
@@ -105,7 +110,7 @@ struct WeightRows {
   // the packed words of the lane's rows and their scales and zeros.
   struct Step {
     uint4 w[R];
-    T s[R][HALVES], z[R][HALVES];
+    T s[R][GROUPS], z[R][GROUPS];
   };
 
   // 32-bit offsets from the three base pointers, so that an address is one
@@ -142,7 +147,7 @@ struct WeightRows {
     for (int r = 0; r < R; ++r) st.w[r] = load_stream(qb + (qo[r] + step_chunks * s));
     const int k0 = s * STEP_K + k_lane;
 #pragma unroll
-    for (int h = 0; h < HALVES; ++h) {
+    for (int h = 0; h < GROUPS; ++h) {
       const uint32_t grp = groups.index(k0 + 32 * h);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -161,7 +166,7 @@ struct WeightRows {
   __device__ __forceinline__ static void dequant(const Step& st, int j, V (&d)[R][P / 2]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int h = (W == 2 && j >= 2) ? 1 : 0;
+      const int h = (GROUPS == 2 && j >= 2) ? 1 : 0;
       const T sc = st.s[r][h], zc = st.z[r][h];
       const V s2{sc, sc};
       const V zz2 = FMA ? neg_zero_scale(s2, V{zc, zc}) : V{zc, zc};

@@ -165,9 +165,10 @@ at::Tensor matmul_mlx_cpu(const at::Tensor& x, const at::Tensor& qweight,
     y = to_torch(ya);
   } else {
     // What MLX lacks (group sizes other than 32/64/128): the native unpacking.
-    y = at::mm(x2.to(at::kFloat), mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
+    const auto W = mpq::cpu::dequantize_tensor(qweight.contiguous(), scales.contiguous(),
                                                zeros.contiguous(), K, w_bit, shape.group_size,
-                                               /*as_float=*/true).t());
+                                               /*as_float=*/true);
+    y = at::mm(x2.to(at::kFloat), W.t());
   }
   if (bias.has_value()) y = y + bias->to(at::kFloat);
   return mpq::as_output(y.to(x.scalar_type()), out_sizes);
