@@ -409,16 +409,16 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // M = 1 (us): (8192, 28672) 47.6 -> 44.4, (28672, 8192) 47.8 -> 44.4,
   // (14336, 4096) 19.8 -> 18.8.
   const bool resident = N_TILES == 1 && M == 1 && resident_smem <= 40 * 1024;
-  constexpr int RXR = N_TILES == 1 ? XR : 0;
-  constexpr bool RPAIRED = PAIRED || (W == 2 && N_TILES == 1);
   auto launched = kernel;
-  if (resident) {
-    launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, RPAIRED, LATE, KP,
-                                RXR>;
-    if constexpr (W == 2 && N_TILES == 1) {
-      if (group_size % 64 == 0)
-        launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, RPAIRED, LATE,
-                                    KP, RXR, true>;
+  if constexpr (N_TILES == 1) {
+    if (resident) {
+      launched =
+          gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE, KP, XR>;
+      if constexpr (W == 2) {
+        if (group_size % 64 == 0)
+          launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE,
+                                      KP, XR, true>;
+      }
     }
   }
   launched<<<dim3(m_chunks, row_blocks, splits), WARPS * 32, resident ? resident_smem : SMEM,
