@@ -60,6 +60,31 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
         assert err < REL_TOL[dtype], (M, N, err)
 
 
+@pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
+    """The staged kernel with K split over 2 to 8 blocks per weight tile (few
+    weight rows, long K), its splits added up in a thread block cluster where
+    the policy takes one (Hopper, one x tile of 4- or 8-bit codes) or forced
+    through the float32 workspace; ragged N, with and without bias, one row of x (its slice resident
+    in shared memory) and several (the ring of staged steps; more than 8 splits
+    take the workspace either way)."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
+    if split_sum == "workspace":
+        monkeypatch.setenv("MPQ_OPS_CUDA_SPLIT_SUM", "workspace")
+    for N, K, group_size, with_bias in ((64, 8192, 128, True), (200, 4096, 64, False),
+                                        (1000, 2048, -1, True), (40, 24576, 256, True)):
+        qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+        for M in (1, 3, 6, 9, 16, 17):
+            x = make_x((M,), K, dtype, "cuda")
+            poison_allocator(M * N, dtype)
+            y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+            err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+            assert err < REL_TOL[dtype], (N, K, M, err)
+
+
 @pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))
 def test_opcheck_each_forced_path(kernel, monkeypatch):
     """opcheck (schema, fake kernel, autograd registration, dynamic shapes) with

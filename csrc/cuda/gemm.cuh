@@ -20,6 +20,8 @@
 // blockIdx.z when the grid has fewer than about two blocks per SM.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include "kernels.h"
 #include "tile.cuh"
 
@@ -83,6 +85,41 @@ __device__ __forceinline__ void pair_chunks_w2(uint4* a, uint4* b) {
                   __byte_perm(u.w, v.w, 0x5410), __byte_perm(u.w, v.w, 0x7632));
 }
 
+// Split K without a workspace (Hopper): the gridDim.z blocks that split a
+// tile's K form one thread block cluster. Each leaves its partial sums in its
+// own shared memory (over the x slice, after a barrier), and after a cluster
+// barrier block rank r adds up slice r of the tile's outputs from all of them
+// through distributed shared memory and writes y. The second kernel that
+// would add the splits' float32 partials from global memory, and its launch,
+// are gone; a last barrier keeps every block's shared memory alive until the
+// others have read it. Every thread of the cluster must reach both barriers.
+template <typename T, int X_ROWS, int W_ROWS, typename Rows, typename Acc>
+__device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc, uint4* smem,
+                                               int m0, int n0, int M, int N,
+                                               const T* __restrict__ bias, T* __restrict__ y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  float* part = reinterpret_cast<float*>(smem);  // [X_ROWS][W_ROWS]
+  __syncthreads();                               // every warp is done with x
+  rows.for_each_output(acc, 0, [&](float v, int m, int n) { part[m * W_ROWS + (n - n0)] = v; });
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int splits = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  for (int i = rank * blockDim.x + threadIdx.x; i < X_ROWS * W_ROWS; i += splits * blockDim.x) {
+    const int m = m0 + i / W_ROWS, n = n0 + i % W_ROWS;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(part, r)[i];
+    if (bias != nullptr) v += float(bias[n]);
+    y[(size_t)m * N + n] = T(v);
+  }
+  cluster.sync();
+#else
+  __trap();  // launch_kernel asks for it only of sm_90+ code
+#endif
+}
+
 // XR > 0 (one row of x, one x tile): instead of a ring of STAGES steps, the
 // block's whole slice of x (XR staged rows per step: the row's two k ranges
 // with KP, else the one row) is copied into shared memory once, before the
@@ -96,7 +133,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
-                     int M, int N, int K, tile::Groups groups, int steps_per_split) {
+                     int M, int N, int K, tile::Groups groups, int steps_per_split,
+                     bool cluster_sum) {
   using Rows = tile::WeightRows<T, W, RT, KP, WIDE>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
@@ -119,8 +157,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * X_ROWS;
+  constexpr int W_ROWS = Rows::ROWS * RT * WARPS;  // weight rows per block
   const int tile0 = (blockIdx.y * WARPS + warp) * Rows::ROWS * RT;
-  // Warps past N still copy x and meet the barriers; they skip the math.
+  // Warps past N still copy x and meet the barriers; they skip the math
+  // (and with cluster_sum stay for the cluster's barriers).
   const bool active = tile0 < N;
   const Rows rows(qweight, scales, zeros, tile0, g, t, N, K, groups);
 
@@ -301,7 +341,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       copy_slice(true);
     }
     __syncthreads();
-    if (!active) return;
+    if (!active && !cluster_sum) return;
   }
 
   int stage = 0;
@@ -317,7 +357,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       const int ss = s + u;
       if (ss >= s_end) break;  // the same for the whole block
       if constexpr (RESIDENT) {
-        compute(cur[u], ss - s_begin);
+        if (active) compute(cur[u], ss - s_begin);
         continue;
       }
       // Step ss's group is complete once at most STAGES - 2 newer ones are pending;
@@ -333,6 +373,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     }
   }
   cp_async_wait<0>();
+  if (cluster_sum) {
+    sum_in_cluster<T, X_ROWS, W_ROWS>(rows, acc, x_stages, m0, blockIdx.y * W_ROWS, M, N, bias,
+                                     y);
+    return;
+  }
   if (!active) return;
 
   rows.store(acc, m0, M, N, blockIdx.z, ws, bias, y);
@@ -377,14 +422,16 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // was the rule. 2-bit codes keep the fixed 4 (half the bytes per step: at
   // (8192, 28672) one split took 61.5 us against 56.9 with 4). A grid of more
   // than one wave (k-paired rows at (8192, 28672): 896 blocks, 660 slots) is
-  // split so that its last wave is full (up to 4): 63.9 us with 1 split, 60.4
-  // with 2, 59.9 with 4.
+  // split so that its last wave is full (up to 4; of equally full waves the
+  // most splits): 63.9 us with 1 split, 60.4 with 2, 59.9 with 4; w8 107.9
+  // with 2, 98.9 with 4.
   static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
   const long blocks = (long)m_chunks * row_blocks;
   const int splits =
       N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
       : N_TILES == 1 && blocks > slots
-          ? tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)))
+          ? tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)),
+                                      true, true)
       : N_TILES == 1
           ? (int)std::max<long>(1, std::min<long>({4L * slots / (5L * blocks), 8L,
                                                    std::max(1, steps / 4)}))
@@ -392,8 +439,23 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                 1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  // The splits of a tile add up in a thread block cluster (sum_in_cluster)
+  // where the device and the build allow, for one x tile of 4- or 8-bit codes
+  // whose split grid fits one wave; elsewhere in a float32 workspace that a
+  // second kernel reduces. H100, g128, M = 1, clusters / workspace in one run,
+  // alternating (us): w4 (4096, 4096) 12.2 / 13.1, (14336, 4096) 21.1 / 22.0,
+  // (28672, 8192) 57.2 / 59.4; w8 15.0 / 16.0, 30.8 / 32.6, 100.3 / 102.5.
+  // Slower in clusters: grids of several waves (w4 (8192, 28672), 4 splits:
+  // 65.0 / 60.1; plausibly as a cluster starts only once all its blocks have
+  // slots), 2-bit codes (28672, 8192: 52.2 / 45.7) and tiles of 16 rows (w4
+  // M = 16 at (28672, 8192): 96.6 / 67.2), the last two for reasons not
+  // established.
+  static const bool clusters = tile::cluster_launchable(kernel);
+  const bool cluster_sum = N_TILES == 1 && W != 2 && clusters && splits > 1 &&
+                           splits <= tile::kMaxCluster && blocks * splits <= slots &&
+                           tile::split_sum_in_cluster();
   at::Tensor ws;
-  if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  if (splits > 1 && !cluster_sum) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most 40 KB, so that five blocks still fit an SM.
@@ -410,6 +472,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (14336, 4096) 19.8 -> 18.8.
   const bool resident = N_TILES == 1 && M == 1 && resident_smem <= 40 * 1024;
   auto launched = kernel;
+  const int part_smem = cluster_sum ? x_rows * w_rows * 4 : 0;  // sum_in_cluster's buffer
   if constexpr (N_TILES == 1) {
     if (resident) {
       launched =
@@ -421,16 +484,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       }
     }
   }
-  launched<<<dim3(m_chunks, row_blocks, splits), WARPS * 32, resident ? resident_smem : SMEM,
-             stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()),
-      reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-      reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
-      bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
-      splits > 1 ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
-      per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+  tile::launch(launched, dim3(m_chunks, row_blocks, splits), WARPS * 32,
+               std::max(resident ? resident_smem : SMEM, part_smem), stream,
+               cluster_sum ? splits : 1, reinterpret_cast<const T*>(x.data_ptr()),
+               reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+               reinterpret_cast<const T*>(scales.data_ptr()),
+               reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
+               reinterpret_cast<T*>(y.data_ptr()), ws.defined() ? ws.data_ptr<float>() : nullptr,
+               M, N, K, tile::Groups::of(group_size), per_split, cluster_sum);
+  if (ws.defined()) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
 }
 
 // Late scaling (tile::WeightRows::codes) where no step straddles a group and

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "decode.cuh"
 
@@ -235,35 +238,43 @@ struct WeightRows {
     }
   }
 
-  // Writes the accumulators of x rows m0 + [0, 8 * N_TILES): c0, c1 are row g,
-  // x rows 2t, 2t+1 of a tile; c2, c3 row g + 8. Every (split, m, n) is
-  // written by exactly one lane, so no atomics and no memset.
-  template <int N_TILES>
-  __device__ __forceinline__ void store(const float (&acc)[N_TILES][RT][4], int m0, int M, int N,
-                                        int split, float* ws, const T* bias, T* y) const {
+  // f(v, m, n) for every output of x rows m0 + [0, 8 * N_TILES) this lane
+  // holds: c0, c1 are row g, x rows 2t, 2t+1 of a tile; c2, c3 row g + 8.
+  // Every (m, n) of the block's rows goes to exactly one lane.
+  template <int N_TILES, typename F>
+  __device__ __forceinline__ void for_each_output(const float (&acc)[N_TILES][RT][4], int m0,
+                                                  F&& f) const {
     if constexpr (KP) {
       // Lane (g, t): x row m0 + t, weight rows row[0] (A row g, c[h]) and
       // row[1] (A row g + 8, c[2 + h]) over k range h = g % 2; lane g ^ 1
-      // (lane ^ 4) holds the other range. Every lane shuffles; even g store.
+      // (lane ^ 4) holds the other range. Every lane shuffles; even g hand on.
       const int h = (threadIdx.x >> 2) & 1, t = threadIdx.x & 3;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float v = h ? acc[0][0][2 * r + 1] : acc[0][0][2 * r];
         v += __shfl_xor_sync(0xffffffffu, v, 4);
-        if (h == 0) put(v, m0 + t, row[r], M, N, split, ws, bias, y);
+        if (h == 0) f(v, m0 + t, row[r]);
       }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
+      for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
-      for (int nt = 0; nt < N_TILES; ++nt) {
+        for (int nt = 0; nt < N_TILES; ++nt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-          put(acc[nt][rt][i], m0 + nt * 8 + 2 * (k_lane / LANE_K) + (i & 1),
-              row[2 * rt + (i >> 1)], M, N, split, ws, bias, y);
+          for (int i = 0; i < 4; ++i)
+            f(acc[nt][rt][i], m0 + nt * 8 + 2 * (k_lane / LANE_K) + (i & 1),
+              row[2 * rt + (i >> 1)]);
+        }
       }
     }
+  }
+
+  // Into y or split `split` of the workspace (put): no atomics, no memset.
+  template <int N_TILES>
+  __device__ __forceinline__ void store(const float (&acc)[N_TILES][RT][4], int m0, int M, int N,
+                                        int split, float* ws, const T* bias, T* y) const {
+    for_each_output(acc, m0,
+                    [&](float v, int m, int n) { put(v, m, n, M, N, split, ws, bias, y); });
   }
 };
 
@@ -291,6 +302,54 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Thread block clusters (Hopper and later): the most blocks of one that
+// sum_in_cluster (gemm.cuh) adds up, the portable cluster size.
+constexpr int kMaxCluster = 8;
+
+// Whether `kernel` may be launched in clusters: a device of compute
+// capability 9.0+ running code built for it (not PTX of an older target).
+template <typename Kernel>
+bool cluster_launchable(Kernel kernel) {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return major >= 9 && attr.binaryVersion >= 90;
+}
+
+// MPQ_OPS_CUDA_SPLIT_SUM=workspace adds split-K partial sums through the
+// float32 workspace even where clusters could (tests of both ways, A/B runs).
+inline bool split_sum_in_cluster() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_SPLIT_SUM");
+  return v == nullptr || std::strcmp(v, "workspace") != 0;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), in clusters of
+// (1, 1, cluster_z) blocks where cluster_z > 1.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
+            int cluster_z, Args&&... args) {
+  if (cluster_z <= 1) {
+    kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = cluster_z;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 inline int sm_count() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -312,8 +371,9 @@ int resident_slots(Kernel kernel, int threads, int smem) {
 // are busiest, as a second wave that is mostly empty costs as much as a full
 // one. With idle_penalty (the rule of the kernels with several blocks per
 // SM), a grid of less than one wave scores below any grid that fills one.
+// Of equal scores the fewest splits win, or with prefer_more the most.
 inline int wave_filling_splits(long blocks, int steps, int slots, int max_splits,
-                               bool idle_penalty = true) {
+                               bool idle_penalty = true, bool prefer_more = false) {
   int splits = 1;
   double best = -1.0;
   for (int sp = 1; sp <= max_splits; ++sp) {
@@ -323,8 +383,8 @@ inline int wave_filling_splits(long blocks, int steps, int slots, int max_splits
     const long waves = (total + slots - 1) / slots;
     const double score =
         (double)total / (waves * slots) - (idle_penalty && total < slots ? 1.0 : 0.0);
-    if (score > best + 1e-9) {
-      best = score;
+    if (score > best + 1e-9 || (prefer_more && score > best - 1e-9)) {
+      best = std::max(best, score);
       splits = real;
     }
   }
