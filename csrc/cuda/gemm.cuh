@@ -441,21 +441,22 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   // The splits of a tile add up in a thread block cluster (sum_in_cluster)
   // where the device and the build allow, for one x tile of 4- or 8-bit codes
-  // whose split grid fits one wave; elsewhere in a float32 workspace that a
-  // second kernel reduces. H100, g128, M = 1, clusters / workspace in one run,
-  // alternating (us): w4 (4096, 4096) 12.2 / 13.1, (14336, 4096) 21.1 / 22.0,
-  // (28672, 8192) 57.2 / 59.4; w8 15.0 / 16.0, 30.8 / 32.6, 100.3 / 102.5.
-  // Slower in clusters: grids of several waves (w4 (8192, 28672), 4 splits:
-  // 65.0 / 60.1; plausibly as a cluster starts only once all its blocks have
-  // slots), 2-bit codes (28672, 8192: 52.2 / 45.7) and tiles of 16 rows (w4
-  // M = 16 at (28672, 8192): 96.6 / 67.2), the last two for reasons not
-  // established.
+  // whose split grid runs in one wave of clusters (tile::clusters_fit_one_wave:
+  // a cluster needs room for all its blocks in one GPC, so fewer blocks may
+  // run at once than the occupancy says, e.g. 62 clusters of 4 for the 16-row
+  // kernel's 264 slots); elsewhere in a float32 workspace that a second kernel
+  // reduces. H100, g128, M = 1, clusters / workspace in one run, alternating
+  // (us): w4 (4096, 4096) 12.2 / 13.1, (14336, 4096) 21.1 / 22.0, (28672,
+  // 8192) 57.8 / 59.4; w8 14.3 / 15.8, 31.5 / 32.6, 100.3 / 102.4; w4 M = 3 at
+  // (4096, 4096) 12.0 / 13.4. Slower in clusters: grids of more than one wave
+  // (w4 M = 16 at (28672, 8192), 256 blocks for 248 places: 96.6 / 67.2) and,
+  // fitting, 2-bit codes (M = 1 at (28672, 8192): 52.2 / 45.7, for reasons not
+  // established); the 16-row kernel where it fits gained at most 4% (w8 at
+  // (4096, 14336)), and the wgmma kernel's splits (M = 48..64) nothing.
   static const bool clusters = tile::cluster_launchable(kernel);
-  const bool cluster_sum = N_TILES == 1 && W != 2 && clusters && splits > 1 &&
-                           splits <= tile::kMaxCluster && blocks * splits <= slots &&
-                           tile::split_sum_in_cluster();
-  at::Tensor ws;
-  if (splits > 1 && !cluster_sum) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  bool cluster_sum = N_TILES == 1 && W != 2 && clusters && splits > 1 &&
+                     splits <= tile::kMaxCluster && blocks * splits <= slots &&
+                     tile::split_sum_in_cluster();
   auto stream = c10::cuda::getCurrentCUDAStream();
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most 40 KB, so that five blocks still fit an SM.
@@ -472,7 +473,6 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (14336, 4096) 19.8 -> 18.8.
   const bool resident = N_TILES == 1 && M == 1 && resident_smem <= 40 * 1024;
   auto launched = kernel;
-  const int part_smem = cluster_sum ? x_rows * w_rows * 4 : 0;  // sum_in_cluster's buffer
   if constexpr (N_TILES == 1) {
     if (resident) {
       launched =
@@ -484,9 +484,14 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       }
     }
   }
-  tile::launch(launched, dim3(m_chunks, row_blocks, splits), WARPS * 32,
-               std::max(resident ? resident_smem : SMEM, part_smem), stream,
-               cluster_sum ? splits : 1, reinterpret_cast<const T*>(x.data_ptr()),
+  const dim3 grid(m_chunks, row_blocks, splits);
+  const int smem = std::max(resident ? resident_smem : SMEM, cluster_sum ? x_rows * w_rows * 4 : 0);
+  cluster_sum = cluster_sum && tile::clusters_fit_one_wave(launched, grid, WARPS * 32, smem,
+                                                           dim3(1, 1, splits));
+  at::Tensor ws;
+  if (splits > 1 && !cluster_sum) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  tile::launch(launched, grid, WARPS * 32, smem, stream, dim3(1, 1, cluster_sum ? splits : 1),
+               reinterpret_cast<const T*>(x.data_ptr()),
                reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                reinterpret_cast<const T*>(scales.data_ptr()),
                reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,

@@ -9,6 +9,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "decode.cuh"
@@ -325,29 +328,65 @@ inline bool split_sum_in_cluster() {
   return v == nullptr || std::strcmp(v, "workspace") != 0;
 }
 
-// kernel<<<grid, threads, smem, stream>>>(args...), in clusters of
-// (1, 1, cluster_z) blocks where cluster_z > 1.
+// A launch of `grid` in clusters of `cluster` blocks (cluster.x * .y * .z > 1).
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  ClusterLaunch(dim3 grid, int threads, int smem, cudaStream_t stream, dim3 cluster) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster.x;
+    attr[0].val.clusterDim.y = cluster.y;
+    attr[0].val.clusterDim.z = cluster.z;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+};
+
+// Whether all of `grid` runs at once in clusters of `cluster` blocks: a
+// cluster starts only where one GPC has room for all its blocks, so clusters
+// may fit fewer blocks than the plain occupancy does. Cached per kernel,
+// shared memory and cluster shape.
+template <typename... Params>
+bool clusters_fit_one_wave(void (*kernel)(Params...), dim3 grid, int threads, int smem,
+                           dim3 cluster) {
+  static std::mutex mutex;
+  // (kernel, device, shared memory, cluster size) -> clusters resident at once
+  static std::map<std::tuple<const void*, int, int, int>, int> max_clusters;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int size = static_cast<int>(cluster.x * cluster.y * cluster.z);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, smem, size);
+  int fit = -1;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = max_clusters.find(key);
+    if (it != max_clusters.end()) fit = it->second;
+  }
+  if (fit < 0) {
+    ClusterLaunch launch(cluster, threads, smem, nullptr, cluster);
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&fit, kernel, &launch.config));
+    std::lock_guard<std::mutex> lock(mutex);
+    max_clusters[key] = fit;
+  }
+  return static_cast<long>(fit) * size >= static_cast<long>(grid.x) * grid.y * grid.z;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), in clusters of `cluster`
+// blocks unless that is a single block.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
-            int cluster_z, Args&&... args) {
-  if (cluster_z <= 1) {
+            dim3 cluster, Args&&... args) {
+  if (cluster.x * cluster.y * cluster.z <= 1) {
     kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = cluster_z;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  ClusterLaunch launch(grid, threads, smem, stream, cluster);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));
 }
 
 inline int sm_count() {
