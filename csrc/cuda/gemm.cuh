@@ -439,24 +439,6 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                 1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  // The splits of a tile add up in a thread block cluster (sum_in_cluster)
-  // where the device and the build allow, for one x tile of 4- or 8-bit codes
-  // whose split grid runs in one wave of clusters (tile::clusters_fit_one_wave:
-  // a cluster needs room for all its blocks in one GPC, so fewer blocks may
-  // run at once than the occupancy says, e.g. 62 clusters of 4 for the 16-row
-  // kernel's 264 slots); elsewhere in a float32 workspace that a second kernel
-  // reduces. H100, g128, M = 1, clusters / workspace in one run, alternating
-  // (us): w4 (4096, 4096) 12.2 / 13.1, (14336, 4096) 21.1 / 22.0, (28672,
-  // 8192) 57.8 / 59.4; w8 14.3 / 15.8, 31.5 / 32.6, 100.3 / 102.4; w4 M = 3 at
-  // (4096, 4096) 12.0 / 13.4. Slower in clusters: grids of more than one wave
-  // (w4 M = 16 at (28672, 8192), 256 blocks for 248 places: 96.6 / 67.2) and,
-  // fitting, 2-bit codes (M = 1 at (28672, 8192): 52.2 / 45.7, for reasons not
-  // established); the 16-row kernel where it fits gained at most 4% (w8 at
-  // (4096, 14336)), and the wgmma kernel's splits (M = 48..64) nothing.
-  static const bool clusters = tile::cluster_launchable(kernel);
-  bool cluster_sum = N_TILES == 1 && W != 2 && clusters && splits > 1 &&
-                     splits <= tile::kMaxCluster && blocks * splits <= slots &&
-                     tile::split_sum_in_cluster();
   auto stream = c10::cuda::getCurrentCUDAStream();
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most 40 KB, so that five blocks still fit an SM.
@@ -484,10 +466,30 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       }
     }
   }
+  // The splits of a tile add up in a thread block cluster (sum_in_cluster)
+  // where the device and the build allow, for one x tile of 4- or 8-bit codes
+  // whose split grid runs in one wave of clusters (tile::clusters_fit_one_wave:
+  // a cluster needs room for all its blocks in one GPC, so fewer blocks may
+  // run at once than the occupancy says, e.g. 62 clusters of 4 for the 16-row
+  // kernel's 264 slots); elsewhere in a float32 workspace that a second kernel
+  // reduces. H100, g128, M = 1, clusters / workspace in one run, alternating
+  // (us): w4 (4096, 4096) 12.2 / 13.1, (14336, 4096) 21.1 / 22.0, (28672,
+  // 8192) 57.8 / 59.4; w8 14.3 / 15.8, 31.5 / 32.6, 100.3 / 102.4; w4 M = 3 at
+  // (4096, 4096) 12.0 / 13.4. Slower in clusters: grids of more than one wave
+  // (w4 M = 16 at (28672, 8192), 256 blocks for 248 places: 96.6 / 67.2) and,
+  // fitting, 2-bit codes (M = 1 at (28672, 8192): 52.2 / 45.7, for reasons not
+  // established); the 16-row kernel where it fits gained at most 4% (w8 at
+  // (4096, 14336)), and the wgmma kernel's splits (M = 48..64) nothing.
+  static const bool clusters = tile::cluster_launchable(kernel);
   const dim3 grid(m_chunks, row_blocks, splits);
-  const int smem = std::max(resident ? resident_smem : SMEM, cluster_sum ? x_rows * w_rows * 4 : 0);
-  cluster_sum = cluster_sum && tile::clusters_fit_one_wave(launched, grid, WARPS * 32, smem,
-                                                           dim3(1, 1, splits));
+  const int x_smem = resident ? resident_smem : SMEM;
+  // sum_in_cluster's partial sums, over the memory x took
+  const int cluster_smem = std::max(x_smem, x_rows * w_rows * 4);
+  const bool cluster_sum =
+      N_TILES == 1 && W != 2 && clusters && splits > 1 && splits <= tile::kMaxCluster &&
+      blocks * splits <= slots && tile::split_sum_in_cluster() &&
+      tile::clusters_fit_one_wave(launched, grid, WARPS * 32, cluster_smem, dim3(1, 1, splits));
+  const int smem = cluster_sum ? cluster_smem : x_smem;
   at::Tensor ws;
   if (splits > 1 && !cluster_sum) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   tile::launch(launched, grid, WARPS * 32, smem, stream, dim3(1, 1, cluster_sum ? splits : 1),
