@@ -127,6 +127,55 @@ struct Regs {
   static_assert(BLOCKS * (128 * kCopy + kConsumers * kConsumer) <= 65536, "register file");
 };
 
+// Which tile and which K steps each block takes. K is split in one of two
+// ways. Every tile over blockIdx.y (gridDim.y splits of split_steps steps),
+// float32 partial sums in a workspace [splits][M][N] that tile::finish_split
+// adds up. Or (the kernel's TAIL) only the tiles of a last wave: blocks
+// [0, full) take tiles [0, full) whole, and each of the remaining (tail) tiles
+// is split over `splits` blocks of tail_steps steps (block full + u: tile
+// full + u % tail, split u / tail), partial sums tile by tile,
+// [splits][tail][bm][kRowsW], for finish_tail_sm90.
+struct Schedule {
+  int m_tiles, n_tiles, group_m;  // x-row tiles, weight tiles, x-row tiles per group
+  int full, splits;
+  int split_steps, tail_steps;  // steps of a blockIdx.y split, of a tail split (even)
+  __host__ __device__ int tiles() const { return m_tiles * n_tiles; }
+  __host__ __device__ int tail() const { return tiles() - full; }
+  __host__ __device__ int blocks() const { return full + tail() * splits; }
+  // Block b's tile, and its split (-1: the whole tile).
+  __device__ int tile_of(int b) const { return b < full ? b : full + (b - full) % tail(); }
+  __device__ int split_of(int b) const { return b < full ? -1 : (b - full) / tail(); }
+  // Tiles in groups of up to group_m x-row tiles, m fastest within a group:
+  // the blocks running at once share a few x tiles and many weight tiles, so
+  // both come from DRAM about once per group.
+  template <typename I>  // int, or unsigned for blockIdx.x
+  __device__ void origin(I tile, int bm, int& m0, int& n0) const {
+    const int per_group = group_m * n_tiles, first_m = (tile / per_group) * group_m;
+    const int in_group = tile % per_group, gm = min(m_tiles - first_m, group_m);
+    m0 = (first_m + in_group % gm) * bm;
+    n0 = (in_group / gm) * kRowsW;
+  }
+};
+
+// y for the tail tiles: the sum of their splits' partials, + bias. Grid:
+// (tail tiles, slices of a tile).
+template <typename T>
+__global__ void finish_tail_sm90(const float* __restrict__ ws, const T* __restrict__ bias,
+                                 T* __restrict__ y, int M, int N, int bm, Schedule sched) {
+  const int ti = blockIdx.x, tail = sched.tail(), tile_elems = bm * kRowsW;
+  int m0 = 0, n0 = 0;
+  sched.origin(sched.full + ti, bm, m0, n0);
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < tile_elems; i += gridDim.y * blockDim.x) {
+    const int m = m0 + i / kRowsW, n = n0 + i % kRowsW;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int sp = 0; sp < sched.splits; ++sp)
+      v += ws[(static_cast<size_t>(sp) * tail + ti) * tile_elems + i];
+    if (bias != nullptr) v += static_cast<float>(bias[n]);
+    y[static_cast<size_t>(m) * N + n] = static_cast<T>(v);
+  }
+}
+
 // f(integral_constant<int, s>) for each s of the sequence, in order.
 template <int... S, typename F>
 __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f) {
@@ -134,14 +183,16 @@ __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f
 }
 
 // U: steps per set of scales and zeros (2 where groups are whole step pairs).
-template <typename T, int BM, int STAGES, int D, int BLOCKS, int U>
+// TAIL: the tiles of the last wave are split (Schedule). A kernel of its own:
+// with the tail's arithmetic in every kernel, grids that split nothing ran
+// 2-5% slower (M = 256..1024), the compiler having laid out their code anew.
+template <typename T, int BM, int STAGES, int D, int BLOCKS, int U, bool TAIL>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
                  const __grid_constant__ CUtensorMap w_map,
                  const T* __restrict__ scales, const T* __restrict__ zeros,
                  const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
-                 int M, int N, int K, tile::Groups groups, int m_tiles, int n_tiles, int group_m,
-                 int split_steps) {
+                 int M, int N, int K, tile::Groups groups, Schedule sched) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using V = typename Pair<T>::type;
   using L = Layout<BM, STAGES>;
@@ -153,17 +204,21 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
-  // Tiles in groups of up to group_m x-row tiles, m fastest within a group:
-  // the blocks running at once share a few x tiles and many weight tiles, so
-  // both come from DRAM about once per group.
-  const int per_group = group_m * n_tiles, first_m = (blockIdx.x / per_group) * group_m;
-  const int in_group = blockIdx.x % per_group, gm = min(m_tiles - first_m, group_m);
-  const int m0 = (first_m + in_group % gm) * BM, n0 = (in_group / gm) * kRowsW;
+  // This block's tile and its steps [k_first, k_first + n_steps), an even
+  // number (Schedule). The epilogue asks again which tile and split, rather
+  // than keep them in registers through the loop.
+  int m0 = 0, n0 = 0, k_first = 0, n_steps = 0;
+  if constexpr (TAIL) {
+    const bool split = static_cast<int>(blockIdx.x) >= sched.full;
+    sched.origin(split ? sched.tile_of(blockIdx.x) : static_cast<int>(blockIdx.x), BM, m0, n0);
+    k_first = split ? sched.split_of(blockIdx.x) * sched.tail_steps : 0;
+    n_steps = split ? min(K / kStepK - k_first, sched.tail_steps) : K / kStepK;
+  } else {
+    sched.origin(blockIdx.x, BM, m0, n0);
+    k_first = blockIdx.y * sched.split_steps;
+    n_steps = min(K / kStepK - k_first, sched.split_steps);
+  }
   const int G = K / groups.size;
-  // Split-K (blockIdx.y): this block's steps [k_first, k_first + n_steps), an
-  // even number; with more than one split, float32 partial sums go to ws.
-  const int k_first = blockIdx.y * split_steps;
-  const int n_steps = min(K / kStepK - k_first, split_steps);
 
   // Issued by one thread: rows past M or N arrive as zeros.
   auto load_stage = [&](int i) {  // i: this block's step index
@@ -305,23 +360,55 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     wgmma_wait<0>();
 
     // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
+    if constexpr (TAIL) {
+      // Blocks past `full` split a last-wave tile: their partial sums go to
+      // the tile's part of the workspace, [splits][tail][BM][kRowsW] (Schedule).
+      const bool split = static_cast<int>(blockIdx.x) >= sched.full;
+      float* const part =
+          split ? ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
+                        sched.tile_of(blockIdx.x) - sched.full) * (BM * kRowsW)
+                : nullptr;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = n0 + row0 + 8 * h;
-      if (n >= N) continue;
-      const float b = bias != nullptr && ws == nullptr ? static_cast<float>(bias[n]) : 0.f;
-      float* part = ws != nullptr ? ws + static_cast<size_t>(blockIdx.y) * M * N : nullptr;
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + row0 + 8 * h;
+        if (n >= N) continue;
+        const float b = bias != nullptr && !split ? static_cast<float>(bias[n]) : 0.f;
 #pragma unroll
-      for (int i = 0; i < BM / 8; ++i) {
+        for (int i = 0; i < BM / 8; ++i) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = m0 + 8 * i + 2 * c + e;
-          if (m >= M) continue;
-          const size_t at = static_cast<size_t>(m) * N + n;
-          if (part != nullptr) {
-            part[at] = acc[4 * i + 2 * h + e];
-          } else {
-            y[at] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
+          for (int e = 0; e < 2; ++e) {
+            const int m = m0 + 8 * i + 2 * c + e;
+            if (m >= M) continue;
+            if (split) {
+              part[(m - m0) * kRowsW + (n - n0)] = acc[4 * i + 2 * h + e];
+            } else {
+              y[static_cast<size_t>(m) * N + n] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
+            }
+          }
+        }
+      }
+    } else {
+      // Split over blockIdx.y: partial sums in the workspace as [gridDim.y][M][N].
+      // (A loop of its own: one loop for both layouts came out 4% slower at
+      // M = 1024, (4096, 14336).)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + row0 + 8 * h;
+        if (n >= N) continue;
+        const float b = bias != nullptr && ws == nullptr ? static_cast<float>(bias[n]) : 0.f;
+        float* part = ws != nullptr ? ws + static_cast<size_t>(blockIdx.y) * M * N : nullptr;
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int m = m0 + 8 * i + 2 * c + e;
+            if (m >= M) continue;
+            const size_t at = static_cast<size_t>(m) * N + n;
+            if (part != nullptr) {
+              part[at] = acc[4 * i + 2 * h + e];
+            } else {
+              y[at] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
+            }
           }
         }
       }
@@ -375,14 +462,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int N = static_cast<int>(qweight.size(0));
   const int m_tiles = (M + BM - 1) / BM, n_tiles = static_cast<int>(weight_tiles(N));
-  // Groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.
-  const int group_m = 8;
-  // Scales and zeros once per step pair where groups are whole pairs.
-  auto* kernel = group_size % (2 * kStepK) == 0 ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2>
-                                                : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1>;
-  // Per call, not once: the limit belongs to the current device.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      L::kBytes));
+  // (Schedule's groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.)
   // x: boxes of BM rows x 64 halves, 128-byte swizzle (the layout wgmma's B
   // descriptor names); codes: 128 rows x 32 bytes, 32-byte swizzle (so the
   // lanes' 16-byte reads of 8 rows fall in distinct banks).
@@ -402,27 +482,73 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192)
   // 120 -> 110 us with 2 splits, (14336, 4096) 98 -> 37 us with 4;
   // (8192, 28672) 132 us unsplit, 146 us with 4).
+  //
+  // Past one wave, a last wave that is at most half full (one block per SM)
+  // has its tiles split, up to 4 ways, so that it takes a fraction of the time
+  // of a full one; the other tiles are whole (Schedule). H100, w4 g128, 256-row
+  // tiles, split / not (us): (8192, 28672) M = 512 (448 tiles, 52 split in 2)
+  // 391 / 413, M = 640 (672, 12 in 4) 553 / 576, M = 768 590 / 622; (28672,
+  // 8192) M = 640 (192, 60 in 2) 522 / 605, M = 768 555 / 641. Less than the
+  // waves promise, and at (4096, 14336), M = 1024 (448 tiles) nothing (212 /
+  // 212): a part-full last wave already runs faster than a full one.
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
   const int sms = BLOCKS * tile::sm_count();  // block slots of one wave
-  int splits = 1;
+  int splits = 1, tail_splits = 1;  // of every tile (blockIdx.y), of the last wave's
+  long tail = 0;
   if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
     splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
   } else if (2 * tiles <= sms) {
     splits = tile::wave_filling_splits(tiles, pairs, sms, 8);
+  } else if (tiles > sms && tiles % sms != 0 && 2 * (tiles % sms) <= sms) {
+    tail = tiles % sms;
+    const int want = static_cast<int>(std::min<long>({sms / tail, 4L, pairs}));
+    const int per = (pairs + want - 1) / want;
+    tail_splits = (pairs + per - 1) / per;
   }
-  const int split_steps = 2 * ((pairs + splits - 1) / splits);
+  const Schedule sched{m_tiles,
+                       n_tiles,
+                       /*group_m=*/8,
+                       static_cast<int>(tiles - tail),
+                       tail_splits,
+                       2 * ((pairs + splits - 1) / splits),
+                       2 * ((pairs + tail_splits - 1) / tail_splits)};
+  // (Partial sums tile by tile for a split last wave, whose tiles are a part
+  // of y; that layout for every tile measured up to 17% slower than y's,
+  // M = 256 at (4096, 4096) 37.4 against 32.0 us.)
+  // Scales and zeros once per step pair where groups are whole pairs.
+  const bool pair_groups = group_size % (2 * kStepK) == 0;
+  auto* kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, false>
+                             : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, false>;
+  if constexpr (BM > 64) {  // (the 64-row tiles' rule splits no last wave)
+    if (tail > 0)
+      kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, true>
+                           : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, true>;
+  }
+  // Per call, not once: the limit belongs to the current device.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      L::kBytes));
   at::Tensor ws;
-  if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  if (splits > 1)
+    ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  else if (tail > 0)
+    ws = at::empty({tail_splits, tail, BM * kRowsW}, x.options().dtype(at::kFloat));
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<dim3(m_tiles * n_tiles, splits), kThreads, L::kBytes, stream>>>(
-      x_map, w_map, reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zeros.data_ptr()),
-      bias_ptr, reinterpret_cast<T*>(y.data_ptr()), splits > 1 ? ws.data_ptr<float>() : nullptr,
-      M, N, K, tile::Groups::of(group_size), m_tiles, n_tiles, group_m, split_steps);
+  kernel<<<dim3(sched.blocks(), splits), kThreads, L::kBytes, stream>>>(
+      x_map, w_map, reinterpret_cast<const T*>(scales.data_ptr()),
+      reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
+      ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
+      sched);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+  if (splits > 1) {
+    tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+  } else if (tail > 0) {
+    finish_tail_sm90<T><<<dim3(sched.tail(), BM * kRowsW / 256), 256, 0, stream>>>(
+        ws.data_ptr<float>(), bias_ptr, reinterpret_cast<T*>(y.data_ptr()), M, N, BM, sched);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // 128 rows of x per block rather than 256: for up to 192 rows, and where the
