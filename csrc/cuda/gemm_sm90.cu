@@ -129,19 +129,19 @@ struct Regs {
 
 // Which tile and which K steps each block takes. K is split in one of two
 // ways. Every tile over blockIdx.y (gridDim.y splits of split_steps steps),
-// float32 partial sums in a workspace [splits][M][N] that tile::finish_split
-// adds up. Or (the kernel's TAIL) only the tiles of a last wave: blocks
-// [0, full) take tiles [0, full) whole, and each of the remaining (tail) tiles
-// is split over `splits` blocks of tail_steps steps (block full + u: tile
-// full + u % tail, split u / tail), partial sums tile by tile,
-// [splits][tail][bm][kRowsW], for finish_tail_sm90.
+// float32 partial sums in a workspace [gridDim.y][M][N] that
+// tile::finish_split adds up. Or (the kernel's TAIL) only the tiles of a last
+// wave: blocks [0, full) take tiles [0, full) whole, and each of the remaining
+// (tail) tiles is split over tail_splits blocks of tail_steps steps (block
+// full + u: tile full + u % tail, split u / tail), partial sums tile by tile,
+// [tail_splits][tail][bm][kRowsW], for finish_tail_sm90.
 struct Schedule {
   int m_tiles, n_tiles, group_m;  // x-row tiles, weight tiles, x-row tiles per group
-  int full, splits;
+  int full, tail_splits;
   int split_steps, tail_steps;  // steps of a blockIdx.y split, of a tail split (even)
   __host__ __device__ int tiles() const { return m_tiles * n_tiles; }
   __host__ __device__ int tail() const { return tiles() - full; }
-  __host__ __device__ int blocks() const { return full + tail() * splits; }
+  __host__ __device__ int blocks() const { return full + tail() * tail_splits; }
   // Block b's tile, and its split (-1: the whole tile).
   __device__ int tile_of(int b) const { return b < full ? b : full + (b - full) % tail(); }
   __device__ int split_of(int b) const { return b < full ? -1 : (b - full) / tail(); }
@@ -169,7 +169,7 @@ __global__ void finish_tail_sm90(const float* __restrict__ ws, const T* __restri
     const int m = m0 + i / kRowsW, n = n0 + i % kRowsW;
     if (m >= M || n >= N) continue;
     float v = 0.f;
-    for (int sp = 0; sp < sched.splits; ++sp)
+    for (int sp = 0; sp < sched.tail_splits; ++sp)
       v += ws[(static_cast<size_t>(sp) * tail + ti) * tile_elems + i];
     if (bias != nullptr) v += static_cast<float>(bias[n]);
     y[static_cast<size_t>(m) * N + n] = static_cast<T>(v);
@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
     if constexpr (TAIL) {
       // Blocks past `full` split a last-wave tile: their partial sums go to
-      // the tile's part of the workspace, [splits][tail][BM][kRowsW] (Schedule).
+      // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW] (Schedule).
       const bool split = static_cast<int>(blockIdx.x) >= sched.full;
       float* const part =
           split ? ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
