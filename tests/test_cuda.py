@@ -63,6 +63,23 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
         assert err < REL_TOL[dtype], (M, N, err)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_default_policy_many_rows(w_bit, dtype):
+    """The default path on both sides of where the wgmma kernel stops serving
+    4-bit codes (4096 rows) and of where the staged kernel stops (128): each
+    against the float64 reference, outputs poisoned."""
+    N, K, group_size = 136, 512, 64
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    for M in (128, 129, 1025, 2048, 4096, 4097):
+        x = make_x((M,), K, dtype, "cuda")
+        poison_allocator(M * N, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        assert err < REL_TOL[dtype], (M, err)
+
+
 @pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))

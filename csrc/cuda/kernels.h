@@ -20,14 +20,18 @@ constexpr int64_t kGemmMaxRows = 128;
 // Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 24 rows
 // (H100, w4 g128, staged / wgmma us: M = 24 at (4096, 14336) 32.0 / 29.3,
 // (28672, 8192) 92.2 / 83.4, (8192, 28672) 93.7 / 95.3; at 17 rows the staged
-// kernel won on three of the five benchmark shapes), up to 1024 rows, where
-// it ran faster than dequantize + cuBLAS on every benchmark shape (M = 512
+// kernel won on three of the five benchmark shapes), up to 4096 rows, where
+// it ran faster than dequantize + cuBLAS on the benchmark shapes (M = 512
 // at (4096, 4096): 34.4 against 46.9 us; M = 1024 at (4096, 14336): 209.1
-// against 228.3, at (8192, 28672) 733.6 against 937.3). Beyond, the weights
-// are dequantized to a temporary and cuBLAS multiplies (M = 4096 at
-// (8192, 28672), an earlier build of the wgmma kernel: 2919 against 3462 us).
+// against 228.3, at (8192, 28672) 733.6 against 937.3; two alternating runs,
+// wgmma / dequantize + cuBLAS: M = 2048 at (4096, 4096) 98.8 / 113.6, at
+// (8192, 28672) 1470 / 1758, at (28672, 8192) 1469 / 1652; M = 4096 at (4096,
+// 4096) 208 / 220, at (28672, 8192) 2922 / 3057 and 2802 / 3048; at (4096,
+// 14336) 785 / 753 and 802 / 816, even; the one cell it lost: M = 1536 at
+// (4096, 4096), 108 / 91). Beyond, the weights are dequantized to a temporary
+// and cuBLAS multiplies (not measured against the wgmma kernel there).
 constexpr int64_t kGemmMaxRowsSm90 = 24;
-constexpr int64_t kSm90MaxRows = 1024;
+constexpr int64_t kSm90MaxRows = 4096;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
 
