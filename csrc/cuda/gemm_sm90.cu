@@ -360,39 +360,13 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     wgmma_wait<0>();
 
     // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
-    if constexpr (TAIL) {
-      // Blocks past `full` split a last-wave tile: their partial sums go to
-      // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW] (Schedule).
-      const bool split = static_cast<int>(blockIdx.x) >= sched.full;
-      float* const part =
-          split ? ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
-                        sched.tile_of(blockIdx.x) - sched.full) * (BM * kRowsW)
-                : nullptr;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + row0 + 8 * h;
-        if (n >= N) continue;
-        const float b = bias != nullptr && !split ? static_cast<float>(bias[n]) : 0.f;
-#pragma unroll
-        for (int i = 0; i < BM / 8; ++i) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int m = m0 + 8 * i + 2 * c + e;
-            if (m >= M) continue;
-            if (split) {
-              part[(m - m0) * kRowsW + (n - n0)] = acc[4 * i + 2 * h + e];
-            } else {
-              y[static_cast<size_t>(m) * N + n] = static_cast<T>(acc[4 * i + 2 * h + e] + b);
-            }
-          }
-        }
-      }
-    } else if (ws == nullptr) {
-      // y through shared memory, so that it leaves in 16-byte stores along
-      // its rows: a thread holds two weight rows (y's columns) of 2 * BM / 8
-      // x rows, i.e. 2-byte pieces 2 * N bytes apart. Bias is added before
-      // the one rounding. The ring is free once every consumer's wgmmas are
-      // done (each waited for its own; the barrier waits for the others).
+    //
+    // y through shared memory, so that it leaves in 16-byte stores along its
+    // rows: a thread holds two weight rows (y's columns) of 2 * BM / 8 x rows,
+    // i.e. 2-byte pieces 2 * N bytes apart. Bias is added before the one
+    // rounding. The ring is free once every consumer's wgmmas are done (each
+    // waited for its own; the barrier waits for the others).
+    auto store_y = [&] {
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
       // Rows of kRowsW + 8 halves: lanes c write rows 2 apart, 8 banks apart.
       constexpr int kLd = kRowsW + 8;
@@ -424,6 +398,32 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
           for (int q = 0; q < 8 && n + q < N; ++q) dst[q] = src[q];
         }
       }
+    };
+    if constexpr (TAIL) {
+      // Blocks past `full` split a last-wave tile: their partial sums go to
+      // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW]
+      // (Schedule); the whole tiles store y as the kernels without a tail do.
+      if (static_cast<int>(blockIdx.x) < sched.full) {
+        store_y();
+      } else {
+        float* const part = ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
+                                  sched.tile_of(blockIdx.x) - sched.full) * (BM * kRowsW);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = n0 + row0 + 8 * h;
+          if (n >= N) continue;
+#pragma unroll
+          for (int i = 0; i < BM / 8; ++i) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int m = m0 + 8 * i + 2 * c + e;
+              if (m < M) part[(m - m0) * kRowsW + (n - n0)] = acc[4 * i + 2 * h + e];
+            }
+          }
+        }
+      }
+    } else if (ws == nullptr) {
+      store_y();
     } else {
       // Split over blockIdx.y: partial sums in the workspace as [gridDim.y][M][N].
       float* const part = ws + static_cast<size_t>(blockIdx.y) * M * N;
