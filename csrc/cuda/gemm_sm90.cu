@@ -399,34 +399,9 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
         }
       }
     };
-    if constexpr (TAIL) {
-      // Blocks past `full` split a last-wave tile: their partial sums go to
-      // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW]
-      // (Schedule); the whole tiles store y as the kernels without a tail do.
-      if (static_cast<int>(blockIdx.x) < sched.full) {
-        store_y();
-      } else {
-        float* const part = ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
-                                  sched.tile_of(blockIdx.x) - sched.full) * (BM * kRowsW);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = n0 + row0 + 8 * h;
-          if (n >= N) continue;
-#pragma unroll
-          for (int i = 0; i < BM / 8; ++i) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int m = m0 + 8 * i + 2 * c + e;
-              if (m < M) part[(m - m0) * kRowsW + (n - n0)] = acc[4 * i + 2 * h + e];
-            }
-          }
-        }
-      }
-    } else if (ws == nullptr) {
-      store_y();
-    } else {
-      // Split over blockIdx.y: partial sums in the workspace as [gridDim.y][M][N].
-      float* const part = ws + static_cast<size_t>(blockIdx.y) * M * N;
+    // Partial sums of a K split into a float32 workspace, element (m, n) at
+    // part[at(m, n)].
+    auto store_partial = [&](float* part, auto at) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = n0 + row0 + 8 * h;
@@ -436,10 +411,28 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int m = m0 + 8 * i + 2 * c + e;
-            if (m < M) part[static_cast<size_t>(m) * N + n] = acc[4 * i + 2 * h + e];
+            if (m < M) part[at(m, n)] = acc[4 * i + 2 * h + e];
           }
         }
       }
+    };
+    if constexpr (TAIL) {
+      // Blocks past `full` split a last-wave tile: their partial sums go to
+      // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW]
+      // (Schedule); the whole tiles store y as the kernels without a tail do.
+      if (static_cast<int>(blockIdx.x) < sched.full) {
+        store_y();
+      } else {
+        store_partial(ws + (static_cast<size_t>(sched.split_of(blockIdx.x)) * sched.tail() +
+                            sched.tile_of(blockIdx.x) - sched.full) * (BM * kRowsW),
+                      [&](int m, int n) { return (m - m0) * kRowsW + (n - n0); });
+      }
+    } else if (ws == nullptr) {
+      store_y();
+    } else {
+      // Split over blockIdx.y: partial sums in the workspace as [gridDim.y][M][N].
+      store_partial(ws + static_cast<size_t>(blockIdx.y) * M * N,
+                    [&](int m, int n) { return static_cast<size_t>(m) * N + n; });
     }
   }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
