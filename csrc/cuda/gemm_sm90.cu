@@ -475,6 +475,31 @@ static CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, int el
   return map;
 }
 
+// Past one wave, a last wave that is at most half full (one block per SM)
+// has its tiles split, so that it takes a fraction of the time of a full one;
+// the other tiles are whole (Schedule). The split count: as many as fill the
+// wave, up to 4; 0 where the last wave stays whole. H100, w4 g128, 256-row
+// tiles, split / not (us): (8192, 28672) M = 512 (448 tiles, 52 split in 2)
+// 391 / 413, M = 640 (672, 12 in 4) 553 / 576, M = 768 590 / 622; (28672,
+// 8192) M = 640 (192, 60 in 2) 522 / 605, M = 768 555 / 641; (14336, 4096) M = 1280 (160, 28 in
+// 4) 234 / 308; (4096, 4096) M = 1280 (160, 28 in 4) 80.2 / 94.3; (4096,
+// 6144) M = 1536 (288, 24 in 4) 128 / 143. Two-way splits of K = 4096 or less
+// lost in every case measured (the partial sums and the second kernel cost
+// more than half a wave of short tiles saves): (4096, 4096) M = 1536 (192, 60)
+// 103.0 / 94.8, M = 2560 151.4 / 146.1; (4096, 14336) M = 1024 200.3 / 196.0;
+// (4096, 6144) M = 1024 102.8 / 94.5, M = 3072 261.5 / 254.1; (2048, 8192)
+// M = 1280 95.2 / 80.0; so those tails stay whole (and at K = 8192, (8192,
+// 8192) M = 1280, two ways still gained: 273 / 285).
+static int tail_split_ways(long tiles, int sms, int K) {
+  const long tail = tiles % sms;
+  if (tiles <= sms || tail == 0 || 2 * tail > sms) return 0;
+  const int pairs = K / (2 * kStepK);
+  const int want = static_cast<int>(std::min<long>({sms / tail, 4L, pairs}));
+  if (want < 2 || (want == 2 && K <= 4096)) return 0;
+  const int per = (pairs + want - 1) / want;
+  return (pairs + per - 1) / per;
+}
+
 template <typename T, int BM, int STAGES, int D, int BLOCKS = 1>
 static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
@@ -503,15 +528,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192)
   // 120 -> 110 us with 2 splits, (14336, 4096) 98 -> 37 us with 4;
   // (8192, 28672) 132 us unsplit, 146 us with 4).
-  //
-  // Past one wave, a last wave that is at most half full (one block per SM)
-  // has its tiles split, up to 4 ways, so that it takes a fraction of the time
-  // of a full one; the other tiles are whole (Schedule). H100, w4 g128, 256-row
-  // tiles, split / not (us): (8192, 28672) M = 512 (448 tiles, 52 split in 2)
-  // 391 / 413, M = 640 (672, 12 in 4) 553 / 576, M = 768 590 / 622; (28672,
-  // 8192) M = 640 (192, 60 in 2) 522 / 605, M = 768 555 / 641. Less than the
-  // waves promise, and at (4096, 14336), M = 1024 (448 tiles) nothing (212 /
-  // 212): a part-full last wave already runs faster than a full one.
+  // Past one wave: tail_split_ways.
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
   const int sms = BLOCKS * tile::sm_count();  // block slots of one wave
@@ -522,11 +539,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
   } else if (2 * tiles <= sms) {
     splits = tile::wave_filling_splits(tiles, pairs, sms, 8);
-  } else if (tiles > sms && tiles % sms != 0 && 2 * (tiles % sms) <= sms) {
+  } else if (const int ways = tail_split_ways(tiles, sms, K); ways > 1) {
     tail = tiles % sms;
-    const int want = static_cast<int>(std::min<long>({sms / tail, 4L, pairs}));
-    const int per = (pairs + want - 1) / want;
-    tail_splits = (pairs + per - 1) / per;
+    tail_splits = ways;
   }
   const Schedule sched{m_tiles,
                        n_tiles,
@@ -577,8 +592,18 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // narrower tiles then need fewer K splits). H100, w4 g128, 128- / 256-row
 // tiles: M = 512 at (4096, 4096) 34.4 / 53.9 us, at (14336, 4096) 99.3 / 105.8;
 // M = 1024 at (14336, 4096), where both fill the SMs, 209.3 / 173.3.
-static bool prefer_narrow_tiles(int64_t M, int64_t N) {
-  return M <= 192 || 2 * ((M + 255) / 256) * weight_tiles(N) <= tile::sm_count();
+// Past one wave of 256-row tiles whose last wave stays whole, also where the
+// narrow tiles take fewer waves' time: a wave of them takes 0.6 of a wide
+// one's (M = 2048: (4096, 4096) 120.0 / 102.1 us over 4 and 2 waves, (4096,
+// 14336) 445.5 / 373.5 over 14 and 7). That picks them for 1.45 waves of wide
+// tiles (2 whole) against 2.9 narrow (3): (4096, 4096) M = 1536 90.5 / 94.8,
+// (4096, 6144) M = 1024 89.7 / 94.5; 2.4 against 4.8 (3 and 5, even) stays wide.
+static bool prefer_narrow_tiles(int64_t M, int64_t N, int K) {
+  const long sms = tile::sm_count(), n_tiles = weight_tiles(N);
+  const long wide = (M + 255) / 256 * n_tiles, narrow = (M + 127) / 128 * n_tiles;
+  if (M <= 192 || 2 * wide <= sms) return true;
+  if (wide <= sms || tail_split_ways(wide, static_cast<int>(sms), K) > 1) return false;
+  return 3 * ((narrow + sms - 1) / sms) < 5 * ((wide + sms - 1) / sms);
 }
 
 template <typename T>
@@ -599,7 +624,7 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
       return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }
-  if (prefer_narrow_tiles(M, qweight.size(0)))
+  if (prefer_narrow_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
     return launch<T, 128, 6, 2>(x, qweight, scales, zeros, bias, y, group_size);
   launch<T, 256, 5, 2>(x, qweight, scales, zeros, bias, y, group_size);
 }
