@@ -481,9 +481,9 @@ static CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, int el
 // wave, up to 4; 0 where the last wave stays whole. H100, w4 g128, 256-row
 // tiles, split / not (us): (8192, 28672) M = 512 (448 tiles, 52 split in 2)
 // 391 / 413, M = 640 (672, 12 in 4) 553 / 576, M = 768 590 / 622; (28672,
-// 8192) M = 640 (192, 60 in 2) 522 / 605, M = 768 555 / 641; (14336, 4096) M = 1280 (160, 28 in
-// 4) 234 / 308; (4096, 4096) M = 1280 (160, 28 in 4) 80.2 / 94.3; (4096,
-// 6144) M = 1536 (288, 24 in 4) 128 / 143. Two-way splits of K = 4096 or less
+// 8192) M = 640 (192, 60 in 2) 522 / 605, M = 768 555 / 641; (14336, 4096)
+// M = 1280 (160, 28 in 4) 234 / 308; (4096, 4096) M = 1280 (160, 28 in 4)
+// 80.2 / 94.3; (4096, 6144) M = 1536 (288, 24 in 4) 128 / 143. Two-way splits of K = 4096 or less
 // lost in every case measured (the partial sums and the second kernel cost
 // more than half a wave of short tiles saves): (4096, 4096) M = 1536 (192, 60)
 // 103.0 / 94.8, M = 2560 151.4 / 146.1; (4096, 14336) M = 1024 200.3 / 196.0;
