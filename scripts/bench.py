@@ -5,8 +5,12 @@ M), PyTorch's int4 kernel aten._weight_int4pack_mm (bf16, g128) and a
 pure-PyTorch dequantize + matmul under torch.compile. Times are medians of
 triton.testing.do_bench (L2 flushed between runs). "floor" is the kernel's
 compulsory bytes (packed weights, scales, zeros, x, y) over the measured
-device-to-device copy bandwidth; %floor = floor / time. --clean-l2 adds, for
-M <= 16, times with L2 emptied by a read instead (bench_clean_l2).
+device-to-device copy bandwidth; %floor = floor / time. At M = 1 each weight
+format's bytes are also read by a plain streaming kernel under the same flush
+("read"): the most any kernel that must read them could do here, since the
+write-back of the flush's dirty lines lands inside every timed run.
+--clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
+(bench_clean_l2).
 
     python scripts/bench.py --out bench.json [--quick] [--clean-l2]
 """
@@ -25,6 +29,8 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 import triton.testing
 
 import mpq_ops  # noqa: F401
@@ -57,6 +63,31 @@ def bench_clean_l2(fn, reps=200):
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2] * 1e3
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr):
+    # Each program reads BLOCK int32 words and writes their sum (so that the
+    # loads stay). Of blocks of 1024 to 8192 words, 1 to 16 per program, 4 or 8
+    # warps, this was the fastest on the H100: 52.6 us for 125 MB (2.38 TB/s)
+    # under do_bench, 2.11 TB/s for torch.sum; a CUDA kernel with four 16-byte
+    # loads in flight per thread read 117 MB at 2.49 TB/s after the same kind of
+    # flush (2.83 TB/s after a flush by reading).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src + offs, mask=offs < n, other=0)
+    tl.store(out + tl.program_id(0), tl.sum(v, axis=0))
+
+
+def read_us(*tensors):
+    """do_bench time (us) of a plain streaming read of as many bytes as the
+    tensors hold (one int32 buffer of that size, read once per run)."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    n = (nbytes + 3) // 4
+    src = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
+    block = 1024
+    grid = (triton.cdiv(n, block),)
+    out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+    return bench(lambda: _read_kernel[grid](src, out, n, BLOCK=block, num_warps=4))
 
 
 def copy_bandwidth():
@@ -145,6 +176,9 @@ def main():
                           + M * N * 2)
                 row[f"mpq_w{b}_us"] = t
                 row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
+                if M == 1 and not args.mpq_only:
+                    row[f"read_w{b}_us"] = read_us(qw.qweight, qw.scales, qw.zeros)
+                    row[f"read_w{b}_bytes"] = nbytes - M * K * 2 - M * N * 2
             for kernel in (args.kernels.split(",") if args.kernels else ()):
                 os.environ["MPQ_OPS_CUDA_KERNEL"] = kernel
                 try:
@@ -179,6 +213,7 @@ def main():
         json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
                   indent=1)
     print_table(rows)
+    print_read(rows)
     if args.clean_l2:
         print_clean(rows)
     if args.kernels:
@@ -194,6 +229,23 @@ def print_kernels(rows, kernels):
             if f"mpq_w{b}_us" in r:
                 print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} {b:>4} | {r[f'mpq_w{b}_us']:8.1f} | "
                       + " ".join(f"{r[f'mpq_w{b}_{k}_us']:10.1f}" for k in kernels))
+
+
+def print_read(rows):
+    rows = [r for r in rows if "read_w4_us" in r]
+    if not rows:
+        return
+    print("\nM = 1 against a plain read of the same bytes under the same flush (us; "
+          "%read = read / time; read TB/s = the read's bytes / its time)")
+    print(f"{'K':>6} {'N':>6} | " + " | ".join(f"{'w' + str(b):>7} {'read':>7} {'%read':>5} "
+                                                 f"{'TB/s':>5}" for b in (2, 4, 8)))
+    for r in rows:
+        cells = []
+        for b in (2, 4, 8):
+            t, rd = r[f"mpq_w{b}_us"], r[f"read_w{b}_us"]
+            tbs = r[f"read_w{b}_bytes"] / rd * 1e-6
+            cells.append(f"{t:7.1f} {rd:7.1f} {100 * rd / t:5.0f} {tbs:5.2f}")
+        print(f"{r['K']:>6} {r['N']:>6} | " + " | ".join(cells))
 
 
 def print_clean(rows):
