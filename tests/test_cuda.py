@@ -47,15 +47,18 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     partial; a last wave of tiles split over K where it would leave most SMs
     idle (on 132 SMs: 182 tiles, 50 of them in 2 splits, K > 4096; 160 tiles,
     28 in 4) and kept whole where two splits of a short K would not pay (726
-    tiles, 66 last); 128-row tiles past one wave where they take fewer waves'
-    time (1536 rows, 32 weight tiles: 384 tiles); with and without bias; up to
+    tiles, 66 last), or taken by a second launch of 128-row tiles where it is
+    at most half full (320 tiles, the last 56 as 112 narrow ones, ragged N);
+    128-row tiles past one wave where they take fewer waves' time (1536 rows,
+    32 weight tiles: 384 tiles); with and without bias; up to
     64 rows against more weight tiles than SMs (two blocks per SM). Elsewhere
     the dispatch falls back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
                                (1000, 5100, 1024, True), (400, 11600, 4608, False),
-                               (1536, 4096, 1024, True), (150, 16896, 1024, False),
+                               (1536, 4096, 1024, True), (1000, 10200, 1024, True),
+                               (150, 16896, 1024, False),
                                (50, 17000, 1024, True)):
         qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None

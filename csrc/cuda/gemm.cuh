@@ -505,7 +505,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // Late scaling (tile::WeightRows::codes) where no step straddles a group and
 // x has at most two tiles: with few x rows the dequantize's multiply and
 // subtract per weight are most of a step's instructions, while the extra MMA
-// for the sum of x costs one per x tile and word.
+// for the sum of x costs one per x tile and word. Measured and not taken
+// (H100, M = 1, g128, medians of three alternating rounds, us): 2-bit codes,
+// whose 256-input steps span two groups, in late scaling over two B columns
+// each zero outside one group's half of the step (a third fewer instructions
+// per step, twice the MMAs): (8192, 28672) 45.4 -> 50.8, (28672, 8192) 46.0 ->
+// 50.3; the sums of x made once per block from its resident slice instead of
+// the MMA with A = 1 (half the MMAs, a longer prologue): w4 (8192, 28672) 60.3
+// -> 58.7 and (4096, 14336) 19.8 -> 18.9, but (28672, 8192) 57.8 -> 61.5 and
+// w8 slower on four of five shapes (e.g. (4096, 14336) 29.4 -> 31.3).
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1>
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
@@ -540,7 +548,9 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and
-    // 8-bit codes measured slower so, e.g. w4 at (8192, 28672) 71.2 -> 85.4).
+    // 8-bit codes measured slower so, e.g. w4 at (8192, 28672) 71.2 -> 85.4,
+    // and with two steps in flight under the 168 registers of three blocks
+    // too: 71.1 -> 73.6, (28672, 8192) 66.9 -> 69.9, bfloat16 73.1 -> 80.7).
     case 2:
       if constexpr (W == 2)
         return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);
