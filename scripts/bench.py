@@ -7,8 +7,9 @@ triton.testing.do_bench (L2 flushed between runs). "floor" is the kernel's
 compulsory bytes (packed weights, scales, zeros, x, y) over the measured
 device-to-device copy bandwidth; %floor = floor / time. At M = 1 each weight
 format's bytes are also read by a plain streaming kernel under the same flush
-("read"): the most any kernel that must read them could do here, since the
-write-back of the flush's dirty lines lands inside every timed run.
+("read"): what reading them costs here, where the write-back of the flush's
+dirty lines lands inside every timed run (a reference, not a strict bound:
+where the bytes fit L2 a kernel may come in under it).
 --clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
 (bench_clean_l2).
 
