@@ -127,6 +127,9 @@ struct Regs {
   static_assert(BLOCKS * (128 * kCopy + kConsumers * kConsumer) <= 65536, "register file");
 };
 
+// x-row tiles per group of Schedule (measured within 3% of 4 and 16 at M = 4096).
+constexpr int kGroupM = 8;
+
 // Which tile and which K steps each block takes. K is split in one of two
 // ways. Every tile over blockIdx.y (gridDim.y splits of split_steps steps),
 // float32 partial sums in a workspace [gridDim.y][M][N] that
@@ -507,7 +510,7 @@ static int tail_split_ways(long tiles, int sms, int K) {
 // most half full goes to a second launch of 128-row tiles instead, which cover
 // it in one wave at about 0.6 of a wide wave's time (prefer_narrow_tiles) and
 // write y directly: no partial sums. Taken where the tail is whole weight
-// tiles (x-row tiles fastest in Schedule: at most group_m of them, and the full
+// tiles (x-row tiles fastest in Schedule: at most kGroupM of them, and the full
 // waves a multiple of them). Returns the wide tiles left to that launch, or 0.
 // H100, w4 g128, (4096, 14336) (448 tiles, 52 left), narrow tail / last wave
 // whole, medians of five alternating rounds (us): M = 1024 184.3 / 201.5
@@ -515,8 +518,8 @@ static int tail_split_ways(long tiles, int sms, int K) {
 // bfloat16 M = 1024 184.4 / 194.8. The outputs were bitwise the same.
 static long narrow_tail(long m_tiles, long n_tiles, int sms, int K) {
   const long tiles = m_tiles * n_tiles, tail = tiles % sms;
-  if (tiles <= sms || tail == 0 || 2 * tail > sms || m_tiles > 8 || tail % m_tiles != 0)
-    return 0;
+  if (tiles <= sms || tail == 0 || 2 * tail > sms) return 0;
+  if (m_tiles > kGroupM || tail % m_tiles != 0) return 0;
   return tail_split_ways(tiles, sms, K) > 1 ? 0 : tail;
 }
 
@@ -531,7 +534,6 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int N = static_cast<int>(qweight.size(0));
   const int m_tiles = (M + BM - 1) / BM;
   const int n_tiles = n_count > 0 ? n_count : static_cast<int>(weight_tiles(N));
-  // (Schedule's groups of 8 x-row tiles: measured within 3% of 4 and 16 at M = 4096.)
   // x: boxes of BM rows x 64 halves, 128-byte swizzle (the layout wgmma's B
   // descriptor names); codes: 128 rows x 32 bytes, 32-byte swizzle (so the
   // lanes' 16-byte reads of 8 rows fall in distinct banks).
@@ -572,7 +574,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   }
   const Schedule sched{m_tiles,
                        n_tiles,
-                       /*group_m=*/8,
+                       kGroupM,
                        static_cast<int>(tiles - tail - narrow),
                        narrow > 0 ? 0 : tail_splits,
                        2 * ((pairs + splits - 1) / splits),
