@@ -79,10 +79,9 @@ def _read_kernel(src, out, n, BLOCK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(v, axis=0))
 
 
-def read_us(*tensors):
-    """do_bench time (us) of a plain streaming read of as many bytes as the
-    tensors hold (one int32 buffer of that size, read once per run)."""
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+def read_us(nbytes):
+    """do_bench time (us) of a plain streaming read of nbytes (one int32
+    buffer of that size, read once per run)."""
     n = (nbytes + 3) // 4
     src = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
     block = 1024
@@ -173,13 +172,14 @@ def main():
             for b in bits:
                 qw = weights[b]
                 t = bench(lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
-                nbytes = (qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2 + M * K * 2
-                          + M * N * 2)
+                # codes, scales and zeros; + x and y for the floor
+                weight_bytes = qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2
+                nbytes = weight_bytes + M * K * 2 + M * N * 2
                 row[f"mpq_w{b}_us"] = t
                 row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
                 if M == 1 and not args.mpq_only:
-                    row[f"read_w{b}_us"] = read_us(qw.qweight, qw.scales, qw.zeros)
-                    row[f"read_w{b}_bytes"] = nbytes - M * K * 2 - M * N * 2
+                    row[f"read_w{b}_us"] = read_us(weight_bytes)
+                    row[f"read_w{b}_bytes"] = weight_bytes
             for kernel in (args.kernels.split(",") if args.kernels else ()):
                 os.environ["MPQ_OPS_CUDA_KERNEL"] = kernel
                 try:
