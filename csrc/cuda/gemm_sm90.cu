@@ -560,7 +560,11 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // cells of M = 96..512 on eleven shapes by 3-23% and faster in none by 3%:
   // H100, w4 g128, us, e.g. (4096, 4096) M = 128 27.0 -> 21.6 with 4 splits
   // instead of 8, M = 256 32.5 -> 28.3 with 2 instead of 4, (8192, 4096)
-  // M = 160 49.8 -> 40.1, (2048, 2048) M = 256 22.0 -> 17.0.)
+  // M = 160 49.8 -> 40.1, (2048, 2048) M = 256 22.0 -> 17.0.) And only as
+  // many splits as keep the grid in one wave: the fuller waves of more splits
+  // (48 tiles: 8 splits in three waves against 2 in one at 0.73) lost to the
+  // partial sums, (2048, 2048) M = 384 28.7 -> 20.5 us, (8192, 2048) M = 384
+  // 45.6 -> 40.5.
   // Past one wave: tail_split_ways.
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
@@ -573,7 +577,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
     splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
   } else if (2 * tiles <= sms) {
-    splits = tile::wave_filling_splits(tiles, pairs, sms, 8, /*idle_penalty=*/false);
+    splits = tile::wave_filling_splits(
+        tiles, pairs, sms, static_cast<int>(std::clamp<long>(sms / tiles, 1, 8)),
+        /*idle_penalty=*/false);
   } else if (const int ways = tail_split_ways(tiles, sms, K); ways > 1) {
     tail = tiles % sms;
     tail_splits = ways;
@@ -643,12 +649,28 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // 14336) 445.5 / 373.5 over 14 and 7). That picks them for 1.45 waves of wide
 // tiles (2 whole) against 2.9 narrow (3): (4096, 4096) M = 1536 90.5 / 94.8,
 // (4096, 6144) M = 1024 89.7 / 94.5; 2.4 against 4.8 (3 and 5, even) stays wide.
+// Where the narrow tiles too take one wave, they: (5120, 5120) M = 320 38.7 /
+// 56.4, M = 384 39.0 / 56.5.
 static bool prefer_narrow_tiles(int64_t M, int64_t N, int K) {
   const long sms = tile::sm_count(), n_tiles = weight_tiles(N);
   const long wide = (M + 255) / 256 * n_tiles, narrow = (M + 127) / 128 * n_tiles;
   if (M <= 192 || 2 * wide <= sms) return true;
+  if (narrow <= sms) return true;  // one wave either way
   if (wide <= sms || tail_split_ways(wide, static_cast<int>(sms), K) > 1) return false;
   return 3 * ((narrow + sms - 1) / sms) < 5 * ((wide + sms - 1) / sms);
+}
+
+// Past 64 rows, 64-row tiles (12 stages, one block per SM) where they fill
+// 90-100% of one wave unsplit and K is short: no partial sums, and against
+// the split 128-row tiles' fixed costs the decode done once per 64 rows is
+// cheap. H100, w4 g128, against the rules' 128-row tiles (us): (4096, 8192)
+// M = 128 31.1 -> 27.3, (2048, 8192) M = 80 21.6 -> 17.2, (5120, 5120) M = 192
+// 37.6 -> 30.5, (4096, 4096) M = 256 28.5 -> 26.4. At K >= 8192 the split
+// 128-row tiles won: (8192, 4096) M = 256 42.4 against 45.7, (14336, 4096)
+// 62.1 against 73.9.
+static bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
+  const long sms = tile::sm_count(), tiles = (M + 63) / 64 * weight_tiles(N);
+  return K <= 5120 && tiles <= sms && 10 * tiles >= 9 * sms;
 }
 
 template <typename T>
@@ -669,6 +691,8 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
       return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }
+  if (prefer_64_row_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
+    return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   if (prefer_narrow_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
     return launch<T, 128, 6, 2>(x, qweight, scales, zeros, bias, y, group_size);
   launch<T, 256, 5, 2>(x, qweight, scales, zeros, bias, y, group_size);
