@@ -51,7 +51,8 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     at most half full (320 tiles, the last 56 as 112 narrow ones, ragged N);
     128-row tiles past one wave where they take fewer waves' time (1536 rows,
     32 weight tiles: 384 tiles) or where both take one wave (320 rows, 40
-    weight tiles); 64-row tiles past 64 rows where they fill one wave unsplit
+    weight tiles), and up to 384 rows where the wide tiles' last wave would
+    be split (320 rows, 86 weight tiles: 258 narrow tiles); 64-row tiles past 64 rows where they fill one wave unsplit
     (80 rows, 64 weight tiles: 128 tiles); K split in as many ways as keep
     one wave (384 rows, 16 weight tiles: 48 tiles in 2); with and without
     bias; up to 64 rows against more weight tiles than SMs (two blocks per
@@ -63,6 +64,7 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (1536, 4096, 1024, True), (1000, 10200, 1024, True),
                                (150, 16896, 1024, False), (320, 5100, 4096, False),
                                (80, 8150, 2048, True), (384, 2000, 2048, True),
+                               (320, 11000, 2048, False),
                                (50, 17000, 1024, True)):
         qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None

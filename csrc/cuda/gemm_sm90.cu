@@ -650,13 +650,18 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // tiles (2 whole) against 2.9 narrow (3): (4096, 4096) M = 1536 90.5 / 94.8,
 // (4096, 6144) M = 1024 89.7 / 94.5; 2.4 against 4.8 (3 and 5, even) stays wide.
 // Where the narrow tiles too take one wave, they: (5120, 5120) M = 320 38.7 /
-// 56.4, M = 384 39.0 / 56.5.
+// 56.4, M = 384 39.0 / 56.5. Up to 384 rows, where the wide tiles' second row
+// block is at most half used, the waves decide even where the wide tiles'
+// last wave would be split: M = 264..384 at (4096, 11008) 61.1-71.5 against
+// 90.8-105.3 us, at (8192, 28672) 318-336 against 384-411, at (8192, 11008)
+// 119-136 against 145-177.
 static bool prefer_narrow_tiles(int64_t M, int64_t N, int K) {
   const long sms = tile::sm_count(), n_tiles = weight_tiles(N);
   const long wide = (M + 255) / 256 * n_tiles, narrow = (M + 127) / 128 * n_tiles;
   if (M <= 192 || 2 * wide <= sms) return true;
   if (narrow <= sms) return true;  // one wave either way
-  if (wide <= sms || tail_split_ways(wide, static_cast<int>(sms), K) > 1) return false;
+  if (wide <= sms) return false;
+  if (M > 384 && tail_split_ways(wide, static_cast<int>(sms), K) > 1) return false;
   return 3 * ((narrow + sms - 1) / sms) < 5 * ((wide + sms - 1) / sms);
 }
 
