@@ -553,14 +553,15 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // under a quarter of the codes' bytes (measured at M = 64: (28672, 8192)
   // 120 -> 110 us with 2 splits, (14336, 4096) 98 -> 37 us with 4;
   // (8192, 28672) 132 us unsplit, 146 us with 4).
-  // The wider tiles, one block per SM, count a grid a few blocks short of a
-  // wave as full: those SMs idle, where a second wave would cost a whole
-  // one's time. (Scored as below a full wave, as for the kernels with several
-  // blocks per SM, they took twice the splits and were slower in 34 of 88
-  // cells of M = 96..512 on eleven shapes by 3-23% and faster in none by 3%:
-  // H100, w4 g128, us, e.g. (4096, 4096) M = 128 27.0 -> 21.6 with 4 splits
-  // instead of 8, M = 256 32.5 -> 28.3 with 2 instead of 4, (8192, 4096)
-  // M = 160 49.8 -> 40.1, (2048, 2048) M = 256 22.0 -> 17.0.) And only as
+  // The 128- and 256-row tiles, one block per SM, count a grid a few blocks
+  // short of a wave as full: those SMs idle, where a second wave would cost a
+  // whole one's time. (Scored as below a full wave, as for the kernels with
+  // several blocks per SM, they took twice the splits and were slower in 34
+  // of 88 cells of M = 96..512 on eleven shapes by 3-23% and faster in none
+  // by 3%: H100, w4 g128, us, e.g. (4096, 4096) M = 128 27.0 -> 21.6 with 4
+  // splits instead of 8, (14336, 4096) M = 256 66.3 -> 61.1 with 2 instead of
+  // 4, (8192, 4096) M = 160 49.8 -> 40.1, (2048, 2048) M = 256 22.0 -> 17.0.)
+  // And only as
   // many splits as keep the grid in one wave: the fuller waves of more splits
   // (48 tiles: 8 splits in three waves against 2 in one at 0.73) lost to the
   // partial sums, (2048, 2048) M = 384 28.7 -> 20.5 us, (8192, 2048) M = 384
