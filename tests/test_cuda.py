@@ -52,11 +52,12 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     128-row tiles past one wave where they take fewer waves' time (1536 rows,
     32 weight tiles: 384 tiles) or where both take one wave (320 rows, 40
     weight tiles), and up to 384 rows where the wide tiles' last wave would
-    be split (320 rows, 86 weight tiles: 258 narrow tiles); 64-row tiles past 64 rows where they fill one wave unsplit
-    (80 rows, 64 weight tiles: 128 tiles); K split in as many ways as keep
-    one wave (384 rows, 16 weight tiles: 48 tiles in 2); with and without
-    bias; up to 64 rows against more weight tiles than SMs (two blocks per
-    SM). Elsewhere the dispatch falls back and the same checks hold."""
+    be split (320 rows, 86 weight tiles: 258 narrow tiles); 64-row tiles
+    past 64 rows where they fill one wave unsplit (80 rows, 64 weight tiles:
+    128 tiles); K split in as many ways as keep one wave (384 rows, 16
+    weight tiles: 48 tiles in 2); with and without bias; up to 64 rows
+    against more weight tiles than SMs (two blocks per SM). Elsewhere the
+    dispatch falls back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),

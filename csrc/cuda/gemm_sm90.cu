@@ -561,11 +561,10 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // by 3%: H100, w4 g128, us, e.g. (4096, 4096) M = 128 27.0 -> 21.6 with 4
   // splits instead of 8, (14336, 4096) M = 256 66.3 -> 61.1 with 2 instead of
   // 4, (8192, 4096) M = 160 49.8 -> 40.1, (2048, 2048) M = 256 22.0 -> 17.0.)
-  // And only as
-  // many splits as keep the grid in one wave: the fuller waves of more splits
-  // (48 tiles: 8 splits in three waves against 2 in one at 0.73) lost to the
-  // partial sums, (2048, 2048) M = 384 28.7 -> 20.5 us, (8192, 2048) M = 384
-  // 45.6 -> 40.5.
+  // And only as many splits as keep the grid in one wave: the fuller waves of
+  // more splits (48 tiles: 8 splits in three waves against 2 in one at 0.73)
+  // lost to the partial sums, (2048, 2048) M = 384 28.7 -> 20.5 us, (8192,
+  // 2048) M = 384 45.6 -> 40.5.
   // Past one wave: tail_split_ways.
   const int pairs = K / (2 * kStepK);
   const long tiles = static_cast<long>(m_tiles) * n_tiles;
