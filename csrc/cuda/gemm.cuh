@@ -545,12 +545,24 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
     // Five blocks per SM (late scaling needs 105 registers uncapped, which
     // leaves four): the single-tile kernel is bound by loads in flight.
+    // Measured and not taken (H100, g128, M = 1, medians of three
+    // alternating rounds, us): three steps in flight (w4 (8192, 28672) 60.1
+    // -> 62.9, w8 98.7 -> 102.6), four at four blocks per SM (59.9, 98.0),
+    // six blocks (59.7, 98.7), eight warps per block (61.1, 99.8); for 2-bit
+    // codes other split counts than 4 (2 / 3 / 6 / 8 at (8192, 28672): 49.1 /
+    // 47.1 / 45.5 / 45.9 against 45.5) and three steps in flight (46.9).
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and
     // 8-bit codes measured slower so, e.g. w4 at (8192, 28672) 71.2 -> 85.4,
     // and with two steps in flight under the 168 registers of three blocks
     // too: 71.1 -> 73.6, (28672, 8192) 66.9 -> 69.9, bfloat16 73.1 -> 80.7).
+    // Its 188 registers leave 7-8 warps per SM, and at (8192, 28672) its 224
+    // blocks (no split) keep DRAM at 44% and the issue slots at 36% (ncu), but
+    // more warps lost: one W tile per warp at four or five blocks per SM with
+    // K splits up to the slots, 71.6 -> 81.3 / 85.7 us ((28672, 8192) 67.1 ->
+    // 74.5), their splits summed in clusters no better; three or four steps in
+    // flight at two blocks, 72.2 -> 74.4 / 79.3.
     case 2:
       if constexpr (W == 2)
         return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);

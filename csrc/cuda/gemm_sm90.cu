@@ -192,6 +192,12 @@ __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f
 // TAIL: the tiles of the last wave are split (Schedule). A kernel of its own:
 // with the tail's arithmetic in every kernel, grids that split nothing ran
 // 2-5% slower (M = 256..1024), the compiler having laid out their code anew.
+// One block per tile, not persistent: blocks that each walked a share of the
+// tiles, the ring running on from one tile into the next and y stored from
+// the accumulators (no barrier), measured slower on every multi-wave grid of
+// the benchmark shapes (H100, w4 g128, us): (4096, 4096) M = 2048 99.9 ->
+// 112.1, M = 4096 214.8 -> 229.0; (4096, 14336) M = 1024 183.6 -> 207.6;
+// (28672, 8192) M = 2048 1421 -> 1552.
 template <typename T, int BM, int STAGES, int D, int BLOCKS, int U, bool TAIL>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
