@@ -10,6 +10,7 @@ forces the choice); without it the Python bridge serves alone."""
 import glob
 import importlib.util
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -41,10 +42,20 @@ def hopper_arch_specific() -> bool:
     return any(t.startswith("9.0a") for t in tokens)
 
 
+def openmp_flags():
+    """-fopenmp where torch runs its CPU threads on OpenMP (Linux): at::parallel_for
+    is a header template whose `omp parallel` compiles into our library, so
+    without the flag the CPU kernels run on one thread. torch ships the
+    libgomp.so.1 that the flag links, and the loader shares it."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is left to BuildExtension: it must match the one torch was built with.
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"] + openmp_flags()
     if want_cuda():
         cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
@@ -54,9 +65,9 @@ def extension():
             nvcc.append("-DMPQ_SM90A")
         return CUDAExtension("mpq_ops._C", cpp + cu,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                             py_limited_api=True)
+                             extra_link_args=openmp_flags(), py_limited_api=True)
     return CppExtension("mpq_ops._C", cpp, extra_compile_args={"cxx": cxx},
-                        py_limited_api=True)
+                        extra_link_args=openmp_flags(), py_limited_api=True)
 
 
 def mlx_dirs():
@@ -84,8 +95,10 @@ def mlx_extension():
     # which mpq_ops does before loading this library.
     return [CppExtension("mpq_ops._mlx", ["csrc/mlx/bridge.cpp", "csrc/checks.cpp"],
                          include_dirs=[inc], library_dirs=[lib], libraries=["mlx"],
-                         extra_compile_args={"cxx": ["-O2", "-DPy_LIMITED_API=0x03090000"]},
-                         extra_link_args=[f"-Wl,-rpath,{lib}"], py_limited_api=True)]
+                         extra_compile_args={"cxx": ["-O2", "-DPy_LIMITED_API=0x03090000"]
+                                             + openmp_flags()},
+                         extra_link_args=[f"-Wl,-rpath,{lib}"] + openmp_flags(),
+                         py_limited_api=True)]
 
 
 setup(

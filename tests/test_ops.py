@@ -80,6 +80,27 @@ def test_matmul_output_fully_written():
         assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("isa", ("native", "baseline"))
+@pytest.mark.parametrize("w_bit", W_BITS)
+@pytest.mark.parametrize("K,group_size", [(32, -1), (96, 32), (160, 32), (224, -1), (384, 128),
+                                          (2048, 64)])
+def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
+    """The CPU kernels' corners: rows of x in every tile mix (8, 4, 2, 1) up to
+    the fused kernel's 16 and past it (blocked dequantize + BLAS, its last
+    block short), words past the last block of eight (K = 32 .. 224), blocks
+    that straddle groups (groups of 32), float32 so that the tolerance is tight;
+    the fused kernel's AVX2 build where the CPU has it and its baseline build."""
+    if isa == "baseline":
+        monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
+    N = 1000 if K == 2048 else 37
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, torch.float32)
+    for M in (1, 2, 3, 5, 7, 8, 11, 15, 16, 17, 40):
+        x = make_x((M,), K, torch.float32)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size))
+        assert err < REL_TOL[torch.float32], (M, err)
+
+
 # --- opcheck ------------------------------------------------------------------
 
 def opcheck_samples(device):

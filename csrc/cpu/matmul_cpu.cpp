@@ -1,56 +1,137 @@
 // mpq::matmul on the CPU.
 //
 // Two paths, both accumulating in float32:
-//  - few rows (decode): each thread dequantizes one weight row at a time into
-//    an L1-sized buffer and dots it with every input row, so the packed
-//    weights are read once and no [N, K] temporary is made;
-//  - many rows: dequantize to a float32 [N, K] temporary and hand the product
-//    to at::mm (BLAS), whose blocking beats anything hand-written here.
+//  - up to kFusedMaxRows rows (decode): fused_rows.h, the packed weights read
+//    once and each weight decoded once for all rows, no [N, K] temporary;
+//  - more rows: blocks of weight rows dequantized into one cache-sized float32
+//    buffer, each block's product by at::mm (BLAS) into its columns of y. A
+//    whole [N, K] temporary would be fresh memory on every call (page faults
+//    on every first touch: a new 64 MB float32 tensor took ten times as long
+//    to fill as a reused one here).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../mpq.h"
+#include "fused_rows.h"
 #include "unpack.h"
 
 namespace mpq::cpu {
 
 namespace {
 
-constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kFusedMaxRows = 16;
 
-// 16 independent partial sums let the compiler vectorize the reduction
-// without reassociation flags.
-inline float dot(const float* a, const float* b, int64_t K) {
-  float acc[16] = {0.f};
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    for (int j = 0; j < 16; ++j) acc[j] += a[k + j] * b[k + j];
+// The fused kernel's tiles per code width, built twice on x86-64 (AVX2 + FMA,
+// and the baseline) and picked by what this CPU runs. (Not target_clones with
+// arch=haswell: its resolver asks for that CPU model, which an AMD CPU with
+// the same features is not.)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MPQ_X86_AVX2 1
+#define MPQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+#define MPQ_FUSED_ROWS_W(NAME, W, TARGET)                                                     \
+  TARGET void NAME(int mr, const float* xb, int64_t K, const uint32_t* q, const float* s,      \
+                   const float* z, int64_t G, int64_t group_size, const int32_t* gw,           \
+                   int64_t n0, int64_t n1, int64_t N, float* y) {                              \
+    switch (mr) {                                                                              \
+      case 8: return fused_rows_tile<W, 8>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
+      case 4: return fused_rows_tile<W, 4>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
+      case 2: return fused_rows_tile<W, 2>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
+      default: return fused_rows_tile<W, 1>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);  \
+    }                                                                                          \
   }
-  float s = 0.f;
-  for (; k < K; ++k) s += a[k] * b[k];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
+MPQ_FUSED_ROWS_W(fused_rows_w2, 2, )
+MPQ_FUSED_ROWS_W(fused_rows_w4, 4, )
+MPQ_FUSED_ROWS_W(fused_rows_w8, 8, )
+#if defined(MPQ_X86_AVX2)
+MPQ_FUSED_ROWS_W(fused_rows_w2_avx2, 2, MPQ_TARGET_AVX2)
+MPQ_FUSED_ROWS_W(fused_rows_w4_avx2, 4, MPQ_TARGET_AVX2)
+MPQ_FUSED_ROWS_W(fused_rows_w8_avx2, 8, MPQ_TARGET_AVX2)
+#endif
+
+using Tile = void (*)(int, const float*, int64_t, const uint32_t*, const float*, const float*,
+                      int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, float*);
+
+// MPQ_OPS_CPU_ISA=baseline forces the baseline build (for its tests).
+template <int W>
+Tile tile_for_cpu() {
+#if defined(MPQ_X86_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("MPQ_OPS_CPU_ISA");
+  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  if (avx2 && !baseline) {
+    return W == 2 ? fused_rows_w2_avx2 : W == 4 ? fused_rows_w4_avx2 : fused_rows_w8_avx2;
+  }
+#endif
+  return W == 2 ? fused_rows_w2 : W == 4 ? fused_rows_w4 : fused_rows_w8;
 }
 
-template <typename scale_t>
-void fused_rows(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
-                const at::Tensor& z, int64_t w_bit, int64_t group_size, at::Tensor& yf) {
-  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  const float* xp = xf.data_ptr<float>();
-  float* yp = yf.data_ptr<float>();
-  const int32_t* qp = q.data_ptr<int32_t>();
-  const scale_t* sp = s.data_ptr<scale_t>();
-  const scale_t* zp = z.data_ptr<scale_t>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(K);
-    for (int64_t n = n0; n < n1; ++n) {
-      dequantize_rows<scale_t, float>(qp, sp, zp, n, n + 1, K, w_bit, group_size, row.data());
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(row.data(), xp + m * K, K);
+// y [M, N] float32 = x [M, K] float32 @ W^T; s, z float32 [N, K / group_size].
+template <int W>
+void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const float* s,
+                const float* z, int64_t N, int64_t group_size, float* y) {
+  constexpr int P = 32 / W;
+  const int64_t G = K / group_size, words = K / P;
+  const std::vector<float> xb = block_order<P>(x, M, K);
+  std::vector<int32_t> gw(static_cast<size_t>(words));
+  for (int64_t w = 0; w < words; ++w) gw[w] = static_cast<int32_t>(w * P / group_size);
+  const Tile tile = tile_for_cpu<W>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    // Rows of x in tiles of 8, 4, 2, 1: each tile decodes the weights once.
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      const int mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      tile(mr, xb.data() + m0 * K, K, q, s, z, G, group_size, gw.data(), n0, n1, N, y + m0 * N);
+      m0 += mr;
     }
   });
+}
+
+at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
+                 const at::Tensor& z, int64_t w_bit, int64_t group_size) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
+  auto yf = at::empty({M, N}, xf.options());
+  const auto sf = s.to(at::kFloat).contiguous(), zf = z.to(at::kFloat).contiguous();
+  const auto* qp = reinterpret_cast<const uint32_t*>(q.data_ptr<int32_t>());
+  const float *xp = xf.data_ptr<float>(), *sp = sf.data_ptr<float>(), *zp = zf.data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  switch (w_bit) {
+    case 2: fused_rows<2>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
+    case 4: fused_rows<4>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
+    default: fused_rows<8>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
+  }
+  return yf;
+}
+
+// x @ W^T through BLAS, W dequantized block by block into one float32
+// buffer of about 4 MB (at least 16 rows).
+at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
+                      const at::Tensor& z, int64_t w_bit, int64_t group_size) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
+  const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t{1} << 20) / K));
+  auto yf = at::empty({M, N}, xf.options());
+  auto buf = at::empty({rows, K}, xf.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "blocked_mm", [&] {
+    const int32_t* qp = q.data_ptr<int32_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t nb = std::min(rows, N - n0);
+      at::parallel_for(0, nb, 4, [&](int64_t r0, int64_t r1) {
+        dequantize_rows<scalar_t, float>(qp, sp, zp, n0 + r0, n0 + r1, K, w_bit, group_size,
+                                         buf.data_ptr<float>() + r0 * K);
+      });
+      auto out = yf.narrow(1, n0, nb);
+      at::mm_out(out, xf, buf.narrow(0, 0, nb).t());
+    }
+  });
+  return yf;
 }
 
 }  // namespace
@@ -70,19 +151,12 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     return as_output(y, out_sizes);
   }
   if (perm.has_value()) x2 = x2.index_select(1, checked_perm(*perm, K));
-  auto xf = x2.to(at::kFloat).contiguous();
+  const auto xf = x2.to(at::kFloat).contiguous();
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  at::Tensor yf;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "matmul_cpu", [&] {
-    if (M <= kFusedMaxRows) {
-      yf = at::empty({M, N}, xf.options());
-      fused_rows<scalar_t>(xf, q, s, z, w_bit, shape.group_size, yf);
-    } else {
-      yf = at::mm(xf, dequantize_tensor(q, s, z, K, w_bit, shape.group_size, /*as_float=*/true).t());
-    }
-  });
+  auto yf = M <= kFusedMaxRows ? fused(xf, q, s, z, w_bit, shape.group_size)
+                               : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
 }

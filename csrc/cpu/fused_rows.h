@@ -1,0 +1,190 @@
+// The CPU kernel for few rows of x: y[m, n] = sum_k x[m, k] * W[n, k] with
+// each weight decoded once for all rows and the packed weights read once.
+//
+// Eight words of a weight row are decoded side by side, one code of each per
+// lane: code j of eight words is one shift by j * W, one mask and one
+// int-to-float conversion for all eight, i.e. plain 8-wide vector operations.
+// For that, x is reordered once per call into the same order (block_order):
+// block b of eight words holds, for each code j, the x values of the eight
+// words' code j next to each other. Scales and zeros are float32 here (the
+// caller converts them once per call); the sums are float32.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// The 8-lane helpers below are always inlined, so the ABI of a 32-byte vector
+// argument in the baseline build (GCC's -Wpsabi note) never applies.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace mpq::cpu {
+
+constexpr int kLanes = 8;  // words decoded side by side
+
+// x [M, K] (row-major float32) in the kernel's order, per row: whole blocks of
+// kLanes words as described above, then the remaining words' x in order.
+template <int P>
+std::vector<float> block_order(const float* x, int64_t M, int64_t K) {
+  std::vector<float> out(static_cast<size_t>(M * K));
+  const int64_t blocks = K / P / kLanes, whole = blocks * kLanes * P;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* o = out.data() + m * K;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int j = 0; j < P; ++j)
+        for (int l = 0; l < kLanes; ++l)
+          o[(b * P + j) * kLanes + l] = xr[(b * kLanes + l) * P + j];
+    std::copy(xr + whole, xr + K, o + whole);
+  }
+  return out;
+}
+
+#if defined(__GNUC__)
+#define MPQ_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MPQ_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define MPQ_ALWAYS_INLINE inline
+#define MPQ_LAMBDA_INLINE
+#endif
+
+// Eight lanes: GCC/clang vector types (one AVX register, or two SSE ones in
+// the baseline build); elsewhere plain arrays with the same operations.
+#if defined(__GNUC__)
+typedef float F8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+MPQ_ALWAYS_INLINE F8 load8(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+MPQ_ALWAYS_INLINE U8 load8(const uint32_t* p) {
+  U8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+MPQ_ALWAYS_INLINE F8 splat8(float v) { return F8{} + v; }
+template <int SHIFT>
+MPQ_ALWAYS_INLINE F8 code8(U8 w, uint32_t mask) {
+  return __builtin_convertvector((I8)((w >> SHIFT) & mask), F8);
+}
+MPQ_ALWAYS_INLINE float sum8(F8 v) {
+  float t = 0.f;
+  for (int l = 0; l < kLanes; ++l) t += v[l];
+  return t;
+}
+#else
+struct F8 {
+  float v[kLanes];
+  float operator[](int l) const { return v[l]; }
+};
+struct U8 {
+  uint32_t v[kLanes];
+};
+inline F8 operator+(F8 a, F8 b) { for (int l = 0; l < kLanes; ++l) a.v[l] += b.v[l]; return a; }
+inline F8 operator-(F8 a, F8 b) { for (int l = 0; l < kLanes; ++l) a.v[l] -= b.v[l]; return a; }
+inline F8 operator*(F8 a, F8 b) { for (int l = 0; l < kLanes; ++l) a.v[l] *= b.v[l]; return a; }
+inline F8& operator+=(F8& a, F8 b) { return a = a + b; }
+inline F8 load8(const float* p) { F8 v; std::memcpy(v.v, p, sizeof v.v); return v; }
+inline U8 load8(const uint32_t* p) { U8 v; std::memcpy(v.v, p, sizeof v.v); return v; }
+inline F8 splat8(float x) { F8 v; for (int l = 0; l < kLanes; ++l) v.v[l] = x; return v; }
+template <int SHIFT>
+inline F8 code8(U8 w, uint32_t mask) {
+  F8 v;
+  for (int l = 0; l < kLanes; ++l) v.v[l] = static_cast<float>(static_cast<int32_t>((w.v[l] >> SHIFT) & mask));
+  return v;
+}
+inline float sum8(F8 v) { float t = 0.f; for (int l = 0; l < kLanes; ++l) t += v.v[l]; return t; }
+#endif
+
+// f(integral_constant<int, j>) for j = 0 .. N-1, unrolled.
+template <int... J, typename F>
+MPQ_ALWAYS_INLINE void unroll(std::integer_sequence<int, J...>, F&& f) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+
+// Rows [n0, n1) of y for MR rows of x (xb: those rows in block order, row
+// stride K; y: row stride N). s, z: float32 [N, G]. gw[w]: the group of word
+// w, read only where a block straddles groups and for the last words.
+template <int W, int MR>
+MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_t* q,
+                                       const float* s, const float* z, int64_t G,
+                                       int64_t group_size, const int32_t* gw, int64_t n0,
+                                       int64_t n1, int64_t N, float* y) {
+  constexpr int P = 32 / W;
+  constexpr uint32_t mask = (1u << W) - 1u;
+  constexpr int A = MR >= 4 ? 1 : std::min(P, 4 / MR);
+  const int64_t words = K / P, blocks = words / kLanes;
+  const int64_t words_per_group = group_size / P;
+  // Groups that are whole blocks: one scale and zero per block, looped by group.
+  const bool whole_groups = words_per_group % kLanes == 0;
+  const int64_t blocks_per_group = whole_groups ? words_per_group / kLanes : 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint32_t* qr = q + n * words;
+    const float* sr = s + n * G;
+    const float* zr = z + n * G;
+    // A sums per row, code j adding to sum j % A: with fewer than four rows
+    // one sum per row would chain every multiply-add on the one before it.
+    F8 acc[MR][A];
+    for (int m = 0; m < MR; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = splat8(0.f);
+    // Block b (kLanes words), lane l's scale and zero in sl[l], zl[l].
+    const auto block = [&](int64_t b, F8 sl, F8 zl) MPQ_LAMBDA_INLINE {
+      const U8 wq = load8(qr + b * kLanes);
+      const float* xk = xb + b * kLanes * P;
+      unroll(std::make_integer_sequence<int, P>{}, [&](auto j) MPQ_LAMBDA_INLINE {
+        constexpr int jj = decltype(j)::value;
+        const F8 wv = (code8<jj * W>(wq, mask) - zl) * sl;
+        for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + m * K + jj * kLanes);
+      });
+    };
+    if (whole_groups) {
+      for (int64_t g = 0; g < G; ++g) {
+        const F8 sl = splat8(sr[g]), zl = splat8(zr[g]);
+        for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
+          block(b, sl, zl);
+      }
+    } else {
+      for (int64_t b = 0; b < blocks; ++b) {
+        float sv[kLanes], zv[kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          sv[l] = sr[gw[b * kLanes + l]];
+          zv[l] = zr[gw[b * kLanes + l]];
+        }
+        block(b, load8(sv), load8(zv));
+      }
+    }
+    float out[MR];
+    for (int m = 0; m < MR; ++m) {
+      F8 t = acc[m][0];
+      for (int a = 1; a < A; ++a) t += acc[m][a];
+      out[m] = sum8(t);
+    }
+    // Words past the last whole block, in order.
+    for (int64_t w = blocks * kLanes; w < words; ++w) {
+      const uint32_t word = qr[w];
+      const float sc = sr[gw[w]], zc = zr[gw[w]];
+      for (int j = 0; j < P; ++j) {
+        const float wv =
+            (static_cast<float>(static_cast<int32_t>((word >> (j * W)) & mask)) - zc) * sc;
+        for (int m = 0; m < MR; ++m) out[m] += wv * xb[m * K + w * P + j];
+      }
+    }
+    for (int m = 0; m < MR; ++m) y[m * N + n] = out[m];
+  }
+}
+
+}  // namespace mpq::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
