@@ -30,20 +30,31 @@ namespace mpq::cpu {
 
 constexpr int kLanes = 8;  // words decoded side by side
 
-// x [M, K] (row-major float32) in the kernel's order, per row: whole blocks of
-// kLanes words as described above, then the remaining words' x in order.
+// Rows of x go through the kernel in tiles of 8, 4, 2, 1 rows; the tile that
+// starts with `left` rows to go.
+inline int tile_rows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
+// x [M, K] (row-major float32) in the kernel's order: per tile of mr rows
+// (tile_rows), an mr * K region holding, for each whole block of kLanes words
+// and each code j, the tile's rows one after the other, each with the x values
+// of the block's words' code j side by side; then each row's remaining x in
+// order. A tile thus reads its x at fixed offsets from one pointer per block.
 template <int P>
 std::vector<float> block_order(const float* x, int64_t M, int64_t K) {
   std::vector<float> out(static_cast<size_t>(M * K));
   const int64_t blocks = K / P / kLanes, whole = blocks * kLanes * P;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    float* o = out.data() + m * K;
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int j = 0; j < P; ++j)
-        for (int l = 0; l < kLanes; ++l)
-          o[(b * P + j) * kLanes + l] = xr[(b * kLanes + l) * P + j];
-    std::copy(xr + whole, xr + K, o + whole);
+  for (int64_t m0 = 0; m0 < M;) {
+    const int mr = tile_rows(M - m0);
+    float* o = out.data() + m0 * K;
+    for (int m = 0; m < mr; ++m) {
+      const float* xr = x + (m0 + m) * K;
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int j = 0; j < P; ++j)
+          for (int l = 0; l < kLanes; ++l)
+            o[((b * P + j) * mr + m) * kLanes + l] = xr[(b * kLanes + l) * P + j];
+      std::copy(xr + whole, xr + K, o + whole * mr + m * (K - whole));
+    }
+    m0 += mr;
   }
   return out;
 }
@@ -100,7 +111,8 @@ inline F8 splat8(float x) { F8 v; for (int l = 0; l < kLanes; ++l) v.v[l] = x; r
 template <int SHIFT>
 inline F8 code8(U8 w, uint32_t mask) {
   F8 v;
-  for (int l = 0; l < kLanes; ++l) v.v[l] = static_cast<float>(static_cast<int32_t>((w.v[l] >> SHIFT) & mask));
+  for (int l = 0; l < kLanes; ++l)
+    v.v[l] = static_cast<float>(static_cast<int32_t>((w.v[l] >> SHIFT) & mask));
   return v;
 }
 inline float sum8(F8 v) { float t = 0.f; for (int l = 0; l < kLanes; ++l) t += v.v[l]; return t; }
@@ -112,14 +124,15 @@ MPQ_ALWAYS_INLINE void unroll(std::integer_sequence<int, J...>, F&& f) {
   (f(std::integral_constant<int, J>{}), ...);
 }
 
-// Rows [n0, n1) of y for MR rows of x (xb: those rows in block order, row
-// stride K; y: row stride N). s, z: float32 [N, G]. gw[w]: the group of word
-// w, read only where a block straddles groups and for the last words.
+// Rows [n0, n1) of y for MR rows of x (xb: their region of block_order's
+// output; y: row stride N). s, z: float32 [N, G].
+// gw[w]: the group of word w, read only where a block straddles groups and
+// for the last words.
 template <int W, int MR>
 MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_t* q,
                                        const float* s, const float* z, int64_t G,
-                                       int64_t group_size, const int32_t* gw, int64_t n0,
-                                       int64_t n1, int64_t N, float* y) {
+                                       int64_t group_size, const int32_t* gw,
+                                       int64_t n0, int64_t n1, int64_t N, float* y) {
   constexpr int P = 32 / W;
   constexpr uint32_t mask = (1u << W) - 1u;
   constexpr int A = MR >= 4 ? 1 : std::min(P, 4 / MR);
@@ -137,19 +150,20 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
     F8 acc[MR][A];
     for (int m = 0; m < MR; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = splat8(0.f);
-    // Block b (kLanes words), lane l's scale and zero in sl[l], zl[l].
+    // Block b (kLanes words), lane l's scale in sl[l] and -zero * scale in
+    // zl[l] (a weight is then one multiply-add from its code).
     const auto block = [&](int64_t b, F8 sl, F8 zl) MPQ_LAMBDA_INLINE {
       const U8 wq = load8(qr + b * kLanes);
-      const float* xk = xb + b * kLanes * P;
+      const float* xk = xb + b * kLanes * P * MR;
       unroll(std::make_integer_sequence<int, P>{}, [&](auto j) MPQ_LAMBDA_INLINE {
         constexpr int jj = decltype(j)::value;
-        const F8 wv = (code8<jj * W>(wq, mask) - zl) * sl;
-        for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + m * K + jj * kLanes);
+        const F8 wv = code8<jj * W>(wq, mask) * sl + zl;
+        for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + (jj * MR + m) * kLanes);
       });
     };
     if (whole_groups) {
       for (int64_t g = 0; g < G; ++g) {
-        const F8 sl = splat8(sr[g]), zl = splat8(zr[g]);
+        const F8 sl = splat8(sr[g]), zl = splat8(-zr[g] * sr[g]);
         for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
           block(b, sl, zl);
       }
@@ -158,7 +172,7 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
         float sv[kLanes], zv[kLanes];
         for (int l = 0; l < kLanes; ++l) {
           sv[l] = sr[gw[b * kLanes + l]];
-          zv[l] = zr[gw[b * kLanes + l]];
+          zv[l] = -zr[gw[b * kLanes + l]] * sv[l];
         }
         block(b, load8(sv), load8(zv));
       }
@@ -172,11 +186,12 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
     // Words past the last whole block, in order.
     for (int64_t w = blocks * kLanes; w < words; ++w) {
       const uint32_t word = qr[w];
-      const float sc = sr[gw[w]], zc = zr[gw[w]];
+      const float sc = sr[gw[w]], zc = -zr[gw[w]] * sc;
+      const float* xt = xb + blocks * kLanes * P * MR + (w - blocks * kLanes) * P;
       for (int j = 0; j < P; ++j) {
-        const float wv =
-            (static_cast<float>(static_cast<int32_t>((word >> (j * W)) & mask)) - zc) * sc;
-        for (int m = 0; m < MR; ++m) out[m] += wv * xb[m * K + w * P + j];
+        const auto code = static_cast<int32_t>((word >> (j * W)) & mask);
+        const float wv = static_cast<float>(code) * sc + zc;
+        for (int m = 0; m < MR; ++m) out[m] += wv * xt[m * (K - blocks * kLanes * P) + j];
       }
     }
     for (int m = 0; m < MR; ++m) y[m * N + n] = out[m];

@@ -25,6 +25,7 @@ namespace mpq::cpu {
 namespace {
 
 constexpr int64_t kFusedMaxRows = 16;
+constexpr int64_t kWeightRowsPerTurn = 16;
 
 // The fused kernel's tiles per code width, built twice on x86-64 (AVX2 + FMA,
 // and the baseline) and picked by what this CPU runs. (Not target_clones with
@@ -37,13 +38,13 @@ constexpr int64_t kFusedMaxRows = 16;
 
 #define MPQ_FUSED_ROWS_W(NAME, W, TARGET)                                                     \
   TARGET void NAME(int mr, const float* xb, int64_t K, const uint32_t* q, const float* s,      \
-                   const float* z, int64_t G, int64_t group_size, const int32_t* gw,           \
+                   const float* z, int64_t G, int64_t gs, const int32_t* gw,                   \
                    int64_t n0, int64_t n1, int64_t N, float* y) {                              \
     switch (mr) {                                                                              \
-      case 8: return fused_rows_tile<W, 8>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
-      case 4: return fused_rows_tile<W, 4>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
-      case 2: return fused_rows_tile<W, 2>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);   \
-      default: return fused_rows_tile<W, 1>(xb, K, q, s, z, G, group_size, gw, n0, n1, N, y);  \
+      case 8: return fused_rows_tile<W, 8>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
+      case 4: return fused_rows_tile<W, 4>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
+      case 2: return fused_rows_tile<W, 2>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
+      default: return fused_rows_tile<W, 1>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);          \
     }                                                                                          \
   }
 MPQ_FUSED_ROWS_W(fused_rows_w2, 2, )
@@ -83,12 +84,17 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
   for (int64_t w = 0; w < words; ++w) gw[w] = static_cast<int32_t>(w * P / group_size);
   const Tile tile = tile_for_cpu<W>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    // Rows of x in tiles of 8, 4, 2, 1: each tile decodes the weights once.
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t left = M - m0;
-      const int mr = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      tile(mr, xb.data() + m0 * K, K, q, s, z, G, group_size, gw.data(), n0, n1, N, y + m0 * N);
-      m0 += mr;
+    // Each tile of rows of x decodes the weights once; the tiles take turns
+    // over a few weight rows at a time, so that a later tile finds those
+    // rows in cache rather than in memory.
+    for (int64_t nb = n0; nb < n1; nb += kWeightRowsPerTurn) {
+      const int64_t ne = std::min(n1, nb + kWeightRowsPerTurn);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int mr = tile_rows(M - m0);
+        tile(mr, xb.data() + m0 * K, K, q, s, z, G, group_size, gw.data(), nb, ne, N,
+             y + m0 * N);
+        m0 += mr;
+      }
     }
   });
 }
