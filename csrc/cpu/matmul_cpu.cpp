@@ -1,7 +1,7 @@
 // mpq::matmul on the CPU.
 //
 // Two paths, both accumulating in float32:
-//  - up to kFusedMaxRows rows (decode): fused_rows.h, the packed weights read
+//  - up to fused_max_rows() rows (decode): fused_rows.h, the packed weights read
 //    once and each weight decoded once for all rows, no [N, K] temporary;
 //  - more rows: blocks of weight rows dequantized into one cache-sized float32
 //    buffer, each block's product by at::mm (BLAS) into its columns of y. A
@@ -24,7 +24,6 @@ namespace mpq::cpu {
 
 namespace {
 
-constexpr int64_t kFusedMaxRows = 16;
 constexpr int64_t kWeightRowsPerTurn = 16;
 
 // The fused kernel's tiles per code width, built twice on x86-64 (AVX2 + FMA,
@@ -59,19 +58,35 @@ MPQ_FUSED_ROWS_W(fused_rows_w8_avx2, 8, MPQ_TARGET_AVX2)
 using Tile = void (*)(int, const float*, int64_t, const uint32_t*, const float*, const float*,
                       int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, float*);
 
-// MPQ_OPS_CPU_ISA=baseline forces the baseline build (for its tests).
-template <int W>
-Tile tile_for_cpu() {
+// Whether the AVX2 + FMA build serves; MPQ_OPS_CPU_ISA=baseline forces the
+// baseline build (for its tests).
+bool avx2_tiles() {
 #if defined(MPQ_X86_AVX2)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const char* isa = std::getenv("MPQ_OPS_CPU_ISA");
-  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-  if (avx2 && !baseline) {
+  return avx2 && !(isa != nullptr && std::strcmp(isa, "baseline") == 0);
+#else
+  return false;
+#endif
+}
+
+template <int W>
+Tile tile_for_cpu() {
+#if defined(MPQ_X86_AVX2)
+  if (avx2_tiles()) {
     return W == 2 ? fused_rows_w2_avx2 : W == 4 ? fused_rows_w4_avx2 : fused_rows_w8_avx2;
   }
 #endif
   return W == 2 ? fused_rows_w2 : W == 4 ? fused_rows_w4 : fused_rows_w8;
 }
+
+// Up to how many rows of x the fused kernel beats dequantize + BLAS. Measured
+// (scripts/bench_cpu.py, 2-core Xeon, w4 g64, us, fused against blocked): with
+// AVX2, 4096 x 4096 M = 17 5114 / 7083, 24 6588 / 7575, 32 8755 / 8503, 48
+// 12784 / 10331; 576 x 1536 M = 24 371 / 568, 32 521 / 625, 48 722 / 698. The
+// baseline build (eight lanes in two SSE registers, no FMA) took 14599 us at
+// 4096 x 4096 M = 16 against about 7100 blocked, 7446 at M = 8.
+int64_t fused_max_rows() { return avx2_tiles() ? 24 : 8; }
 
 // y [M, N] float32 = x [M, K] float32 @ W^T; s, z float32 [N, K / group_size].
 template <int W>
@@ -161,8 +176,8 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  auto yf = M <= kFusedMaxRows ? fused(xf, q, s, z, w_bit, shape.group_size)
-                               : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
+  auto yf = M <= fused_max_rows() ? fused(xf, q, s, z, w_bit, shape.group_size)
+                                  : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
 }
