@@ -1,7 +1,7 @@
 // mpq::matmul on the CPU.
 //
 // Two paths, both accumulating in float32:
-//  - up to fused_max_rows() rows (decode): fused_rows.h, the packed weights read
+//  - up to fused_max_rows(...) rows (decode): fused_rows.h, the packed weights read
 //    once and each weight decoded once for all rows, no [N, K] temporary;
 //  - more rows: blocks of weight rows dequantized into one cache-sized float32
 //    buffer, each block's product by at::mm (BLAS) into its columns of y. A
@@ -71,11 +71,13 @@ bool avx2_tiles() {
 }
 
 template <int W>
-Tile tile_for_cpu() {
+Tile tile_for_cpu(bool avx2) {
 #if defined(MPQ_X86_AVX2)
-  if (avx2_tiles()) {
+  if (avx2) {
     return W == 2 ? fused_rows_w2_avx2 : W == 4 ? fused_rows_w4_avx2 : fused_rows_w8_avx2;
   }
+#else
+  (void)avx2;  // only x86-64 has a second build
 #endif
   return W == 2 ? fused_rows_w2 : W == 4 ? fused_rows_w4 : fused_rows_w8;
 }
@@ -86,18 +88,18 @@ Tile tile_for_cpu() {
 // 12784 / 10331; 576 x 1536 M = 24 371 / 568, 32 521 / 625, 48 722 / 698. The
 // baseline build (eight lanes in two SSE registers, no FMA) took 14599 us at
 // 4096 x 4096 M = 16 against about 7100 blocked, 7446 at M = 8.
-int64_t fused_max_rows() { return avx2_tiles() ? 24 : 8; }
+int64_t fused_max_rows(bool avx2) { return avx2 ? 24 : 8; }
 
 // y [M, N] float32 = x [M, K] float32 @ W^T; s, z float32 [N, K / group_size].
 template <int W>
 void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const float* s,
-                const float* z, int64_t N, int64_t group_size, float* y) {
+                const float* z, int64_t N, int64_t group_size, float* y, bool avx2) {
   constexpr int P = 32 / W;
   const int64_t G = K / group_size, words = K / P;
   const std::vector<float> xb = block_order<P>(x, M, K);
   std::vector<int32_t> gw(static_cast<size_t>(words));
   for (int64_t w = 0; w < words; ++w) gw[w] = static_cast<int32_t>(w * P / group_size);
-  const Tile tile = tile_for_cpu<W>();
+  const Tile tile = tile_for_cpu<W>(avx2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     // Each tile of rows of x decodes the weights once; the tiles take turns
     // over a few weight rows at a time, so that a later tile finds those
@@ -115,7 +117,7 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
 }
 
 at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
-                 const at::Tensor& z, int64_t w_bit, int64_t group_size) {
+                 const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
   auto yf = at::empty({M, N}, xf.options());
   const auto sf = s.to(at::kFloat).contiguous(), zf = z.to(at::kFloat).contiguous();
@@ -123,9 +125,9 @@ at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
   const float *xp = xf.data_ptr<float>(), *sp = sf.data_ptr<float>(), *zp = zf.data_ptr<float>();
   float* yp = yf.data_ptr<float>();
   switch (w_bit) {
-    case 2: fused_rows<2>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
-    case 4: fused_rows<4>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
-    default: fused_rows<8>(xp, M, K, qp, sp, zp, N, group_size, yp); break;
+    case 2: fused_rows<2>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
+    case 4: fused_rows<4>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
+    default: fused_rows<8>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
   }
   return yf;
 }
@@ -176,8 +178,9 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  auto yf = M <= fused_max_rows() ? fused(xf, q, s, z, w_bit, shape.group_size)
-                                  : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
+  const bool avx2 = avx2_tiles();
+  auto yf = M <= fused_max_rows(avx2) ? fused(xf, q, s, z, w_bit, shape.group_size, avx2)
+                                      : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
 }
