@@ -14,13 +14,14 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import mpq_ops  # noqa: F401
 from mpq_ops.quantize import quantize_rtn
+
+import timing
 
 # (K, N): a 7B-class projection and SmolLM2-135M's MLP projection.
 SHAPES = [(4096, 4096), (576, 1536)]
@@ -38,26 +39,10 @@ def flush():
 
 
 def median_us(fns, budget_s):
-    """Median time of each function, run in turn (reversed every other round,
-    so that none always follows the same one), each after a cache flush: as
-    many rounds as fit in the budget, 5 to 500."""
-    for fn in fns:
-        fn()
-    t = time.perf_counter()
-    for fn in fns:
-        flush()
-        fn()
-    once = time.perf_counter() - t
-    rounds = int(min(500, max(5, budget_s / max(once, 1e-6))))
-    times = [[] for _ in fns]
-    order = list(zip(fns, times))
-    for r in range(rounds):
-        for fn, ts in (order if r % 2 == 0 else order[::-1]):
-            flush()
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) * 1e6 for ts in times]
+    """Median time (us) of each function, each call after a cache flush, as
+    many rounds as fit in the budget (5 to 500)."""
+    return [statistics.median(ts) * 1e6
+            for ts in timing.timed_rounds(fns, budget_s, max_rounds=500, before=flush)]
 
 
 def isa(name, fn):

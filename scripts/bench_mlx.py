@@ -22,7 +22,6 @@ overhead on shapes whose call takes milliseconds. JSON + a printed table.
 import argparse
 import json
 import statistics
-import time
 
 import mlx.core as mx
 import torch
@@ -31,34 +30,16 @@ import mpq_ops  # noqa: F401
 from mpq_ops import mlx_bridge
 from mpq_ops.quantize import quantize_rtn
 
+import timing
+
 # (4096, 32) has almost no arithmetic: it shows the bridge's fixed cost per call.
 SHAPES = [(4096, 32), (4096, 4096), (4096, 14336)]
 MS = [1, 16, 256]
 
 
 def timed_rounds(fns, budget_s=3.0):
-    """Each function's time (s) in every round, the functions run in turn (so
-    that drift of a busy machine hits them alike): as many rounds as fit, 5 to
-    2000."""
-    for fn in fns:
-        fn()
-    t = time.perf_counter()
-    for fn in fns:
-        fn()
-    once = time.perf_counter() - t
-    rounds = int(min(2000, max(5, budget_s / max(once, 1e-6))))
-    times = [[] for _ in fns]
-    order = list(zip(fns, times))
-    for r in range(rounds):
-        # Each round reverses the order of the last: a call's time depends on
-        # what ran just before it (MLX's worker thread may still be awake, or
-        # busy freeing the previous call's arrays), so no function always
-        # follows the same one.
-        for fn, ts in (order if r % 2 == 0 else order[::-1]):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return times
+    """Each function's time (s) in every round: 5 to 2000 rounds."""
+    return timing.timed_rounds(fns, budget_s, max_rounds=2000)
 
 
 def median_us(times):
