@@ -118,6 +118,24 @@ def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
             assert err < REL_TOL[dtype], (N, K, M, err)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_one_row_k_ranges(w_bit, dtype):
+    """One row of x, 4- and 8-bit codes: each weight row as eight k ranges
+    where that grid (N / 8 blocks) fits one wave, as two ranges (k-paired)
+    past it; ragged N on both sides, K a multiple of eight ranges or only of
+    two, groups per step and per row, with bias."""
+    for N, K, group_size in ((1000, 2048, 128), (12001, 2048, 128), (12000, 1536, 128),
+                             (1003, 4096, -1), (40000, 1024, -1)):
+        qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        x = make_x((1,), K, dtype, "cuda")
+        poison_allocator(N, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        assert err < REL_TOL[dtype], (N, K, err)
+
+
 @pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))
 def test_opcheck_each_forced_path(kernel, monkeypatch):
     """opcheck (schema, fake kernel, autograd registration, dynamic shapes) with

@@ -121,29 +121,29 @@ __device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc,
 }
 
 // XR > 0 (one row of x, one x tile): instead of a ring of STAGES steps, the
-// block's whole slice of x (XR staged rows per step: the row's two k ranges
-// with KP, else the one row) is copied into shared memory once, before the
+// block's whole slice of x (XR = KR staged rows per step: the row's k ranges)
+// is copied into shared memory once, before the
 // loop, which then runs without barriers or copies. Lanes whose B column has
 // no staged row read row g % XR instead: their columns are never stored.
 // PAIRED: x is stored as the MMA's (k, k + P/2) pairs (2-bit codes: only the
 // resident slice, whose pairs span two chunks). WIDE: see tile::WeightRows.
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED, bool LATE, bool KP, int XR = 0, bool WIDE = false>
+          bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                      int M, int N, int K, tile::Groups groups, int steps_per_split,
                      bool cluster_sum) {
-  using Rows = tile::WeightRows<T, W, RT, KP, WIDE>;
+  using Rows = tile::WeightRows<T, W, RT, KR, WIDE>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
   constexpr int P = Rows::P, SUPER_K = Rows::SUPER_K, R = Rows::R, HALVES = Rows::HALVES;
-  // Rows of the staged x tile per block (the B operand's columns). KP (see
-  // tile::WeightRows): column c is x row c / 2 over k range c % 2 of a step of
-  // 2 * SUPER_K, so a block covers 4 rows of x.
+  // Rows of the staged x tile per block (the B operand's columns). KR > 1 (see
+  // tile::WeightRows): column c is x row c / KR over k range c % KR of a step
+  // of KR * SUPER_K, so a block covers 8 / KR rows of x.
   constexpr int BM = 8 * N_TILES;
-  constexpr int X_ROWS = KP ? BM / 2 : BM;  // rows of x per block
+  constexpr int X_ROWS = BM / KR;  // rows of x per block
   constexpr int CHUNKS = SUPER_K / 8;    // 16-byte chunks of one staged row per step
   constexpr int STAGE = BM * CHUNKS;     // 16-byte chunks per staged step
   constexpr int THREADS = WARPS * 32;
@@ -185,11 +185,12 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const int copy_c = threadIdx.x % CHUNKS, copy_r = threadIdx.x / CHUNKS;
   uint4* const copy_ptr = x_stages + copy_r * CHUNKS + swizzle(copy_c, copy_r);
   const uint32_t copy_dst = static_cast<uint32_t>(__cvta_generic_to_shared(copy_ptr));
-  // The x row and k offset of staged row copy_r (KP: row copy_r / 2, range copy_r % 2).
-  const int copy_m = KP ? copy_r >> 1 : copy_r;
-  constexpr int M_PER_PASS = KP ? ROWS_PER_PASS / 2 : ROWS_PER_PASS;
+  // The x row and k offset of staged row copy_r: row copy_r / KR, range copy_r % KR.
+  const int copy_m = copy_r / KR;
+  static_assert(ROWS_PER_PASS % KR == 0, "a copy pass covers whole rows of x");
+  constexpr int M_PER_PASS = ROWS_PER_PASS / KR;
   const T* copy_src =
-      x + (size_t)(m0 + copy_m) * K + (KP ? (copy_r & 1) * SUPER_K : 0) + copy_c * 8;
+      x + (size_t)(m0 + copy_m) * K + (copy_r % KR) * SUPER_K + copy_c * 8;
   const auto copy_step = [&](int s, int stage) {
     if (!copier) return;
 #pragma unroll
@@ -228,10 +229,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
         pair_chunk<W>(dst);
         continue;
       }
-      const int m = KP ? r >> 1 : r;
+      const int m = r / KR;
       const bool in = m0 + m < M;
       const T* src = x + (size_t)(m0 + m) * K + (size_t)(s_begin + st) * Rows::STEP_K +
-                     (KP ? (r & 1) * SUPER_K : 0) + c * 8;
+                     (r % KR) * SUPER_K + c * 8;
       cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)), in ? src : x, in ? 16 : 0);
     }
   };
@@ -390,7 +391,7 @@ inline int x_tiles(int64_t M, int w_bit) {
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
-          bool LATE, bool KP = false>
+          bool LATE, int KR = 1>
 void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
@@ -402,10 +403,10 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   static_assert(STAGES >= 2, "a staged step must leave room for two");
   constexpr int SMEM = STAGES * STAGE_BYTES;
   const auto kernel =
-      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE, KP>;
-  using Rows = tile::WeightRows<T, W, RT, KP>;
+      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE, KR>;
+  using Rows = tile::WeightRows<T, W, RT, KR>;
   const int M = x.size(0), K = x.size(1), N = qweight.size(0);
-  const int x_rows = KP ? BM / 2 : BM, w_rows = Rows::ROWS * RT * WARPS;
+  const int x_rows = BM / KR, w_rows = Rows::ROWS * RT * WARPS;
   const int m_chunks = (M + x_rows - 1) / x_rows;
   const int row_blocks = (N + w_rows - 1) / w_rows;
   const int steps = K / Rows::STEP_K;
@@ -426,6 +427,18 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // most splits): 63.9 us with 1 split, 60.4 with 2, 59.9 with 4; w8 107.9
   // with 2, 98.9 with 4.
   static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
+  if constexpr (KR == 2) {
+    // One row of x: eight k ranges per row (tile::WeightRows), whose loads read
+    // 512 bytes of a row at a time and whose grid has four times the blocks,
+    // where that grid fits one wave unsplit. H100, g128, M = 1, KR = 2 / 8
+    // (us): w4 (4096, 4096) 12.4 / 10.8, (14336, 4096) 21.1 / 20.1; w8 14.5 /
+    // 13.8, 31.4 / 30.8. Past one wave the k-paired grid with its K splits
+    // won: w4 (4096, 14336) 19.8 / 20.2, (28672, 8192) 57.5 / 61.4, (8192,
+    // 28672) 60.1 / 62.7; w8 30.5 / 33.0, 101.1 / 101.6, 98.4 / 99.6.
+    if (M == 1 && K % (8 * SUPER_K) == 0 && (N + 7) / 8 <= slots)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 8>(
+          x, qweight, scales, zeros, bias, y, group_size);
+  }
   const long blocks = (long)m_chunks * row_blocks;
   const int splits =
       N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
@@ -445,7 +458,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // H100, M = 1, g128, against the ring of staged steps (us): w4 at (4096,
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
-  constexpr int XR = KP ? 2 : 1;
+  constexpr int XR = KR;
   const int resident_smem = per_split * XR * (SUPER_K / 8) * 16;
   // Its x is paired for 2-bit codes too (their ring is not: a word's pairs
   // span two chunks that two threads copy), and 2-bit codes with groups of
@@ -458,11 +471,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   if constexpr (N_TILES == 1) {
     if (resident) {
       launched =
-          gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE, KP, XR>;
+          gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE, KR, XR>;
       if constexpr (W == 2) {
         if (group_size % 64 == 0)
           launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE,
-                                      KP, XR, true>;
+                                      KR, XR, true>;
       }
     }
   }
@@ -526,15 +539,15 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       // whose loads read 128 bytes of a row at a time.
       if constexpr (N_TILES == 1 && RT == 1 && W != 2) {
         if (x.size(0) <= 4 && x.size(1) % (2 * SUPER_K) == 0)
-          return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, true>(
+          return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
               x, qweight, scales, zeros, bias, y, group_size);
       }
-      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true>(
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
           x, qweight, scales, zeros, bias, y, group_size);
     }
   }
-  launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false>(x, qweight, scales, zeros,
-                                                                       bias, y, group_size);
+  launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, 1>(
+      x, qweight, scales, zeros, bias, y, group_size);
 }
 
 template <typename T, int W>
@@ -551,6 +564,13 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // six blocks (59.7, 98.7), eight warps per block (61.1, 99.8); for 2-bit
     // codes other split counts than 4 (2 / 3 / 6 / 8 at (8192, 28672): 49.1 /
     // 47.1 / 45.5 / 45.9 against 45.5) and three steps in flight (46.9).
+    // Also not taken: the codes brought in by cp.async into a ring of 3 / 4 /
+    // 6 steps in shared memory, each thread reading back its own chunks (no
+    // barrier; 95 -> 66 registers). H200, against the loads into registers
+    // (us): w4 M = 1 (8192, 28672) 52.3 -> 52.2 / 58.3 / 64.5, (28672, 8192)
+    // 49.0 -> 56.2 / 56.8 / 59.9, w8 75.5 -> 82.0 / 90.6 / 94.7; the 16-row
+    // kernel so (188 -> 132 registers) w4 70.2 -> 75.0 / 74.4 / 85.4. More
+    // bytes in flight made it slower, as more steps in registers had.
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and

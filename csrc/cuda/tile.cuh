@@ -87,7 +87,7 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
 // contiguous bytes of a row). Rows past N read row 0 and are never stored.
 //
-// KP (k-paired, for up to 4 rows of x, one tile; 4- and 8-bit codes): the 16
+// KR = 2 (k-paired, for up to 4 rows of x, one tile; 4- and 8-bit codes): the 16
 // rows of the MMA's A operand hold 8 weight rows, each twice, over two
 // consecutive k ranges of SUPER_K: A row g is weight row g / 2 (g + 8: 4 + g / 2) over k range g % 2,
 // so a step covers 2 * SUPER_K inputs of 8 rows and each load instruction of
@@ -96,11 +96,16 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // m over k range h is the B operand's column 2m + h, so lane (g, t) finds x row
 // t's product for its A rows in column 2t + g % 2, and the two k ranges of a
 // weight row meet in lanes g and g ^ 1 (one shuffle at the end).
+// KR = 8 (one row of x): the same over eight k ranges. A row g (g + 8) is
+// weight row 0 (1) over range g, a step covers 8 * SUPER_K inputs of 2 rows,
+// and each load instruction reads 512 contiguous bytes of one row. Column n is
+// x's range n, so A row g's product is column g, which lane (g, g / 2) holds;
+// a row's eight ranges are added up across the warp at the end.
 //
 // WIDE (2-bit codes with groups a multiple of 64): a lane's 64 codes of a row
 // per step lie in one group, so one scale and zero per row and step are loaded
 // instead of one per 32-wide half.
-template <typename T, int W, int RT, bool KP = false, bool WIDE = false>
+template <typename T, int W, int RT, int KR = 1, bool WIDE = false>
 struct WeightRows {
   using V = typename Pair<T>::type;
   static constexpr int P = 32 / W;            // codes per word
@@ -109,9 +114,10 @@ struct WeightRows {
   static constexpr int R = 2 * RT;            // rows of W per lane
   static constexpr int HALVES = W == 2 ? 2 : 1;  // 32-wide halves of a lane's chunk
   static constexpr int GROUPS = W == 2 && !WIDE ? 2 : 1;  // groups a lane's chunk may span
-  static constexpr int STEP_K = KP ? 2 * SUPER_K : SUPER_K;  // inputs per step
-  static constexpr int ROWS = KP ? 8 : 16;  // weight rows per tile
-  static_assert(!KP || (RT == 1 && W != 2), "k pairing: one tile of 4- or 8-bit codes");
+  static constexpr int STEP_K = KR * SUPER_K;  // inputs per step
+  static constexpr int ROWS = 16 / KR;         // weight rows per tile
+  static_assert(KR == 1 || KR == 2 || KR == 8, "k ranges per row: 1, 2 or 8");
+  static_assert(KR == 1 || (RT == 1 && W != 2), "k ranges: one tile of 4- or 8-bit codes");
   // Everything a step reads from W's side, so that it can be loaded ahead:
   // the packed words of the lane's rows and their scales and zeros.
   struct Step {
@@ -128,19 +134,19 @@ struct WeightRows {
   const uint4* qb;
   const T* sb;
   const T* zb;
-  int k_lane;  // this lane's first input within a step (t * LANE_K without KP)
+  int k_lane;  // this lane's first input within a step (t * LANE_K for KR = 1)
   Groups groups;
 
   __device__ __forceinline__ WeightRows(const uint32_t* qweight, const T* scales, const T* zeros,
                                         int tile0, int g, int t_, int N, int K, Groups groups_)
       : qb(reinterpret_cast<const uint4*>(qweight)), sb(scales), zb(zeros), groups(groups_) {
     const uint32_t chunks = K / (4 * P), n_groups = K / groups_.size;
-    // KP: the lane's chunk is t of k range g % 2, i.e. chunk 4 (g % 2) + t of the step.
-    const int chunk = KP ? 4 * (g & 1) + t_ : t_;
+    // The lane's chunk is t of k range g % KR, i.e. chunk 4 (g % KR) + t of the step.
+    const int chunk = 4 * (g % KR) + t_;
     k_lane = chunk * LANE_K;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      row[r] = KP ? tile0 + 4 * r + (g >> 1) : tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
+      row[r] = KR > 1 ? tile0 + (8 / KR) * r + g / KR : tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
       const uint32_t safe = row[r] < N ? row[r] : 0;
       qo[r] = safe * chunks + chunk;
       so[r] = safe * n_groups;
@@ -247,7 +253,19 @@ struct WeightRows {
   template <int N_TILES, typename F>
   __device__ __forceinline__ void for_each_output(const float (&acc)[N_TILES][RT][4], int m0,
                                                   F&& f) const {
-    if constexpr (KP) {
+    if constexpr (KR == 8) {
+      // Lane (g, t): A rows g and g + 8 (weight rows row[0], row[1]) over
+      // range g, whose product is column g: element g % 2 where t = g / 2.
+      const int g = (threadIdx.x >> 2) & 7, t = threadIdx.x & 3;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float c = (g & 1) ? acc[0][0][2 * r + 1] : acc[0][0][2 * r];
+        float v = t == g >> 1 ? c : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) == 0) f(v, m0, row[r]);
+      }
+    } else if constexpr (KR == 2) {
       // Lane (g, t): x row m0 + t, weight rows row[0] (A row g, c[h]) and
       // row[1] (A row g + 8, c[2 + h]) over k range h = g % 2; lane g ^ 1
       // (lane ^ 4) holds the other range. Every lane shuffles; even g hand on.
