@@ -532,19 +532,29 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
             int64_t group_size) {
   constexpr bool PAIRED = W != 2;
-  if constexpr (N_TILES <= 2) {
-    constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
-    if (group_size % SUPER_K == 0) {
-      // Up to 4 rows of x, 4- and 8-bit codes: k-paired rows (tile::WeightRows),
-      // whose loads read 128 bytes of a row at a time.
-      if constexpr (N_TILES == 1 && RT == 1 && W != 2) {
-        if (x.size(0) <= 4 && x.size(1) % (2 * SUPER_K) == 0)
-          return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
-              x, qweight, scales, zeros, bias, y, group_size);
-      }
-      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
+  constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
+  const bool late = N_TILES <= 2 && group_size % SUPER_K == 0;
+  // Up to 4 rows of x, 4- and 8-bit codes: k-paired rows (tile::WeightRows),
+  // whose loads read 128 bytes of a row at a time, and for one row eight
+  // ranges (launch_kernel). With late scaling or without: a lane's chunk of a
+  // range lies in one group either way. H200, M = 1 / 3, groups smaller than
+  // a step (k-paired against one range per row, us): w4 g64 (28672, 8192)
+  // 63.0 -> 51.2 / 68.7 -> 53.1, (8192, 28672) 54.9 -> 51.8 / 63.8 -> 54.4,
+  // (4096, 4096) 11.4 -> 10.3; w4 g32 (28672, 8192) 69.2 -> 54.9; w8 g32
+  // (28672, 8192) 105.8 -> 85.0 / 104.3 -> 81.4, (4096, 14336) 29.7 -> 25.7.
+  if constexpr (N_TILES == 1 && RT == 1 && W != 2) {
+    if (x.size(0) <= 4 && x.size(1) % (2 * SUPER_K) == 0) {
+      if (late)
+        return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
+            x, qweight, scales, zeros, bias, y, group_size);
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, 2>(
           x, qweight, scales, zeros, bias, y, group_size);
     }
+  }
+  if constexpr (N_TILES <= 2) {
+    if (late)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
+          x, qweight, scales, zeros, bias, y, group_size);
   }
   launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, 1>(
       x, qweight, scales, zeros, bias, y, group_size);
