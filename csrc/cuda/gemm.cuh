@@ -435,7 +435,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // 13.8, 31.4 / 30.8. Past one wave the k-paired grid with its K splits
     // won: w4 (4096, 14336) 19.8 / 20.2, (28672, 8192) 57.5 / 61.4, (8192,
     // 28672) 60.1 / 62.7; w8 30.5 / 33.0, 101.1 / 101.6, 98.4 / 99.6.
-    if (M == 1 && K % (8 * SUPER_K) == 0 && (N + 7) / 8 <= slots)
+    // Its x slice (2 K bytes unsplit) stays resident (at most 40 KB, below).
+    if (M == 1 && K % (8 * SUPER_K) == 0 && (N + 7) / 8 <= slots && 2 * K <= 40 * 1024)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 8>(
           x, qweight, scales, zeros, bias, y, group_size);
   }
