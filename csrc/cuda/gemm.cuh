@@ -384,6 +384,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   rows.store(acc, m0, M, N, blockIdx.z, ws, bias, y);
 }
 
+// The most shared memory one row of x's resident slice (gemm_cuda_kernel's
+// XR) may take per block, so that five blocks still fit an SM.
+constexpr int kResidentXBytes = 40 * 1024;
+
 // Rows of x per block: 8, 16, 32 or 64 (32 at most for 2-bit codes, whose
 // 64-row stage would not fit three steps in 48 KB).
 inline int x_tiles(int64_t M, int w_bit) {
@@ -435,8 +439,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // 13.8, 31.4 / 30.8. Past one wave the k-paired grid with its K splits
     // won: w4 (4096, 14336) 19.8 / 20.2, (28672, 8192) 57.5 / 61.4, (8192,
     // 28672) 60.1 / 62.7; w8 30.5 / 33.0, 101.1 / 101.6, 98.4 / 99.6.
-    // Its x slice (2 K bytes unsplit) stays resident (at most 40 KB, below).
-    if (M == 1 && K % (8 * SUPER_K) == 0 && (N + 7) / 8 <= slots && 2 * K <= 40 * 1024)
+    // Its x slice stays resident unsplit (kResidentXBytes, below).
+    using Ranges8 = tile::WeightRows<T, W, RT, 8>;
+    constexpr int ROWS8 = Ranges8::ROWS * RT * WARPS;  // weight rows per block
+    if (M == 1 && K % Ranges8::STEP_K == 0 && (N + ROWS8 - 1) / ROWS8 <= slots &&
+        K * (int)sizeof(T) <= kResidentXBytes)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 8>(
           x, qweight, scales, zeros, bias, y, group_size);
   }
@@ -455,7 +462,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
-  // XR) where that takes at most 40 KB, so that five blocks still fit an SM.
+  // XR) where that takes at most kResidentXBytes.
   // H100, M = 1, g128, against the ring of staged steps (us): w4 at (4096,
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
@@ -467,7 +474,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // instructions in the loop (PRMTs 76 -> 8 per two steps). H100, w2 g128,
   // M = 1 (us): (8192, 28672) 47.6 -> 44.4, (28672, 8192) 47.8 -> 44.4,
   // (14336, 4096) 19.8 -> 18.8.
-  const bool resident = N_TILES == 1 && M == 1 && resident_smem <= 40 * 1024;
+  const bool resident = N_TILES == 1 && M == 1 && resident_smem <= kResidentXBytes;
   auto launched = kernel;
   if constexpr (N_TILES == 1) {
     if (resident) {
