@@ -56,8 +56,10 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     past 64 rows where they fill one wave unsplit (80 rows, 64 weight tiles:
     128 tiles); K split in as many ways as keep one wave (384 rows, 16
     weight tiles: 48 tiles in 2); with and without bias; up to 64 rows
-    against more weight tiles than SMs (two blocks per SM). Elsewhere the
-    dispatch falls back and the same checks hold."""
+    against more weight tiles than SMs (two blocks per SM), in tiles of 16
+    and 32 rows of x too, whole where they fill 3/4 of a wave (13 rows, 235
+    weight tiles) and split by the wave rule (24 rows, 133 tiles). Elsewhere
+    the dispatch falls back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
@@ -66,7 +68,8 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (150, 16896, 1024, False), (320, 5100, 4096, False),
                                (80, 8150, 2048, True), (384, 2000, 2048, True),
                                (320, 11000, 2048, False),
-                               (50, 17000, 1024, True)):
+                               (50, 17000, 1024, True), (13, 30000, 512, False),
+                               (24, 17000, 1024, True)):
         qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")
@@ -87,6 +90,24 @@ def test_default_policy_many_rows(w_bit, dtype):
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (128, 129, 1025, 2048, 4096, 4097):
         x = make_x((M,), K, dtype, "cuda")
+        poison_allocator(M * N, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+        assert err < REL_TOL[dtype], (M, err)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_default_policy_wide_weights(w_bit, dtype):
+    """The default path for 8 to 33 rows against weights whose 128-row tiles
+    outnumber the SMs: on Hopper the wgmma kernel takes 4-bit codes from 9
+    rows here (16-row tiles) and from 17 (32-row tiles), the staged kernel the
+    rest; each against the float64 reference, outputs poisoned."""
+    N, K, group_size = 17000, 512, 128
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    for M in (8, 9, 16, 17, 32, 33):
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         poison_allocator(M * N, dtype)
         y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
         err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))

@@ -579,6 +579,10 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   long tail = 0, narrow = 0;           // tiles split in the last wave, left to 128-row tiles
   if (n_count > 0) {
     // a wide launch's narrow tail: whole tiles, no splits
+  } else if (BM < 64 && 4 * tiles >= 3 * sms) {
+    // 16- and 32-row tiles that fill 3/4 of a wave unsplit stay whole: H200,
+    // M = 17 at (8192, 28672), 224 tiles on 264 slots, 7 splits 79.2 us,
+    // none 70.0; M = 16, 7 splits 73.7, none 66.2.
   } else if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
     splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
@@ -690,16 +694,31 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const std::optional<at::Tensor>& bias, at::Tensor& y,
                             int64_t group_size) {
   const int64_t M = x.size(0);
-  // Up to 64 rows: one 64-row tile (its own split rule; a deeper ring of
-  // stages, as the weights' stream is most of the work).
+  // Up to 64 rows: one tile of 16, 32 or 64 rows of x (their own split rule;
+  // a deeper ring of stages, as the weights' stream is most of the work).
+  // Where the weight tiles alone fill more than one wave of single blocks,
+  // two blocks per SM (6 stages each, 104 registers per consumer thread)
+  // take the tiles in one wave and hide each other's latencies (H100, w4
+  // g128, M = 64 at (8192, 28672): 93.5 -> 87.4 us; with fewer tiles than
+  // SMs one block of 12 stages ran faster: (4096, 14336) 27.9 against 44.6).
+  // The tile is as narrow as M allows: the tensor cores' time per step grows
+  // with its rows, and a 64-row tile for 32 rows or fewer took longer than
+  // the stream of codes. H200, w4 g128, 64-row tile / narrow (us): M = 32 at
+  // (8192, 28672) 84.4 / 70.7, (28672, 8192) 77.7 / 71.0, (4096, 14336)
+  // 26.4 / 24.3, (14336, 4096) 28.3 / 26.3; M = 16 at (8192, 28672) 95.8 /
+  // 66.2. (Twice the stages per tile measured no faster: 70.7 -> 81.0 at
+  // (8192, 28672), M = 32.)
+  const bool two_blocks = weight_tiles(qweight.size(0)) > tile::sm_count();
+  if (M <= 16) {
+    if (two_blocks) return launch<T, 16, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    return launch<T, 16, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+  if (M <= 32) {
+    if (two_blocks) return launch<T, 32, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    return launch<T, 32, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  }
   if (M <= 64) {
-    // Where the weight tiles alone fill more than one wave of single blocks,
-    // two blocks per SM (6 stages each, 104 registers per consumer thread)
-    // take the tiles in one wave and hide each other's latencies (H100, w4
-    // g128, M = 64 at (8192, 28672): 93.5 -> 87.4 us; with fewer tiles than
-    // SMs one block of 12 stages ran faster: (4096, 14336) 27.9 against 44.6).
-    if (weight_tiles(qweight.size(0)) > tile::sm_count())
-      return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    if (two_blocks) return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }
   if (prefer_64_row_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
@@ -712,6 +731,11 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
 }  // namespace mpq::cuda::sm90
 
 namespace mpq::cuda {
+
+bool sm90_preferred(int64_t M, int64_t N) {
+  if (M > kGemmMaxRowsSm90) return true;
+  return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count();
+}
 
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
   if (!sm90::kBuilt || w_bit != 4) return false;

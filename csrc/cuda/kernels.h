@@ -17,20 +17,28 @@ constexpr int64_t kGemvMaxRows = 64;
 // default where the wgmma kernel does not serve; it takes any number of rows.
 // Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
-// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 24 rows
-// (H100, w4 g128, staged / wgmma us: M = 24 at (4096, 14336) 32.0 / 29.3,
-// (28672, 8192) 92.2 / 83.4, (8192, 28672) 93.7 / 95.3; at 17 rows the staged
-// kernel won on three of the five benchmark shapes), up to 4096 rows, where
-// it ran faster than dequantize + cuBLAS on the benchmark shapes (M = 512
-// at (4096, 4096): 34.4 against 46.9 us; M = 1024 at (4096, 14336): 209.1
-// against 228.3, at (8192, 28672) 733.6 against 937.3; two alternating runs,
-// wgmma / dequantize + cuBLAS: M = 2048 at (4096, 4096) 98.8 / 113.6, at
-// (8192, 28672) 1470 / 1758, at (28672, 8192) 1469 / 1652; M = 4096 at (4096,
-// 4096) 208 / 220, at (28672, 8192) 2922 / 3057 and 2802 / 3048; at (4096,
-// 14336) 785 / 753 and 802 / 816, even; the one cell it lost: M = 1536 at
-// (4096, 4096), 108 / 91). Beyond, the weights are dequantized to a temporary
-// and cuBLAS multiplies (not measured against the wgmma kernel there).
-constexpr int64_t kGemmMaxRowsSm90 = 24;
+// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 16 rows,
+// in tiles of 32 rows of x up to 32 (gemm_sm90.cu). H200, w4 g128, staged /
+// wgmma at M = 17 (us): (8192, 28672) 86.9 / 70.0, (28672, 8192) 81.1 /
+// 70.0, (4096, 14336) 29.7 / 24.7, (14336, 4096) 27.6 / 25.9, (4096, 4096)
+// 15.3 / 15.2. From 9 rows (its 16-row tiles) where its weight tiles cover
+// 3/4 of the SMs unsplit: M = 16 at (8192, 28672) 70.1 / 66.2, (4096, 14336)
+// 25.5 / 24.1; with fewer tiles the staged kernel stays ahead: (28672, 8192)
+// 63.6 / 67.9, (14336, 4096) 24.1 / 25.2, (4096, 4096) 14.2 / 14.5. Up to 8
+// rows (one x tile of the staged kernel) it was ahead on every shape, e.g.
+// M = 8 at (8192, 28672) 62.8 / 65.4, (4096, 14336) 21.2 / 23.5.
+// Up to 4096 rows, where it ran faster than dequantize + cuBLAS on the
+// benchmark shapes (H100: M = 512 at (4096, 4096): 34.4 against 46.9 us;
+// M = 1024 at (4096, 14336): 209.1 against 228.3, at (8192, 28672) 733.6
+// against 937.3; two alternating runs, wgmma / dequantize + cuBLAS: M = 2048
+// at (4096, 4096) 98.8 / 113.6, at (8192, 28672) 1470 / 1758, at (28672,
+// 8192) 1469 / 1652; M = 4096 at (4096, 4096) 208 / 220, at (28672, 8192)
+// 2922 / 3057 and 2802 / 3048; at (4096, 14336) 785 / 753 and 802 / 816,
+// even; the one cell it lost: M = 1536 at (4096, 4096), 108 / 91). Beyond,
+// the weights are dequantized to a temporary and cuBLAS multiplies (not
+// measured against the wgmma kernel there).
+constexpr int64_t kGemmMaxRowsSm90 = 16;
+constexpr int64_t kGemmMaxRowsSm90Wide = 8;
 constexpr int64_t kSm90MaxRows = 4096;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
@@ -58,6 +66,9 @@ void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
 // The wgmma kernel for many rows (gemm_sm90.cu): 4-bit codes, K a multiple of
 // 128, on a compute capability 9.0 device of a build with the sm_90a pass.
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+// Whether M rows of x against N weight rows go to the wgmma kernel where it is
+// supported (kGemmMaxRowsSm90, kGemmMaxRowsSm90Wide; up to kSm90MaxRows).
+bool sm90_preferred(int64_t M, int64_t N);
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                     int64_t group_size);

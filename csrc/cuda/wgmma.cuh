@@ -39,6 +39,25 @@ __device__ __forceinline__ void wgmma_wait() {
 // A (the m16n8k16 A fragment of this warp's 16 rows), desc B's descriptor.
 // Inline asm takes no operand lists, so each shape's operands are written
 // out once, in a macro whose argument is the element type ("f16" or "bf16").
+#define MPQ_WGMMA_M64N16(TYPE) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {" \
+      "%0, %1, %2, %3, %4, %5, %6, %7" \
+      "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+#define MPQ_WGMMA_M64N32(TYPE) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
 #define MPQ_WGMMA_M64N64(TYPE) \
   asm volatile( \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
@@ -102,17 +121,22 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
-// D += A * B for m64nNk16, N = 64, 128 or 256 (the rows of x of a tile).
+// D += A * B for m64nNk16, N = 16, 32, 64, 128 or 256 (the rows of x of a tile).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64(float* d, const uint32_t* a, uint64_t desc) {
-  static_assert(N == 64 || N == 128 || N == 256, "a tile width with a wgmma shape here");
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+                "a tile width with a wgmma shape here");
 #define MPQ_WGMMA_BY_TYPE(M)                  \
   if constexpr (std::is_same_v<T, __half>) { \
     M("f16");                                 \
   } else {                                    \
     M("bf16");                                \
   }
-  if constexpr (N == 64) {
+  if constexpr (N == 16) {
+    MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N16)
+  } else if constexpr (N == 32) {
+    MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N32)
+  } else if constexpr (N == 64) {
     MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N64)
   } else if constexpr (N == 128) {
     MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N128)
@@ -122,6 +146,8 @@ __device__ __forceinline__ void wgmma_m64(float* d, const uint32_t* a, uint64_t 
 #undef MPQ_WGMMA_BY_TYPE
 }
 
+#undef MPQ_WGMMA_M64N16
+#undef MPQ_WGMMA_M64N32
 #undef MPQ_WGMMA_M64N64
 #undef MPQ_WGMMA_M64N128
 #undef MPQ_WGMMA_M64N256
