@@ -56,9 +56,10 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     past 64 rows where they fill one wave unsplit (80 rows, 64 weight tiles:
     128 tiles); K split in as many ways as keep one wave (384 rows, 16
     weight tiles: 48 tiles in 2); with and without bias; up to 64 rows
-    against more weight tiles than SMs (two blocks per SM), in tiles of 16
-    and 32 rows of x too, whole where they fill 3/4 of a wave (13 rows, 235
-    weight tiles) and split by the wave rule (24 rows, 133 tiles). Elsewhere
+    against more weight tiles than SMs (two blocks per SM), in tiles of 16,
+    32 and 48 rows of x too, whole where they fill 3/4 of a wave (13 and 40
+    rows, 235 weight tiles) and split by the wave rule (24 rows, 133 tiles,
+    K = 1024: 1 split; 45 rows, 40 tiles, K = 4096: 3 splits). Elsewhere
     the dispatch falls back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
@@ -69,7 +70,8 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (80, 8150, 2048, True), (384, 2000, 2048, True),
                                (320, 11000, 2048, False),
                                (50, 17000, 1024, True), (13, 30000, 512, False),
-                               (24, 17000, 1024, True)):
+                               (24, 17000, 1024, True), (40, 30000, 512, False),
+                               (45, 5000, 4096, True)):
         qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")

@@ -580,7 +580,7 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   if (n_count > 0) {
     // a wide launch's narrow tail: whole tiles, no splits
   } else if (BM < 64 && 4 * tiles >= 3 * sms) {
-    // 16- and 32-row tiles that fill 3/4 of a wave unsplit stay whole: H200,
+    // 16- to 48-row tiles that fill 3/4 of a wave unsplit stay whole: H200,
     // M = 17 at (8192, 28672), 224 tiles on 264 slots, 7 splits 79.2 us,
     // none 70.0; M = 16, 7 splits 73.7, none 66.2.
   } else if (BM <= 64) {
@@ -694,7 +694,7 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const std::optional<at::Tensor>& bias, at::Tensor& y,
                             int64_t group_size) {
   const int64_t M = x.size(0);
-  // Up to 64 rows: one tile of 16, 32 or 64 rows of x (their own split rule;
+  // Up to 64 rows: one tile of 16, 32, 48 or 64 rows of x (their own split rule;
   // a deeper ring of stages, as the weights' stream is most of the work).
   // Where the weight tiles alone fill more than one wave of single blocks,
   // two blocks per SM (6 stages each, 104 registers per consumer thread)
@@ -706,7 +706,9 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   // the stream of codes. H200, w4 g128, 64-row tile / narrow (us): M = 32 at
   // (8192, 28672) 84.4 / 70.7, (28672, 8192) 77.7 / 71.0, (4096, 14336)
   // 26.4 / 24.3, (14336, 4096) 28.3 / 26.3; M = 16 at (8192, 28672) 95.8 /
-  // 66.2. (Twice the stages per tile measured no faster: 70.7 -> 81.0 at
+  // 66.2; M = 40 at (8192, 28672) 83.0 / 77.3, (28672, 8192) 79.3 / 74.7,
+  // (4096, 14336) 27.2 / 25.3, (14336, 4096) 28.8 / 27.6, (4096, 4096) 16.5 /
+  // 15.9. (Twice the stages per tile measured no faster: 70.7 -> 81.0 at
   // (8192, 28672), M = 32.)
   const bool two_blocks = weight_tiles(qweight.size(0)) > tile::sm_count();
   if (M <= 16) {
@@ -716,6 +718,10 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   if (M <= 32) {
     if (two_blocks) return launch<T, 32, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
     return launch<T, 32, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  }
+  if (M <= 48) {
+    if (two_blocks) return launch<T, 48, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    return launch<T, 48, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }
   if (M <= 64) {
     if (two_blocks) return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);

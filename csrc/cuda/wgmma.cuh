@@ -58,6 +58,18 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
+#define MPQ_WGMMA_M64N48(TYPE) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %29, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n48k16.f32." TYPE "." TYPE " {" \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23" \
+      "}, {%24, %25, %26, %27}, %28, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
 #define MPQ_WGMMA_M64N64(TYPE) \
   asm volatile( \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
@@ -121,10 +133,10 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
-// D += A * B for m64nNk16, N = 16, 32, 64, 128 or 256 (the rows of x of a tile).
+// D += A * B for m64nNk16, N = 16, 32, 48, 64, 128 or 256 (the rows of x of a tile).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64(float* d, const uint32_t* a, uint64_t desc) {
-  static_assert(N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+  static_assert(N == 16 || N == 32 || N == 48 || N == 64 || N == 128 || N == 256,
                 "a tile width with a wgmma shape here");
 #define MPQ_WGMMA_BY_TYPE(M)                  \
   if constexpr (std::is_same_v<T, __half>) { \
@@ -136,6 +148,8 @@ __device__ __forceinline__ void wgmma_m64(float* d, const uint32_t* a, uint64_t 
     MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N16)
   } else if constexpr (N == 32) {
     MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N32)
+  } else if constexpr (N == 48) {
+    MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N48)
   } else if constexpr (N == 64) {
     MPQ_WGMMA_BY_TYPE(MPQ_WGMMA_M64N64)
   } else if constexpr (N == 128) {
@@ -148,6 +162,7 @@ __device__ __forceinline__ void wgmma_m64(float* d, const uint32_t* a, uint64_t 
 
 #undef MPQ_WGMMA_M64N16
 #undef MPQ_WGMMA_M64N32
+#undef MPQ_WGMMA_M64N48
 #undef MPQ_WGMMA_M64N64
 #undef MPQ_WGMMA_M64N128
 #undef MPQ_WGMMA_M64N256
