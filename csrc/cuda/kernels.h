@@ -17,8 +17,8 @@ constexpr int64_t kGemvMaxRows = 64;
 // default where the wgmma kernel does not serve; it takes any number of rows.
 // Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
-// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 16 rows,
-// in tiles of 32 rows of x up to 32 (gemm_sm90.cu). H200, w4 g128, staged /
+// Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 16 rows
+// (its 32-row tiles of x, gemm_sm90.cu). H200, w4 g128, staged /
 // wgmma at M = 17 (us): (8192, 28672) 86.9 / 70.0, (28672, 8192) 81.1 /
 // 70.0, (4096, 14336) 29.7 / 24.7, (14336, 4096) 27.6 / 25.9, (4096, 4096)
 // 15.3 / 15.2. From 9 rows (its 16-row tiles) where its weight tiles cover
@@ -38,7 +38,7 @@ constexpr int64_t kGemmMaxRows = 128;
 // the weights are dequantized to a temporary and cuBLAS multiplies (not
 // measured against the wgmma kernel there).
 constexpr int64_t kGemmMaxRowsSm90 = 16;
-constexpr int64_t kGemmMaxRowsSm90Wide = 8;
+constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the SMs
 constexpr int64_t kSm90MaxRows = 4096;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };

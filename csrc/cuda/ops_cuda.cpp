@@ -2,9 +2,9 @@
 // kernel with x staged in shared memory (gemm.cuh) unless the wgmma kernel
 // takes them (Hopper, 4-bit codes, 17 to 4096 rows, from 9 for wide weights:
 // gemm_sm90.cu); the rest are dequantized to a temporary from PyTorch's
-// caching allocator and multiplied by cuBLAS. (The register-fed GEMV, gemv.cuh, serves when
-// forced.) No host syncs, current stream throughout, so the ops capture into
-// CUDA graphs.
+// caching allocator and multiplied by cuBLAS. (The register-fed GEMV,
+// gemv.cuh, serves when forced.) No host syncs, current stream throughout, so
+// the ops capture into CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
