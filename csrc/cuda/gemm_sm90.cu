@@ -688,6 +688,19 @@ static bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
   return K <= 5120 && tiles <= sms && 10 * tiles >= 9 * sms;
 }
 
+// The launch for one BM-row tile of x (up to 64 rows): two blocks per SM
+// where the weight tiles exceed one wave of single blocks, else one block of
+// 12 stages (launch_for_rows says why).
+template <typename T, int BM>
+static void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const at::Tensor& zeros,
+                            const std::optional<at::Tensor>& bias, at::Tensor& y,
+                            int64_t group_size) {
+  if (weight_tiles(qweight.size(0)) > tile::sm_count())
+    return launch<T, BM, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+  launch<T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
+}
+
 template <typename T>
 static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
@@ -710,23 +723,10 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   // (4096, 14336) 27.2 / 25.3, (14336, 4096) 28.8 / 27.6, (4096, 4096) 16.5 /
   // 15.9. (Twice the stages per tile measured no faster: 70.7 -> 81.0 at
   // (8192, 28672), M = 32.)
-  const bool two_blocks = weight_tiles(qweight.size(0)) > tile::sm_count();
-  if (M <= 16) {
-    if (two_blocks) return launch<T, 16, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
-    return launch<T, 16, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
-  }
-  if (M <= 32) {
-    if (two_blocks) return launch<T, 32, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
-    return launch<T, 32, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
-  }
-  if (M <= 48) {
-    if (two_blocks) return launch<T, 48, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
-    return launch<T, 48, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
-  }
-  if (M <= 64) {
-    if (two_blocks) return launch<T, 64, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
-    return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
-  }
+  if (M <= 16) return launch_one_tile<T, 16>(x, qweight, scales, zeros, bias, y, group_size);
+  if (M <= 32) return launch_one_tile<T, 32>(x, qweight, scales, zeros, bias, y, group_size);
+  if (M <= 48) return launch_one_tile<T, 48>(x, qweight, scales, zeros, bias, y, group_size);
+  if (M <= 64) return launch_one_tile<T, 64>(x, qweight, scales, zeros, bias, y, group_size);
   if (prefer_64_row_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
     return launch<T, 64, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
   if (prefer_narrow_tiles(M, qweight.size(0), static_cast<int>(x.size(1))))
