@@ -18,6 +18,17 @@ def poison_allocator(numel, dtype):
     torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
 
 
+def check_matmul(x, weight, w_bit, group_size, bias=None, context=()):
+    """mpq::matmul of x against weight = (qweight, scales, zeros), its output
+    allocated over a poisoned block, within REL_TOL of the float64 reference;
+    context names the case in the failure message."""
+    qweight, scales, zeros = weight
+    poison_allocator(x.shape[0] * qweight.shape[0], x.dtype)
+    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+    err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+    assert err < REL_TOL[x.dtype], (*context, err)
+
+
 @pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "sm90", "dequantize"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
@@ -28,14 +39,11 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
     if kernel is not None:
         # Read by the CUDA dispatch on every call; a path that cannot serve M falls back.
         monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
-    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (1, 3, 5, 8, 9, 16, 17, 25, 32, 33, 40, 41, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
-        poison_allocator(M * N, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-        assert err < REL_TOL[dtype], (M, err)
+        check_matmul(x, weight, w_bit, group_size, bias, (M,))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -72,13 +80,10 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (50, 17000, 1024, True), (13, 30000, 512, False),
                                (24, 17000, 1024, True), (40, 30000, 512, False),
                                (45, 5000, 4096, True)):
-        qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
+        weight = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")
-        poison_allocator(M * N, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, group_size, None, bias)
-        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, group_size, None, bias))
-        assert err < REL_TOL[dtype], (M, N, err)
+        check_matmul(x, weight, 4, group_size, bias, (M, N))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -88,14 +93,11 @@ def test_default_policy_many_rows(w_bit, dtype):
     4-bit codes (4096 rows) and of where the staged kernel stops (128): each
     against the float64 reference, outputs poisoned."""
     N, K, group_size = 136, 512, 64
-    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (128, 129, 1025, 2048, 4096, 4097):
         x = make_x((M,), K, dtype, "cuda")
-        poison_allocator(M * N, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-        assert err < REL_TOL[dtype], (M, err)
+        check_matmul(x, weight, w_bit, group_size, bias, (M,))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -106,14 +108,11 @@ def test_default_policy_wide_weights(w_bit, dtype):
     rows here (16-row tiles) and from 17 (32-row tiles), the staged kernel the
     rest; each against the float64 reference, outputs poisoned."""
     N, K, group_size = 17000, 512, 128
-    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (8, 9, 16, 17, 32, 33):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
-        poison_allocator(M * N, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-        assert err < REL_TOL[dtype], (M, err)
+        check_matmul(x, weight, w_bit, group_size, bias, (M,))
 
 
 @pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
@@ -131,14 +130,11 @@ def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
         monkeypatch.setenv("MPQ_OPS_CUDA_SPLIT_SUM", "workspace")
     for N, K, group_size, with_bias in ((64, 8192, 128, True), (200, 4096, 64, False),
                                         (1000, 2048, -1, True), (40, 24576, 256, True)):
-        qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         for M in (1, 3, 6, 9, 16, 17):
             x = make_x((M,), K, dtype, "cuda")
-            poison_allocator(M * N, dtype)
-            y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-            err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-            assert err < REL_TOL[dtype], (N, K, M, err)
+            check_matmul(x, weight, w_bit, group_size, bias, (N, K, M))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -150,13 +146,10 @@ def test_one_row_k_ranges(w_bit, dtype):
     two, groups per step and per row, with bias."""
     for N, K, group_size in ((1000, 2048, 128), (12001, 2048, 128), (12000, 1536, 128),
                              (1003, 4096, -1), (40000, 1024, -1)):
-        qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
         x = make_x((1,), K, dtype, "cuda")
-        poison_allocator(N, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-        err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-        assert err < REL_TOL[dtype], (N, K, err)
+        check_matmul(x, weight, w_bit, group_size, bias, (N, K))
 
 
 @pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))

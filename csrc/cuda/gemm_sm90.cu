@@ -118,6 +118,29 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel, ui
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// Where step i of a consumer's loop is in the ring of STAGES: its stage, that
+// stage's fill parity and the stage of step i - 1. Derived from i (a division
+// per step), or (CARRIED) carried from step to step, which advance() moves on.
+template <int STAGES, bool CARRIED>
+struct RingPos {
+  __device__ int stage(int i) const { return i % STAGES; }
+  __device__ uint32_t parity(int i) const { return (i / STAGES) & 1; }
+  __device__ int prev(int i) const { return (i - 1) % STAGES; }
+  __device__ void advance() {}
+};
+template <int STAGES>
+struct RingPos<STAGES, true> {
+  int s = 0, p = STAGES - 1;
+  uint32_t par = 0;
+  __device__ int stage(int) const { return s; }
+  __device__ uint32_t parity(int) const { return par; }
+  __device__ int prev(int) const { return p; }
+  __device__ void advance() {
+    p = s;
+    if (++s == STAGES) s = 0, par ^= 1;
+  }
+};
+
 // Registers per thread of the copy warpgroup and of the consumers (setmaxnreg)
 // with BLOCKS blocks per SM: 2 blocks share the register file, 64K registers.
 template <int BLOCKS>
@@ -263,6 +286,17 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS>::kConsumer));
 
+    // Tiles of up to 64 rows of x, whose steps are short enough that their
+    // bookkeeping shows in the time, keep it in fewer instructions (the ring
+    // position carried, descriptors by addition, 32-bit offsets of scales):
+    // 136 -> 122 instructions per step and warp at 16 rows. H200, w4 g128,
+    // medians of three alternating runs (us): M = 32 at (28672, 8192) 70.8 ->
+    // 67.5, (4096, 14336) 25.1 -> 23.7, (5120, 13824) 28.8 -> 27.6; M = 24 at
+    // (8192, 28672) 70.4 -> 68.4; M = 16 66.0 -> 65.3; M = 64 at (28672, 8192)
+    // 82.6 -> 80.6. The 128- and 256-row tiles measured slower so (M = 256 at
+    // (8192, 28672) 189.7 -> 198.6, M = 1024 at (4096, 14336) 187.0 -> 191.6)
+    // and keep the plain forms.
+    constexpr bool kNarrow = BM <= 64;
     // This lane's two weight rows (g and g + 8 of its warp's 16).
     const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
     const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
@@ -284,16 +318,27 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     const T* z_a = zeros + static_cast<size_t>(n_a) * G;
     const T* s_b = scales + static_cast<size_t>(n_b) * G;
     const T* z_b = zeros + static_cast<size_t>(n_b) * G;
+    // Narrow tiles: rows a and b of scales and zeros start at these offsets
+    // (32-bit: sm90_supported), two registers through the loop, where the
+    // compiler otherwise redoes the 64-bit offsets above at every load.
+    const uint32_t off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
     constexpr int H = U == 2 ? 1 : 2;  // halves of a step with their own values
     T sz[D][H][2][2];                  // [slot][half][row a/b][scale/zero]
     auto load_params = [&](int unit, T (&p)[H][2][2]) {
 #pragma unroll
       for (int h = 0; h < H; ++h) {
         const int gi = groups.index((k_first + unit * U) * kStepK + 32 * h);
-        p[h][0][0] = s_a[gi];
-        p[h][0][1] = z_a[gi];
-        p[h][1][0] = s_b[gi];
-        p[h][1][1] = z_b[gi];
+        if constexpr (kNarrow) {
+          p[h][0][0] = __ldg(scales + (off_a + gi));
+          p[h][0][1] = __ldg(zeros + (off_a + gi));
+          p[h][1][0] = __ldg(scales + (off_b + gi));
+          p[h][1][1] = __ldg(zeros + (off_b + gi));
+        } else {
+          p[h][0][0] = s_a[gi];
+          p[h][0][1] = z_a[gi];
+          p[h][1][0] = s_b[gi];
+          p[h][1][1] = z_b[gi];
+        }
       }
     };
     const int n_units = n_steps / U;
@@ -307,11 +352,18 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // frag[B] (B alternates so that the slices still read by the previous
     // step's wgmmas are not overwritten); scales and zeros from slot S, which
     // the unit's last step refills.
+    RingPos<STAGES, kNarrow> pos;
+    // Narrow tiles: the B descriptors of stage 0; a stage's are kStage / 16
+    // further on, and k16 slice j's 2 j (32 bytes) (desc_k_major_sw128 of
+    // addresses under 256 KB).
+    const uint32_t desc0 = desc_lo_k_major_sw128(smem);
     auto step = [&](int i, auto buf, auto slot, auto last) {
       constexpr int B = decltype(buf)::value, S = decltype(slot)::value;
-      mbar_wait(full + 8 * (i % STAGES), (i / STAGES) & 1);
+      const int stage = pos.stage(i);
+      mbar_wait(full + 8 * stage, pos.parity(i));
 
-      const uint32_t base = smem + (i % STAGES) * L::kStage;
+      const uint32_t base = smem + stage * L::kStage;
+      const uint32_t desc = desc0 + stage * (L::kStage >> 4);
       uint32_t words[2][8];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -343,13 +395,16 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        wgmma_m64<T, BM>(acc, frag[B][j], desc_k_major_sw128(base + 32 * j));
+        wgmma_m64<T, BM>(acc, frag[B][j],
+                         kNarrow ? desc_k_major_sw128_of(desc + 2 * j)
+                                 : desc_k_major_sw128(base + 32 * j));
       wgmma_commit();
       wgmma_wait<1>();
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
       // long before): release that stage.
       __syncwarp();
-      if (i > 0 && lane == 0) mbar_arrive(empty + 8 * ((i - 1) % STAGES));
+      if (i > 0 && lane == 0) mbar_arrive(empty + 8 * pos.prev(i));
+      pos.advance();
     };
 
 #pragma unroll
@@ -759,7 +814,10 @@ bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bi
   return is_sm90[x.get_device()] &&
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
          x.size(1) % (2 * sm90::kStepK) == 0 && x.size(0) < (int64_t{1} << 30) &&
-         qweight.size(0) < (int64_t{1} << 30) && aligned16(x) && aligned16(qweight);
+         qweight.size(0) < (int64_t{1} << 30) && aligned16(x) && aligned16(qweight) &&
+         // scales' and zeros' offsets in 32 bits: [N, K / group] elements with
+         // groups of 32 or more, at most qweight's elements / 4
+         qweight.numel() < (int64_t{1} << 33);
 }
 
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

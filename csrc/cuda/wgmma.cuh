@@ -19,9 +19,18 @@ namespace mpq::cuda::sm90 {
 // Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes
 // (64 halves of k), 128-byte swizzle: 8-row groups 1024 bytes apart (stride
 // byte offset), leading byte offset unused with this swizzle (1 by convention).
+// Its low word: the address field and the leading byte offset. For addresses
+// under 256 KB (all of shared memory) the low word of addr + 16 n is this + n.
+__device__ __forceinline__ uint32_t desc_lo_k_major_sw128(uint32_t smem_addr) {
+  return ((smem_addr & 0x3FFFF) >> 4) | (1u << 16);
+}
+// The descriptor from its low word: the high word (stride byte offset, swizzle
+// mode) is the same for every tile.
+__device__ __forceinline__ uint64_t desc_k_major_sw128_of(uint32_t lo) {
+  return static_cast<uint64_t>(lo) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
 __device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_addr) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+  return desc_k_major_sw128_of(desc_lo_k_major_sw128(smem_addr));
 }
 
 __device__ __forceinline__ void wgmma_fence() {
