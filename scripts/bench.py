@@ -11,7 +11,9 @@ format's bytes are also read by a plain streaming kernel under the same flush
 dirty lines lands inside every timed run (a reference, not a strict bound:
 where the bytes fit L2 a kernel may come in under it).
 --clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
-(bench_clean_l2).
+(bench_clean_l2). For each (K, N) mpq::dequantize is timed too (w2/w4/w8
+g128 to fp16): its bytes (codes, scales and zeros read, the weight written)
+over the copy bandwidth, against its time.
 
     python scripts/bench.py --out bench.json [--quick] [--clean-l2]
 """
@@ -121,6 +123,27 @@ def int4pack_weights(N, K):
     return packed, sz
 
 
+def dequantize_row(K, N, weights, bw):
+    """mpq::dequantize of each width's weight (g128, fp16 out): time and floor (us)."""
+    row = {"K": K, "N": N}
+    for b, qw in weights.items():
+        args = (qw.qweight, qw.scales, qw.zeros, b, 128)
+        row[f"w{b}_us"] = bench(lambda: torch.ops.mpq.dequantize(*args))
+        nbytes = qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2 + N * K * 2
+        row[f"w{b}_floor_us"] = nbytes / bw * 1e6
+    return row
+
+
+def print_dequantize(rows):
+    print("\nmpq::dequantize to fp16, g128 (us; %floor = bytes read and written over the copy "
+          "bandwidth / time)")
+    print(f"{'K':>6} {'N':>6} | " + " | ".join(f"{'w' + str(b):>7} {'%fl':>4}" for b in (2, 4, 8)))
+    for r in rows:
+        print(f"{r['K']:>6} {r['N']:>6} | " + " | ".join(
+            f"{r[f'w{b}_us']:7.1f} {100 * r[f'w{b}_floor_us'] / r[f'w{b}_us']:4.0f}"
+            for b in (2, 4, 8)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench.json")
@@ -147,10 +170,12 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s",
           flush=True)
     compiled = torch.compile(dequant_matmul_w4g128, dynamic=True)
-    rows = []
+    rows, deq_rows = [], []
     for K, N in shapes:
         lin_w = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
         weights = {b: quantize_rtn(lin_w, b, 128) for b in (2, 4, 8)}
+        deq_rows.append(dequantize_row(K, N, weights, bw))
+        print(json.dumps(deq_rows[-1]), flush=True)
         try:
             packed, sz = int4pack_weights(N, K)
         except Exception as e:  # noqa: BLE001 - an anchor that is missing is reported, not fatal
@@ -211,9 +236,10 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
-                  indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows,
+                   "dequantize": deq_rows}, f, indent=1)
     print_table(rows)
+    print_dequantize(deq_rows)
     print_read(rows)
     if args.clean_l2:
         print_clean(rows)
