@@ -308,7 +308,8 @@ def print_table(rows):
         t4 = r["mpq_w4_us"]
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} | {r['fp16_us']:8.1f} | {t4:8.1f} "
               f"{100 * r['mpq_w4_floor_us'] / t4:6.0f} {r['fp16_us'] / t4:6.2f} | "
-              f"{r.get('int4pack_us', float('nan')):8.1f} {r.get('compiled_dq_mm_us', float('nan')):8.1f} | "
+              f"{r.get('int4pack_us', float('nan')):8.1f} "
+              f"{r.get('compiled_dq_mm_us', float('nan')):8.1f} | "
               f"{cell(2)} | {cell(8)}")
 
 
