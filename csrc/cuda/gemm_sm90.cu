@@ -348,15 +348,15 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
     uint32_t frag[2][4][4];  // [buffer][k16 slice][A register]
 
-    // One step: x and codes of step i in its buffer; the A fragments go to
-    // frag[B] (B alternates so that the slices still read by the previous
-    // step's wgmmas are not overwritten); scales and zeros from slot S, which
-    // the unit's last step refills.
     RingPos<STAGES, kNarrow> pos;
     // Narrow tiles: the B descriptors of stage 0; a stage's are kStage / 16
     // further on, and k16 slice j's 2 j (32 bytes) (desc_k_major_sw128 of
     // addresses under 256 KB).
     const uint32_t desc0 = desc_lo_k_major_sw128(smem);
+    // One step: x and codes of step i in its buffer; the A fragments go to
+    // frag[B] (B alternates so that the slices still read by the previous
+    // step's wgmmas are not overwritten); scales and zeros from slot S, which
+    // the unit's last step refills.
     auto step = [&](int i, auto buf, auto slot, auto last) {
       constexpr int B = decltype(buf)::value, S = decltype(slot)::value;
       const int stage = pos.stage(i);
