@@ -33,8 +33,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64
       return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (M <= kSm90MaxRows && sm90_preferred(M, qweight.size(0)) &&
-      sm90_supported(x, qweight, w_bit))
+  if (sm90_preferred(M, qweight.size(0)) && sm90_supported(x, qweight, w_bit))
     return MatmulKernel::Sm90;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;

@@ -794,6 +794,7 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
 namespace mpq::cuda {
 
 bool sm90_preferred(int64_t M, int64_t N) {
+  if (M > kSm90MaxRows) return false;
   if (M > kGemmMaxRowsSm90) return true;
   return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count();
 }
