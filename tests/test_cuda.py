@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import REL_TOL, make_weight, make_x, ref_matmul, rel_err
+from helpers import REL_TOL, make_weight, make_x, ref_dequantize, ref_matmul, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -188,6 +188,59 @@ def test_misaligned_views_are_handled():
     x = base[:, 1:]  # 2-byte offset: not 16-byte aligned
     y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 128)
     assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 128)) < REL_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("N,K,group_size", [(1, 32, 32), (37, 96, 32), (300, 768, 256),
+                                            (129, 1536, 384), (1027, 4096, 128), (5, 2048, -1)])
+def test_dequantize_fully_written(dtype, w_bit, N, K, group_size):
+    """mpq::dequantize into a poisoned block: thread blocks take runs of slots
+    that cross rows and end ragged; every element against float64."""
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    poison_allocator(N * K, dtype)
+    W = torch.ops.mpq.dequantize(*weight, w_bit, group_size)
+    ref = torch.from_numpy(ref_dequantize(*weight, w_bit, group_size))
+    assert rel_err(W, ref) < REL_TOL[dtype]
+
+
+def test_dequantize_w8_codes_at_4_byte_offset():
+    """8-bit codes whose storage starts 4 bytes past an 8-byte boundary (a
+    contiguous view into a larger buffer) cannot take 8-byte loads."""
+    N, K = 67, 640
+    qweight, scales, zeros = make_weight(N, K, 8, 64, torch.float16, "cuda")
+    buf = torch.empty(qweight.numel() + 1, dtype=torch.int32, device="cuda")
+    shifted = buf[1:].view(qweight.shape)
+    shifted.copy_(qweight)
+    assert shifted.data_ptr() % 8 == 4 and shifted.is_contiguous()
+    poison_allocator(N * K, torch.float16)
+    W = torch.ops.mpq.dequantize(shifted, scales, zeros, 8, 64)
+    ref = torch.from_numpy(ref_dequantize(qweight, scales, zeros, 8, 64))
+    assert rel_err(W, ref) < REL_TOL[torch.float16]
+
+
+def test_dequantize_past_2_31_slots():
+    """The kernel indexes slots of 8 outputs with 32 bits, so weights of 2^31
+    slots (2^34 outputs) or more go in slices of whole rows: the rows on both
+    sides of the slice edge and the last rows against float64, the output
+    over a poisoned block and all finite."""
+    K, w_bit, group_size = 4096, 2, 128
+    slots = K // 8
+    N = (1 << 31) // slots + 2
+    edge = ((1 << 31) - 1) // slots  # first row of the second slice
+    if torch.cuda.mem_get_info()[0] < 48 << 30:
+        pytest.skip("needs 48 GiB of free GPU memory")
+    # Full 32-bit random words (every code value): 4 GiB of codes, 32 GiB out.
+    qweight = torch.randint(-2**15, 2**15, (N, K * w_bit // 16), dtype=torch.int16,
+                            device="cuda").view(torch.int32)
+    scales = torch.rand(N, K // group_size, device="cuda").to(torch.float16) * 0.04 + 0.01
+    zeros = torch.rand(N, K // group_size, device="cuda").to(torch.float16) * 3
+    poison_allocator(N * K, torch.float16)
+    W = torch.ops.mpq.dequantize(qweight, scales, zeros, w_bit, group_size)
+    assert all(torch.isfinite(part).all() for part in W.split(1 << 18))
+    rows = torch.tensor([0, 1, edge - 2, edge - 1, edge, edge + 1, N - 1], device="cuda")
+    ref = ref_dequantize(qweight[rows], scales[rows], zeros[rows], w_bit, group_size)
+    assert rel_err(W[rows], torch.from_numpy(ref)) < REL_TOL[torch.float16]
 
 
 class Model(nn.Module):
