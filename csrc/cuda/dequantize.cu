@@ -16,22 +16,6 @@ namespace mpq::cuda {
 
 namespace {
 
-// i / d by a multiply-high, exact for i < 2^31 (d > 0).
-struct Divider {
-  uint32_t mul;
-  int shift;
-  static Divider of(int d) {
-    int l = 0;
-    while ((int64_t{1} << l) < d) ++l;
-    const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1;
-    return {static_cast<uint32_t>(m), l};
-  }
-  __device__ __forceinline__ int div(int i) const {
-    return static_cast<int>((__umulhi(static_cast<uint32_t>(i), mul) + static_cast<uint32_t>(i)) >>
-                            shift);
-  }
-};
-
 // The output [N, K] is cut into slots of 8 consecutive elements (K is a
 // multiple of 32, so a slot never crosses a row or a group); each thread
 // writes whole slots, so a warp's store of 16-bit outputs is one contiguous
@@ -46,7 +30,8 @@ template <typename T, int W, int U, bool VEC8>
 __global__ void __launch_bounds__(256)
     dequantize_cuda_kernel(const uint32_t* __restrict__ qweight, const T* __restrict__ scales,
                            const T* __restrict__ zeros, T* __restrict__ out, int total_slots,
-                           int slots_per_row, int groups, Divider rows, tile::Groups gdiv) {
+                           int slots_per_row, int groups, tile::Groups rows,
+                           tile::Groups gdiv) {
   constexpr int C = W == 8 ? 2 : 1;  // 32-bit code words per slot
   constexpr uint32_t kMask = (1u << W) - 1u;
   const int base = blockIdx.x * (U * blockDim.x) + threadIdx.x;
@@ -72,7 +57,7 @@ __global__ void __launch_bounds__(256)
   for (int u = 0; u < U; ++u) {
     const int i = base + u * blockDim.x;
     if (i >= total_slots) break;
-    const int n = rows.div(i);
+    const int n = rows.index(i);  // i / slots_per_row, by a multiply-high
     const int gi = n * groups + gdiv.index((i - n * slots_per_row) * 8);
     const float s = float(scales[gi]), z = float(zeros[gi]);
     // 8 outputs of T: 16 bytes (half, bfloat16) or 32 (float).
@@ -95,7 +80,7 @@ void launch_width(const uint32_t* q, const T* s, const T* z, T* o, int64_t total
   // w2 152 / 142 / 148 us, w4 168 / 155 / 159, w8 177 / 183 / 189.
   constexpr int U = W == 8 ? 2 : 4;
   const int64_t blocks = (total_slots + U * threads - 1) / (U * threads);
-  const auto rows = Divider::of(slots_per_row);
+  const auto rows = tile::Groups::of(slots_per_row);
   const auto gdiv = tile::Groups::of(group_size);
   if (W == 8 && reinterpret_cast<uintptr_t>(q) % 8 != 0) {
     dequantize_cuda_kernel<T, W, U, false><<<blocks, threads, 0, stream>>>(
@@ -115,8 +100,9 @@ void launch(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64
   const int words = q.size(1), K = words * (32 / w_bit);
   const int groups = K / group_size, slots_per_row = K / 8;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Slot indices are 32-bit (the row by a multiply-high), so weights of 2^31
-  // slots (2^34 outputs) or more go by slices of whole rows.
+  // Slot indices are 32-bit (the row by tile::Groups' multiply-high, exact
+  // below 2^31), so weights of 2^31 slots (2^34 outputs) or more go by slices
+  // of whole rows.
   const int64_t rows = ((int64_t{1} << 31) - 1) / slots_per_row;
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t total_slots = std::min(rows, N - n0) * slots_per_row;
