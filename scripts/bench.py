@@ -123,13 +123,18 @@ def int4pack_weights(N, K):
     return packed, sz
 
 
+def packed_bytes(qw):
+    """Bytes of a quantized weight as the kernels read it: codes, fp16 scales and zeros."""
+    return qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2
+
+
 def dequantize_row(K, N, weights, bw):
     """mpq::dequantize of each width's weight (g128, fp16 out): time and floor (us)."""
     row = {"K": K, "N": N}
     for b, qw in weights.items():
         args = (qw.qweight, qw.scales, qw.zeros, b, 128)
         row[f"w{b}_us"] = bench(lambda: torch.ops.mpq.dequantize(*args))
-        nbytes = qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2 + N * K * 2
+        nbytes = packed_bytes(qw) + N * K * 2
         row[f"w{b}_floor_us"] = nbytes / bw * 1e6
     return row
 
@@ -198,7 +203,7 @@ def main():
                 qw = weights[b]
                 t = bench(lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
                 # codes, scales and zeros; + x and y for the floor
-                weight_bytes = qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2
+                weight_bytes = packed_bytes(qw)
                 nbytes = weight_bytes + M * K * 2 + M * N * 2
                 row[f"mpq_w{b}_us"] = t
                 row[f"mpq_w{b}_floor_us"] = nbytes / bw * 1e6
