@@ -12,7 +12,7 @@ dirty lines lands inside every timed run (a reference, not a strict bound:
 where the bytes fit L2 a kernel may come in under it).
 --clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
 (bench_clean_l2). For each (K, N) mpq::dequantize is timed too (w2/w4/w8
-g128 to fp16): its bytes (codes, scales and zeros read, the weight written)
+g128 to fp16, or --deq-dtype bf16/fp32): its bytes (codes, scales and zeros read, the weight written)
 over the copy bandwidth, against its time.
 
     python scripts/bench.py --out bench.json [--quick] [--clean-l2]
@@ -123,24 +123,30 @@ def int4pack_weights(N, K):
     return packed, sz
 
 
-def packed_bytes(qw):
-    """Bytes of a quantized weight as the kernels read it: codes, fp16 scales and zeros."""
-    return qw.qweight.numel() * 4 + 2 * qw.scales.numel() * 2
+def packed_bytes(qw, scale_bytes=2):
+    """Bytes of a quantized weight as the kernels read it: codes, scales and zeros."""
+    return qw.qweight.numel() * 4 + 2 * qw.scales.numel() * scale_bytes
 
 
-def dequantize_row(K, N, weights, bw):
-    """mpq::dequantize of each width's weight (g128, fp16 out): time and floor (us)."""
-    row = {"K": K, "N": N}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def dequantize_row(K, N, weights, bw, dtype=torch.float16):
+    """mpq::dequantize of each width's weight (g128; output in the scales' dtype): time and
+    floor (us)."""
+    row = {"K": K, "N": N, "dtype": str(dtype).removeprefix("torch.")}
+    esize = torch.empty(0, dtype=dtype).element_size()
     for b, qw in weights.items():
-        args = (qw.qweight, qw.scales, qw.zeros, b, 128)
+        args = (qw.qweight, qw.scales.to(dtype), qw.zeros.to(dtype), b, 128)
         row[f"w{b}_us"] = bench(lambda: torch.ops.mpq.dequantize(*args))
-        nbytes = packed_bytes(qw) + N * K * 2
+        nbytes = packed_bytes(qw, esize) + N * K * esize
         row[f"w{b}_floor_us"] = nbytes / bw * 1e6
     return row
 
 
 def print_dequantize(rows):
-    print("\nmpq::dequantize to fp16, g128 (us; %floor = bytes read and written over the copy "
+    dt = rows[0]["dtype"] if rows else "float16"
+    print(f"\nmpq::dequantize to {dt}, g128 (us; %floor = bytes read and written over the copy "
           "bandwidth / time)")
     print(f"{'K':>6} {'N':>6} | " + " | ".join(f"{'w' + str(b):>7} {'%fl':>4}" for b in (2, 4, 8)))
     for r in rows:
@@ -155,6 +161,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first shape, M in 1/16 only")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
     ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+    ap.add_argument("--deq-dtype", default="fp16", choices=sorted(DTYPES),
+                    help="output dtype of the mpq::dequantize table (scales cast to it)")
     ap.add_argument("--mpq-only", action="store_true",
                     help="time mpq only (no anchors): for comparing kernel variants")
     ap.add_argument("--clean-l2", action="store_true",
@@ -179,7 +187,7 @@ def main():
     for K, N in shapes:
         lin_w = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
         weights = {b: quantize_rtn(lin_w, b, 128) for b in (2, 4, 8)}
-        deq_rows.append(dequantize_row(K, N, weights, bw))
+        deq_rows.append(dequantize_row(K, N, weights, bw, DTYPES[args.deq_dtype]))
         print(json.dumps(deq_rows[-1]), flush=True)
         try:
             packed, sz = int4pack_weights(N, K)
