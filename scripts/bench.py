@@ -12,8 +12,8 @@ dirty lines lands inside every timed run (a reference, not a strict bound:
 where the bytes fit L2 a kernel may come in under it).
 --clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
 (bench_clean_l2). For each (K, N) mpq::dequantize is timed too (w2/w4/w8
-g128 to fp16, or --deq-dtype bf16/fp32): its bytes (codes, scales and zeros read, the weight written)
-over the copy bandwidth, against its time.
+g128 to fp16, or --deq-dtype bf16/fp32): its bytes (codes, scales and zeros
+read, the weight written) over the copy bandwidth, against its time.
 
     python scripts/bench.py --out bench.json [--quick] [--clean-l2]
 """

@@ -16,6 +16,10 @@ namespace mpq::cuda {
 
 namespace {
 
+// Outputs of T per slot: one 16-byte store.
+template <typename T>
+constexpr int kSlot = 16 / sizeof(T);
+
 // The output [N, K] is cut into slots of S = 16 / sizeof(T) consecutive
 // elements (8 for half and bfloat16, 4 for float; K is a multiple of 32, so a
 // slot never crosses a row or a group); each thread writes whole slots, so a
@@ -34,7 +38,7 @@ __global__ void __launch_bounds__(256)
                            const T* __restrict__ zeros, T* __restrict__ out, int total_slots,
                            int slots_per_row, int groups, tile::Groups rows,
                            tile::Groups gdiv) {
-  constexpr int S = 16 / sizeof(T);      // outputs per slot: one 16-byte store
+  constexpr int S = kSlot<T>;
   constexpr int BITS = S * W;            // 8 .. 64 bits of codes per slot
   constexpr int C = BITS == 64 ? 2 : 1;  // 32-bit code words per slot
   constexpr uint32_t kMask = (1u << W) - 1u;
@@ -84,11 +88,12 @@ void launch_width(const uint32_t* q, const T* s, const T* z, T* o, int64_t total
   // (w8 half), 4 slots otherwise (16 bytes in flight were slower at w2). On
   // the H200 at 8192 x 28672 to fp16, U = 2 / 4 / 8: w2 152 / 142 / 148 us,
   // w4 168 / 155 / 159, w8 177 / 183 / 189.
-  constexpr int U = 16 / sizeof(T) * W == 64 ? 2 : 4;
+  constexpr bool kTwoWords = kSlot<T> * W == 64;  // a slot's codes span two words
+  constexpr int U = kTwoWords ? 2 : 4;
   const int64_t blocks = (total_slots + U * threads - 1) / (U * threads);
   const auto rows = tile::Groups::of(slots_per_row);
   const auto gdiv = tile::Groups::of(group_size);
-  if (16 / sizeof(T) * W == 64 && reinterpret_cast<uintptr_t>(q) % 8 != 0) {
+  if (kTwoWords && reinterpret_cast<uintptr_t>(q) % 8 != 0) {
     dequantize_cuda_kernel<T, W, U, false><<<blocks, threads, 0, stream>>>(
         q, s, z, o, (int)total_slots, slots_per_row, groups, rows, gdiv);
   } else {
@@ -104,7 +109,7 @@ void launch(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64
   const int64_t N = q.size(0);
   if (q.numel() == 0) return;
   const int words = q.size(1), K = words * (32 / w_bit);
-  const int groups = K / group_size, slots_per_row = K / (16 / (int)sizeof(T));
+  const int groups = K / group_size, slots_per_row = K / kSlot<T>;
   auto stream = c10::cuda::getCurrentCUDAStream();
   // Slot indices are 32-bit (the row by tile::Groups' multiply-high, exact
   // below 2^31), so weights of 2^31 slots (2^34 half or 2^33 float outputs) or
