@@ -152,6 +152,27 @@ def test_one_row_k_ranges(w_bit, dtype):
         check_matmul(x, weight, w_bit, group_size, bias, (N, K))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_late_scaling_with_offset_x(w_bit, dtype):
+    """Up to 16 rows of x with groups of whole steps take late scaling, whose
+    MMAs sum 8-bit float16 and 4-bit bfloat16 codes still biased by the magic
+    value (1024, 128) that the zero point takes off afterwards: x far from
+    zero mean makes sum(x) large against sum(x * code), where the tensor
+    cores' float32 sums lose the most to that bias (4-bit float16 codes,
+    which stay exact, are here as the control). One row (its k ranges), 3
+    and 16 rows (staged tiles), long K; each within the float64 reference's
+    tolerance, outputs poisoned."""
+    N, K, group_size = 1024, 8192, 128
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    # (8-bit codes: zero points up to 255 make y overflow float16 already at
+    # an offset of 16)
+    for offset in (4.0, 64.0) if w_bit == 4 else (1.0, 2.0):
+        for M in (1, 3, 16):
+            x = (make_x((M,), K, torch.float32, "cuda") + offset).to(dtype)
+            check_matmul(x, weight, w_bit, group_size, None, (offset, M))
+
+
 @pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))
 def test_opcheck_each_forced_path(kernel, monkeypatch):
     """opcheck (schema, fake kernel, autograd registration, dynamic shapes) with

@@ -96,6 +96,50 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
   }
 }
 
+// For late scaling (tile::WeightRows::codes), whose MMAs sum x * code over a
+// step and whose zero point term subtracts z * sum(x) afterwards in float32:
+// the codes may enter the MMAs as magic + code, exact in T, and the magic
+// value leave with the zero point (z + magic), which saves the packed
+// subtract of decode_codes. The partial sums then carry magic * sum(x), and
+// the tensor cores' float32 sums lose bits to it, the more the larger the
+// magic value is against the codes. Measured on the H200 (relative error of
+// y against float64, parts per million, M = 1 and 16, g128): 8-bit float16
+// codes (1024 against up to 255) and bfloat16 (128) are unchanged (float16
+// w8 with x offset by 4: 205 against 206 for dequantize + cuBLAS); 4-bit
+// float16 codes went from 294 to 300 with x of zero mean, but to 600-680
+// with x offset by 4 or 64 (dequantize + cuBLAS: 220), and 2-bit float16
+// codes from 285 to 752: those stay exact (decode_codes).
+// kBias: the magic value biased_codes adds, 0 where it adds none.
+template <typename T, int W>
+struct Biased {
+  static constexpr bool kOn = std::is_same_v<T, __half> ? W == 8 : W <= Pair<T>::kMaxBits && W != 2;
+  static constexpr float kBias = !kOn ? 0.f : std::is_same_v<T, __half> ? 1024.f : 128.f;
+};
+
+// The P codes of one word as pairs out[j] = (magic + c_j, magic + c_{j+P/2})
+// (Biased<T, W>::kBias + code each), or the exact codes where kBias is 0.
+template <typename T, int W>
+__device__ __forceinline__ void biased_codes(uint32_t word, typename Pair<T>::type* out) {
+  using V = typename Pair<T>::type;
+  constexpr int P = 32 / W;
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  if constexpr (!Biased<T, W>::kOn) {
+    decode_codes<T, W>(word, out);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    // 8-bit codes: bytes j and j + 2 under the magic value's high bytes, one
+    // byte permute per pair (selector: byte j, 0x64, byte j + 2, 0x64).
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = as_pair<V>(__byte_perm(word, Pair<T>::kMagic, 0x7250u + 0x0101u * j));
+  } else {
+    // bfloat16, 4-bit codes: a shift and a LOP3 per pair (a bfloat16 has no
+    // room for a code at bit 4 of a byte, so the shifts stay).
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j)
+      out[j] = as_pair<V>(and_or(word >> (W * j), kMask | (kMask << 16), Pair<T>::kMagic));
+  }
+}
+
 // -(z * s) as a pair, for dequantizing exact codes c as c * s - z * s in one
 // packed FMA per pair instead of (c - z) * s in two. It is rounded once before
 // the FMA: an error no larger than the result's own rounding (|z| and |c - z|
