@@ -112,7 +112,7 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
 // kBias: the magic value biased_codes adds, 0 where it adds none.
 template <typename T, int W>
 struct Biased {
-  static constexpr bool kOn = std::is_same_v<T, __half> ? W == 8 : W <= Pair<T>::kMaxBits && W != 2;
+  static constexpr bool kOn = std::is_same_v<T, __half> ? W == 8 : W == 4;
   static constexpr float kBias = !kOn ? 0.f : std::is_same_v<T, __half> ? 1024.f : 128.f;
 };
 

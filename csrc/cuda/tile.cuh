@@ -89,9 +89,10 @@ void by_dtype(const at::Tensor& x, F&& f) {
 //
 // KR = 2 (k-paired, for up to 4 rows of x, one tile; 4- and 8-bit codes): the 16
 // rows of the MMA's A operand hold 8 weight rows, each twice, over two
-// consecutive k ranges of SUPER_K: A row g is weight row g / 2 (g + 8: 4 + g / 2)
-// over k range g % 2, so a step covers 2 * SUPER_K inputs of 8 rows and each load instruction of
-// the warp reads 128 contiguous bytes of 4 rows instead of 64 of 8 (streaming
+// consecutive k ranges of SUPER_K: A row g is weight row g / 2 (g + 8:
+// 4 + g / 2) over k range g % 2, so a step covers 2 * SUPER_K inputs of 8
+// rows and each load instruction of the warp reads 128 contiguous bytes of 4
+// rows instead of 64 of 8 (streaming
 // reads of 128-byte row spans measured ~8% faster than of 64-byte ones). x row
 // m over k range h is the B operand's column 2m + h, so lane (g, t) finds x row
 // t's product for its A rows in column 2t + g % 2, and the two k ranges of a
