@@ -96,47 +96,55 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
   }
 }
 
-// For late scaling (tile::WeightRows::codes), whose MMAs sum x * code over a
-// step and whose zero point term subtracts z * sum(x) afterwards in float32:
-// the codes may enter the MMAs as magic + code, exact in T, and the magic
-// value leave with the zero point (z + magic), which saves the packed
-// subtract of decode_codes. The partial sums then carry magic * sum(x), and
-// the tensor cores' float32 sums lose bits to it, the more the larger the
-// magic value is against the codes. Measured on the H200 (relative error of
-// y against float64, parts per million, M = 1 and 16, g128): 8-bit float16
-// codes (1024 against up to 255) and bfloat16 (128) are unchanged (float16
-// w8 with x offset by 4: 205 against 206 for dequantize + cuBLAS); 4-bit
-// float16 codes went from 294 to 300 with x of zero mean, but to 600-680
-// with x offset by 4 or 64 (dequantize + cuBLAS: 220), and 2-bit float16
-// codes from 285 to 752: those stay exact (decode_codes).
-// kBias: the magic value biased_codes adds, 0 where it adds none.
+// Codes for late scaling (tile::WeightRows::codes), whose MMAs sum a * x over
+// a step with a = kScale * (c + kBias), which apply() undoes with s / kScale
+// and (z + kBias) * kScale in float32:
+// - float16: the code itself as a subnormal, c * 2^-24 (the word masked,
+//   nothing OR-ed in): exact and unbiased, one LOP3 per pair (8-bit codes:
+//   one byte permute with zero bytes); codes at bit offsets 2..6 of a byte
+//   come out times 4..64 (still subnormal), undone by one packed multiply.
+//   (Biased by the magic value 1024 instead, the tensor cores' float32 sums
+//   lost bits to 1024 * sum(x): H200, relative error of y against float64
+//   600-680 ppm for 4-bit codes with x offset by 4 or 64, where the exact
+//   codes and dequantize + cuBLAS gave 200-220; 2-bit codes 752 against 285.)
+// - bfloat16, 4-bit codes: magic 128 + code (bfloat16's subnormals times x
+//   fall below float32's normal range); no loss of accuracy measured.
+// - bfloat16 otherwise: the exact codes (decode_codes).
 template <typename T, int W>
-struct Biased {
-  static constexpr bool kOn = std::is_same_v<T, __half> ? W == 8 : W == 4;
-  static constexpr float kBias = !kOn ? 0.f : std::is_same_v<T, __half> ? 1024.f : 128.f;
+struct LateCodes {
+  static constexpr bool kSubnormal = std::is_same_v<T, __half>;
+  static constexpr bool kBiased = !kSubnormal && W == 4;
+  static constexpr float kScale = kSubnormal ? 0x1p-24f : 1.f;
+  static constexpr float kBias = kBiased ? 128.f : 0.f;
 };
 
-// The P codes of one word as pairs out[j] = (magic + c_j, magic + c_{j+P/2})
-// (Biased<T, W>::kBias + code each), or the exact codes where kBias is 0.
+// The P codes of one word as pairs out[j] = a(c_j), a(c_{j+P/2}) (LateCodes).
 template <typename T, int W>
-__device__ __forceinline__ void biased_codes(uint32_t word, typename Pair<T>::type* out) {
+__device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type* out) {
   using V = typename Pair<T>::type;
+  using C = LateCodes<T, W>;
   constexpr int P = 32 / W;
   constexpr uint32_t kMask = (1u << W) - 1u;
-  if constexpr (!Biased<T, W>::kOn) {
-    decode_codes<T, W>(word, out);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    // 8-bit codes: bytes j and j + 2 under the magic value's high bytes, one
-    // byte permute per pair (selector: byte j, 0x64, byte j + 2, 0x64).
+  if constexpr (C::kSubnormal && W == 8) {
+    // bytes j and j + 2 over zero bytes (selector: byte j, 0, byte j + 2, 0)
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)
-      out[j] = as_pair<V>(__byte_perm(word, Pair<T>::kMagic, 0x7250u + 0x0101u * j));
-  } else {
-    // bfloat16, 4-bit codes: a shift and a LOP3 per pair (a bfloat16 has no
-    // room for a code at bit 4 of a byte, so the shifts stay).
+      out[j] = as_pair<V>(__byte_perm(word, 0u, 0x4240u + 0x0101u * j));
+  } else if constexpr (C::kSubnormal) {
+#pragma unroll
+    for (int j = 0; j < P / 2; ++j) {
+      const int bit = W * j, in = bit % 8;
+      const uint32_t src = bit >= 8 ? word >> (bit - in) : word;
+      const V v = as_pair<V>(src & ((kMask | (kMask << 16)) << in));
+      out[j] = in == 0 ? v : __hmul2(v, __float2half2_rn(1.f / float(1 << in)));
+    }
+  } else if constexpr (C::kBiased) {
+    // a shift and a LOP3 per pair (no room in a bfloat16 for a code at bit 4)
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)
       out[j] = as_pair<V>(and_or(word >> (W * j), kMask | (kMask << 16), Pair<T>::kMagic));
+  } else {
+    decode_codes<T, W>(word, out);
   }
 }
 

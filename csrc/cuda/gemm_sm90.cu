@@ -54,8 +54,8 @@ struct Layout {
   static constexpr int kX = BM * 128;           // x tile of one stage (1024-byte multiple)
   static constexpr int kW = kRowsW * kRowBytesW;  // weight tile of one stage
   static constexpr int kStage = kX + kW;
-  // + two mbarriers per stage, + slack to align the base to 1024
-  static constexpr int kBytes = STAGES * kStage + 16 * STAGES + 1024;
+  // + three mbarriers per stage, + slack to align the base to 1024
+  static constexpr int kBytes = STAGES * kStage + 24 * STAGES + 1024;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -92,6 +92,55 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(addr));
   return v;
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// PERM (x's k order permuted within each step, see gemm_sm90_w4): half `hf`
+// of a staged row of x (128 bytes at `row_addr`, 16-byte chunks swizzled by
+// the row's r & 7), k 32 hf .. 32 hf + 31, in place. Word o (of 16) of the
+// half becomes (x[k0], x[k0 + 4]) with k0 = 8 c + 2 j0 + h for o = 8 j0 +
+// 4 h + c: the pair of codes (k0, k0 + 4) that lane c's A register h of
+// k16 slice 2 hf + j0 holds.
+__device__ __forceinline__ void permute_half_row(uint32_t row_addr, int r, int hf) {
+  uint32_t in[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 v = lds128(row_addr + (((4 * hf + q) ^ (r & 7)) << 4));
+    in[4 * q] = v.x, in[4 * q + 1] = v.y, in[4 * q + 2] = v.z, in[4 * q + 3] = v.w;
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {  // q = 2 j0 + h
+    const int j0 = q >> 1, h = q & 1;
+    const uint32_t sel = h ? 0x7632u : 0x5410u;
+    uint4 o;
+    o.x = __byte_perm(in[0 + j0], in[2 + j0], sel);
+    o.y = __byte_perm(in[4 + j0], in[6 + j0], sel);
+    o.z = __byte_perm(in[8 + j0], in[10 + j0], sel);
+    o.w = __byte_perm(in[12 + j0], in[14 + j0], sel);
+    sts128(row_addr + (((4 * hf + q) ^ (r & 7)) << 4), o);
+  }
+}
+
+// PERM: the codes (n, n + 4) of a word, n = 0 (HI: 1), as a dequantized pair:
+// magic + c (the high code from src >> 4: bfloat16 has no room for a code
+// shifted by 4), the magic subtracted, then c * s - z * s.
+template <typename T, bool HI>
+__device__ __forceinline__ uint32_t dequant_nibbles(uint32_t src, typename Pair<T>::type s2,
+                                                    typename Pair<T>::type nzs2) {
+  using V = typename Pair<T>::type;
+  const uint32_t v = and_or(HI ? src >> 4 : src, 0x000F000Fu, Pair<T>::kMagic);
+  const V c = __hsub2(as_pair<V>(v), as_pair<V>(Pair<T>::kMagic));
+  return as_bits(__hfma2(c, s2, nzs2));
 }
 
 // Byte `sel` of a word (both nibbles: codes 2c and 2c+1) as a dequantized
@@ -143,10 +192,12 @@ struct RingPos<STAGES, true> {
 
 // Registers per thread of the copy warpgroup and of the consumers (setmaxnreg)
 // with BLOCKS blocks per SM: 2 blocks share the register file, 64K registers.
-template <int BLOCKS>
+// PERM: the copy warpgroup's permuting warps hold 16 words of x and their
+// addresses, the consumers 12 words of codes fewer.
+template <int BLOCKS, bool PERM = false>
 struct Regs {
-  static constexpr int kCopy = BLOCKS == 1 ? 40 : 24;
-  static constexpr int kConsumer = BLOCKS == 1 ? 232 : 104;
+  static constexpr int kCopy = PERM ? (BLOCKS == 1 ? 56 : 48) : BLOCKS == 1 ? 40 : 24;
+  static constexpr int kConsumer = PERM ? (BLOCKS == 1 ? 224 : 96) : BLOCKS == 1 ? 232 : 104;
   static_assert(BLOCKS * (128 * kCopy + kConsumers * kConsumer) <= 65536, "register file");
 };
 
@@ -221,7 +272,7 @@ __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f
 // the benchmark shapes (H100, w4 g128, us): (4096, 4096) M = 2048 99.9 ->
 // 112.1, M = 4096 214.8 -> 229.0; (4096, 14336) M = 1024 183.6 -> 207.6;
 // (28672, 8192) M = 2048 1421 -> 1552.
-template <typename T, int BM, int STAGES, int D, int BLOCKS, int U, bool TAIL>
+template <typename T, int BM, int STAGES, int D, int BLOCKS, int U, bool TAIL, bool PERM>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
                  const __grid_constant__ CUtensorMap w_map,
@@ -236,6 +287,9 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   // Two mbarriers per stage after the tiles: full ("x and codes of this
   // stage landed") and empty ("every consumer warp is done with it").
   const uint32_t full = smem + STAGES * L::kStage, empty = full + 8 * STAGES;
+  // PERM: a third, "ready" ("x of this stage permuted"), which the copy
+  // warpgroup's other three warps complete, and the consumers wait on.
+  const uint32_t ready = empty + 8 * STAGES;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -267,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, 1);
       mbar_init(empty + 8 * s, kConsumers / 32);
+      if constexpr (PERM) mbar_init(ready + 8 * s, 3);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -276,15 +331,31 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   // consumers, refilling a stage as soon as all eight consumer warps released
   // it; the warpgroup's registers move to the consumers (setmaxnreg).
   if (tid >= kConsumers) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS>::kCopy));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS, PERM>::kCopy));
     if (tid == kConsumers) {
       for (int i = 0; i < n_steps; ++i) {
         if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
         load_stage(i);
       }
+    } else if (PERM && tid >= kConsumers + 32) {
+      // The other three warps permute each landed stage's x in place, two
+      // tasks (halves) per row, then hand it to the consumers: their stores
+      // are generic-proxy writes that the tensor cores read through the async
+      // proxy, hence the proxy fence before the arrive.
+      const int pt = tid - kConsumers - 32;
+      for (int i = 0; i < n_steps; ++i) {
+        const int s = i % STAGES;
+        mbar_wait(full + 8 * s, (i / STAGES) & 1);
+        const uint32_t xs = smem + s * L::kStage;
+        for (int task = pt; task < 2 * BM; task += 96)
+          permute_half_row(xs + (task >> 1) * 128, task >> 1, task & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncwarp();
+        if (lane == 0) mbar_arrive(ready + 8 * s);
+      }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS>::kConsumer));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS, PERM>::kConsumer));
 
     // Tiles of up to 64 rows of x, whose steps are short enough that their
     // bookkeeping shows in the time, keep it in fewer instructions (the ring
@@ -360,31 +431,55 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     auto step = [&](int i, auto buf, auto slot, auto last) {
       constexpr int B = decltype(buf)::value, S = decltype(slot)::value;
       const int stage = pos.stage(i);
-      mbar_wait(full + 8 * stage, pos.parity(i));
+      mbar_wait((PERM ? ready : full) + 8 * stage, pos.parity(i));
 
       const uint32_t base = smem + stage * L::kStage;
       const uint32_t desc = desc0 + stage * (L::kStage >> 4);
-      uint32_t words[2][8];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int ch = 0; ch < 2; ++ch) {
-          const uint4 v = lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
-          words[r][ch * 4 + 0] = v.x;
-          words[r][ch * 4 + 1] = v.y;
-          words[r][ch * 4 + 2] = v.z;
-          words[r][ch * 4 + 3] = v.w;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      if constexpr (PERM) {
+        // Words c and c + 4 of each of the lane's rows: slices 0, 1 take the
+        // codes of word c (k 8c .. 8c + 7), slices 2, 3 of word c + 4; within
+        // a word, nibbles (0, 4) and (1, 5), then (2, 6) and (3, 7) from the
+        // word >> 8 (the order in which the copy warps permuted x).
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int h = H == 2 ? j / 2 : 0;  // constant once unrolled
-          const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
-          const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
-          frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, unshift, s2, nzs2);
-          frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, unshift, s2, nzs2);
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const uint32_t w =
+                lds32(base + w_off + r * 8 * kRowBytesW + (((u << 4) ^ w_swz) | (c << 2)));
+#pragma unroll
+            for (int odd = 0; odd < 2; ++odd) {
+              const int j = 2 * u + odd, h = H == 2 ? u : 0;
+              const uint32_t src = odd ? w >> 8 : w;
+              const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
+              const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
+              frag[B][j][r] = dequant_nibbles<T, false>(src, s2, nzs2);
+              frag[B][j][2 + r] = dequant_nibbles<T, true>(src, s2, nzs2);
+            }
+          }
+        }
+      } else {
+        uint32_t words[2][8];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int ch = 0; ch < 2; ++ch) {
+            const uint4 v = lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
+            words[r][ch * 4 + 0] = v.x;
+            words[r][ch * 4 + 1] = v.y;
+            words[r][ch * 4 + 2] = v.z;
+            words[r][ch * 4 + 3] = v.w;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int h = H == 2 ? j / 2 : 0;  // constant once unrolled
+            const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
+            const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
+            frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, unshift, s2, nzs2);
+            frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, unshift, s2, nzs2);
+          }
         }
       }
       if constexpr (decltype(last)::value) {
@@ -664,12 +759,20 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // M = 256 at (4096, 4096) 37.4 against 32.0 us.)
   // Scales and zeros once per step pair where groups are whole pairs.
   const bool pair_groups = group_size % (2 * kStepK) == 0;
-  auto* kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, false>
-                             : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, false>;
+  // x permuted by the copy warpgroup (PERM) for bfloat16 tiles of up to 32
+  // rows: the consumers' steps shorter (SASS, sm_90a, 16-row tile: 142 -> 120
+  // instructions per step and warp) against the copy warps' 2 BM half-rows of
+  // PRMTs per stage. H200, g128, medians of three alternating rounds (us):
+  // bfloat16 (8192, 28672) M = 16 72.0 -> 67.1, M = 32 77.8 -> 73.9; (28672,
+  // 8192) M = 24 74.5 -> 71.8. float16, whose step saves less (124.5 -> 110),
+  // ran slower with it: M = 24 69.2 -> 72.7, (4096, 14336) M = 32 23.6 -> 25.1.
+  constexpr bool P = std::is_same_v<T, __nv_bfloat16> && BM <= 32;
+  auto* kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, false, P>
+                             : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, false, P>;
   if constexpr (BM > 64) {  // (the 64-row tiles' rule splits no last wave)
     if (tail > 0)
-      kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, true>
-                           : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, true>;
+      kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, true, P>
+                           : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, true, P>;
   }
   // Per call, not once: the limit belongs to the current device.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -191,15 +191,19 @@ struct WeightRows {
   // == 0): the MMAs take the codes (word j of every row, as pairs like
   // dequant's) into per-step partial sums, and apply() scales them once per
   // step: acc += s * (sum_k x c - z * sum_k x). The sum of x comes from one
-  // more MMA per word with A = 1. 8-bit float16 and 4-bit bfloat16 codes
-  // enter biased by the magic value (biased_codes), which apply() takes off
-  // with the zero point: no packed subtract per pair. H200, g128, against the
-  // exact codes, medians of three alternating rounds (us): M = 1 bfloat16 w4
-  // (8192, 28672) 54.7 -> 50.9, (28672, 8192) 52.1 -> 48.4, M = 8 65.2 ->
-  // 62.3; float16 w8 75.1 -> 73.5, 75.5 -> 74.0, M = 16 104.1 -> 99.6.
+  // more MMA per word with A = 1. float16 codes enter as subnormals
+  // (c * 2^-24: the word masked, nothing added), 4-bit bfloat16 codes biased
+  // by the magic value 128 (late_codes); apply() undoes both with s and z:
+  // no packed subtract per pair. H200, g128, medians of three alternating
+  // rounds against exact codes (us): M = 1 float16 w4 (8192, 28672) 52.7 ->
+  // 49.6, (28672, 8192) 49.9 -> 46.7, w2 g256 42.5 -> 40.1; bfloat16 w4
+  // 54.7 -> 50.9, 52.1 -> 48.4; float16 w8 75.1 -> 73.5, M = 16 104.1 -> 99.6
+  // (then biased by 1024, which the subnormal codes match within 1% on the
+  // large shapes). Error of y unchanged (float16 w4, x offset by 4 or 64:
+  // 199-206 ppm against float64; dequantize + cuBLAS 216-222).
   __device__ __forceinline__ static void codes(const Step& st, int j, V (&d)[R][P / 2]) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) biased_codes<T, W>((&st.w[r].x)[j], d[r]);
+    for (int r = 0; r < R; ++r) late_codes<T, W>((&st.w[r].x)[j], d[r]);
   }
   __device__ __forceinline__ static void mma_ones(float (&xsum)[4], uint32_t b0, uint32_t b1) {
     const uint32_t one = pack_pair<T>(T(1.f), T(1.f));
@@ -216,9 +220,10 @@ struct WeightRows {
     for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const float sc = float(st.s[2 * rt + hr][0]);
-        float zc = float(st.z[2 * rt + hr][0]);
-        if constexpr (Biased<T, W>::kOn) zc += Biased<T, W>::kBias;
+        using C = LateCodes<T, W>;
+        float sc = float(st.s[2 * rt + hr][0]), zc = float(st.z[2 * rt + hr][0]);
+        if constexpr (C::kBias != 0.f) zc += C::kBias;
+        if constexpr (C::kScale != 1.f) zc *= C::kScale, sc *= 1.f / C::kScale;
 #pragma unroll
         for (int nt = 0; nt < N_TILES; ++nt)
 #pragma unroll
