@@ -57,6 +57,15 @@ __device__ __forceinline__ float code_float(uint32_t word, int j) {
   return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7440 + j)) - 8388608.f;
 }
 
+// Codes j and j + P/2 of a word (P = 32 / W) as the pair (magic + c_j,
+// magic + c_{j+P/2}): one shift and one LOP3.
+template <typename T, int W>
+__device__ __forceinline__ typename Pair<T>::type biased_pair(uint32_t word, int j) {
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  return as_pair<typename Pair<T>::type>(
+      and_or(word >> (W * j), kMask | (kMask << 16), Pair<T>::kMagic));
+}
+
 // The P codes of one word as exact T pairs: out[j] = (c_j, c_{j+P/2}).
 template <typename T, int W>
 __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::type* out) {
@@ -86,7 +95,7 @@ __device__ __forceinline__ void decode_codes(uint32_t word, typename Pair<T>::ty
     const V magic = as_pair<V>(Pair<T>::kMagic);
 #pragma unroll
     for (int j = 0; j < P / 2; ++j)
-      out[j] = __hsub2(as_pair<V>(and_or(word >> (W * j), kMask2, Pair<T>::kMagic)), magic);
+      out[j] = __hsub2(biased_pair<T, W>(word, j), magic);
   } else {
     // bfloat16, 8-bit codes: build 2^23 + c as float32 with a byte permute;
     // every integer below 256 is exact in bfloat16.
@@ -141,8 +150,7 @@ __device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type
   } else if constexpr (C::kBiased) {
     // a shift and a LOP3 per pair (no room in a bfloat16 for a code at bit 4)
 #pragma unroll
-    for (int j = 0; j < P / 2; ++j)
-      out[j] = as_pair<V>(and_or(word >> (W * j), kMask | (kMask << 16), Pair<T>::kMagic));
+    for (int j = 0; j < P / 2; ++j) out[j] = biased_pair<T, W>(word, j);
   } else {
     decode_codes<T, W>(word, out);
   }
