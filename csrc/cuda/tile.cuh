@@ -92,11 +92,11 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // consecutive k ranges of SUPER_K: A row g is weight row g / 2 (g + 8:
 // 4 + g / 2) over k range g % 2, so a step covers 2 * SUPER_K inputs of 8
 // rows and each load instruction of the warp reads 128 contiguous bytes of 4
-// rows instead of 64 of 8 (streaming
-// reads of 128-byte row spans measured ~8% faster than of 64-byte ones). x row
-// m over k range h is the B operand's column 2m + h, so lane (g, t) finds x row
-// t's product for its A rows in column 2t + g % 2, and the two k ranges of a
-// weight row meet in lanes g and g ^ 1 (one shuffle at the end).
+// rows instead of 64 of 8 (streaming reads of 128-byte row spans measured
+// ~8% faster than of 64-byte ones). x row m over k range h is the B operand's
+// column 2m + h, so lane (g, t) finds x row t's product for its A rows in
+// column 2t + g % 2, and the two k ranges of a weight row meet in lanes g and
+// g ^ 1 (one shuffle at the end).
 // KR = 8 (one row of x): the same over eight k ranges. A row g (g + 8) is
 // weight row 0 (1) over range g, a step covers 8 * SUPER_K inputs of 2 rows,
 // and each load instruction reads 512 contiguous bytes of one row. Column n is
