@@ -153,15 +153,18 @@ def test_one_row_k_ranges(w_bit, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("w_bit", (4, 8))
-def test_late_scaling_with_offset_x(w_bit, dtype):
+@pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90")])
+def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     """Late scaling (groups of whole steps) sums bare codes in the MMAs and
     applies each group's scale and zero point to the sums: float16 codes as
     subnormals (exact), 4-bit bfloat16 codes biased by the magic value 128,
     which leaves with the zero point. x far from zero mean makes sum(x) large
     against sum(x * code), where a bias costs the tensor cores' float32 sums
     the most. One row (its k ranges), 3 and 16 rows (staged tiles), long K;
-    each within the float64 reference's tolerance, outputs poisoned."""
+    each within the float64 reference's tolerance, outputs poisoned. Forced
+    "sm90": the wgmma kernel, which scales before its MMAs, under the same x."""
+    if kernel is not None:
+        monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
     N, K, group_size = 1024, 8192, 128
     weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     # (8-bit codes: zero points up to 255 make y overflow float16 already at

@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                      int M, int N, int K, tile::Groups groups, int steps_per_split,
                      bool cluster_sum) {
-  using Rows = tile::WeightRows<T, W, RT, KR, WIDE>;
+  using Rows = tile::WeightRows<T, W, RT, KR, WIDE, (N_TILES <= 4)>;
   using V = typename Rows::V;
   using Step = typename Rows::Step;
   constexpr int P = Rows::P, SUPER_K = Rows::SUPER_K, R = Rows::R, HALVES = Rows::HALVES;
@@ -242,14 +242,33 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // one lane constant XOR jj, and the tile offset is an immediate.
   constexpr int CPL = CHUNKS / 4;
   const int x_row = RESIDENT ? g % XR : g;
-  const int read_base = swizzle(t * CPL, x_row);
-  const uint4* x_lane = x_stages + x_row * CHUNKS;
+  // The lane's reads of stage 0 are held in registers (tile::opaque; else the
+  // compiler rebuilds them from the thread index at every step): with ADDRS
+  // the shared-memory address of each of its chunks, a read one multiply-add
+  // of the stage away; else its chunk index (the row's offset, a multiple of
+  // CHUNKS, lies above jj's bits), opaque only where registers allow (the
+  // 64-row kernels spilled). Measured with the WeightRows offsets held too
+  // (OPAQUE): H200, g128, medians of three alternating rounds (us), M = 1
+  // float16 w4 (8192, 28672) 49.5 -> 48.3, (28672, 8192) 46.1 -> 43.1,
+  // (14336, 4096) 17.9 -> 17.2; bfloat16 w4 50.7 -> 49.0, 47.7 -> 43.8; w2
+  // g256 40.2 -> 38.9; w8 (28672, 8192) 74.8 -> 73.3; M = 3 / 8 52.2 -> 51.6
+  // / 61.6 -> 60.8; M = 16 within 1.7% either way (4-bit one-row loop: 346
+  // -> 294 instructions per two steps).
+  constexpr bool ADDRS = (W != 2 || RESIDENT) && N_TILES <= 4;  // (W = 2 staged: spills)
+  const uint32_t x_base = static_cast<uint32_t>(__cvta_generic_to_shared(x_stages));
+  const uint32_t lane_chunk = x_row * CHUNKS + swizzle(t * CPL, x_row);
+  uint32_t x_addr[ADDRS ? CPL : 1];
+  if constexpr (ADDRS) {
+#pragma unroll
+    for (int jj = 0; jj < CPL; ++jj) x_addr[jj] = tile::opaque(x_base + 16u * (lane_chunk ^ jj));
+  } else {
+    x_addr[0] = N_TILES <= 4 ? tile::opaque(lane_chunk) : lane_chunk;
+  }
 
   const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
 
   // One step: 4 words per row of this lane, each against the matching x.
   const auto compute = [&](const Step& st, int stage) {
-    const uint4* xs = x_lane + stage * X_STEP;
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
     // LATE: this step's sums of x * code and of x (Rows::apply).
     float part[LATE ? N_TILES : 1][RT][4] = {}, xsum[LATE ? N_TILES : 1][4] = {};
@@ -266,7 +285,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       // is loaded at even j for all tiles and kept for the odd j).
       const auto chunk = [&](int nt, int h) {
         const int jj = W == 8 ? j / 2 : W == 4 ? j : 2 * j + h;
-        return xs[nt * 8 * CHUNKS + (read_base ^ jj)];
+        const uint32_t a = ADDRS ? x_addr[jj] : x_base + 16u * (x_addr[0] ^ jj);
+        return tile::lds128(a + 16u * (stage * X_STEP + nt * 8 * CHUNKS));
       };
       if constexpr (W == 8) {
         if (j % 2 == 0) {

@@ -766,6 +766,13 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // bfloat16 (8192, 28672) M = 16 72.0 -> 67.1, M = 32 77.8 -> 73.9; (28672,
   // 8192) M = 24 74.5 -> 71.8. float16, whose step saves less (124.5 -> 110),
   // ran slower with it: M = 24 69.2 -> 72.7, (4096, 14336) M = 32 23.6 -> 25.1.
+  // (Not taken either: late scaling here, as the staged kernels do it, for the
+  // one-block 16-row tiles: with x permuted each code pair one LOP3 from an
+  // MMA operand, scale and zero point applied to per-pair-of-steps sums, the
+  // sums of x from one more wgmma with A = 1, splits of whole passes. 12-13%
+  // fewer instructions per step, yet slower: H200, (4096, 14336), medians of
+  // three alternating rounds (us), float16 M = 16 23.6 -> 25.3, M = 12 23.6 ->
+  // 25.3, bfloat16 M = 16 24.7 -> 25.4.)
   constexpr bool P = std::is_same_v<T, __nv_bfloat16> && BM <= 32;
   auto* kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, false, P>
                              : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, false, P>;

@@ -52,6 +52,27 @@ __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
   return as_bits(v);
 }
 
+// 16 bytes of shared memory. Volatile: the loads stay where they are written
+// relative to the barriers and the copies' waits (the kernels that use it
+// read a stage only after both).
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+// v, through a move the compiler cannot see into: a value so passed stays in
+// its register, where the compiler otherwise recomputes it from the thread
+// index wherever it is used (the per-step loads' offsets: 20 instructions per
+// step).
+__device__ __forceinline__ uint32_t opaque(uint32_t v) {
+  uint32_t r;
+  asm("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
+  return r;
+}
+
 // Division by the group size with a multiply-high, an add and a shift
 // (Granlund-Montgomery, exact for 0 <= n < 2^31): the group index of a step
 // is needed on every step, and an integer division costs ~25 instructions.
@@ -103,10 +124,14 @@ void by_dtype(const at::Tensor& x, F&& f) {
 // x's range n, so A row g's product is column g, which lane (g, g / 2) holds;
 // a row's eight ranges are added up across the warp at the end.
 //
+// OPAQUE: the offsets below are kept in registers, where the compiler
+// otherwise rebuilds them from the thread index at every load (for kernels
+// with the registers to spare: with 64 rows of x they spilled).
+//
 // WIDE (2-bit codes with groups a multiple of 64): a lane's 64 codes of a row
 // per step lie in one group, so one scale and zero per row and step are loaded
 // instead of one per 32-wide half.
-template <typename T, int W, int RT, int KR = 1, bool WIDE = false>
+template <typename T, int W, int RT, int KR = 1, bool WIDE = false, bool OPAQUE = false>
 struct WeightRows {
   using V = typename Pair<T>::type;
   static constexpr int P = 32 / W;            // codes per word
@@ -144,13 +169,13 @@ struct WeightRows {
     const uint32_t chunks = K / (4 * P), n_groups = K / groups_.size;
     // The lane's chunk is t of k range g % KR, i.e. chunk 4 (g % KR) + t of the step.
     const int chunk = 4 * (g % KR) + t_;
-    k_lane = chunk * LANE_K;
+    k_lane = static_cast<int>(OPAQUE ? opaque(chunk * LANE_K) : chunk * LANE_K);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       row[r] = KR > 1 ? tile0 + (8 / KR) * r + g / KR : tile0 + (r >> 1) * 16 + (r & 1) * 8 + g;
       const uint32_t safe = row[r] < N ? row[r] : 0;
-      qo[r] = safe * chunks + chunk;
-      so[r] = safe * n_groups;
+      qo[r] = OPAQUE ? opaque(safe * chunks + chunk) : safe * chunks + chunk;
+      so[r] = OPAQUE ? opaque(safe * n_groups) : safe * n_groups;
     }
   }
 
