@@ -455,7 +455,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // than one wave (k-paired rows at (8192, 28672): 896 blocks, 660 slots) is
   // split so that its last wave is full (up to 4; of equally full waves the
   // most splits): 63.9 us with 1 split, 60.4 with 2, 59.9 with 4; w8 107.9
-  // with 2, 98.9 with 4.
+  // with 2, 98.9 with 4. Up to 6 or 8, whose 5 or 8 splits fill the waves
+  // better by this count (0.97 / 0.99 against 0.91), ran slower on the H200
+  // (w4 48.7 -> 50.6 / 52.8 us, bfloat16 49.3 -> 51.0 / 53.4, M = 3 51.6 ->
+  // 52.8 / 55.8, w8 74.4 -> 76.8 / 75.2): shorter blocks cost more than the
+  // last wave's idle slots.
   static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
   if constexpr (KR == 2) {
     // One row of x: eight k ranges per row (tile::WeightRows), whose loads read
