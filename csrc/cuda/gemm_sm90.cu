@@ -86,14 +86,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
-
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
@@ -115,7 +107,7 @@ __device__ __forceinline__ void permute_half_row(uint32_t row_addr, int r, int h
   uint32_t in[16];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const uint4 v = lds128(row_addr + (((4 * hf + q) ^ (r & 7)) << 4));
+    const uint4 v = tile::lds128(row_addr + (((4 * hf + q) ^ (r & 7)) << 4));
     in[4 * q] = v.x, in[4 * q + 1] = v.y, in[4 * q + 2] = v.z, in[4 * q + 3] = v.w;
   }
 #pragma unroll
@@ -138,8 +130,7 @@ template <typename T, bool HI>
 __device__ __forceinline__ uint32_t dequant_nibbles(uint32_t src, typename Pair<T>::type s2,
                                                     typename Pair<T>::type nzs2) {
   using V = typename Pair<T>::type;
-  const uint32_t v = and_or(HI ? src >> 4 : src, 0x000F000Fu, Pair<T>::kMagic);
-  const V c = __hsub2(as_pair<V>(v), as_pair<V>(Pair<T>::kMagic));
+  const V c = __hsub2(biased_pair<T, 4>(src, HI), as_pair<V>(Pair<T>::kMagic));
   return as_bits(__hfma2(c, s2, nzs2));
 }
 
@@ -463,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
         for (int r = 0; r < 2; ++r) {
 #pragma unroll
           for (int ch = 0; ch < 2; ++ch) {
-            const uint4 v = lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
+            const uint4 v = tile::lds128(base + w_off + r * 8 * kRowBytesW + ((ch << 4) ^ w_swz));
             words[r][ch * 4 + 0] = v.x;
             words[r][ch * 4 + 1] = v.y;
             words[r][ch * 4 + 2] = v.z;
