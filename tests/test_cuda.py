@@ -153,6 +153,28 @@ def test_one_row_k_ranges(w_bit, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_one_row_stream_k(w_bit, dtype):
+    """One row of x against more k-paired row blocks (32 rows) than one wave
+    of blocks holds: one block per slot, each taking an even share of (row
+    block, step) items across row-block boundaries (stream-K), its segments
+    in two workspace slots added up after (on 132 SMs of five blocks: past
+    21120 rows). Shares just over one row block (22016 rows) and of several
+    (40000), one run of steps per row block (K = 512) up to the longest
+    resident x (K = 20480), groups within a step, of whole steps and per row,
+    with and without bias; the workspace is poisoned too (a NaN block large
+    enough for y and both slots)."""
+    for N, K, group_size, with_bias in ((22016, 1536, 64, True), (40000, 512, 128, False),
+                                        (28672, 8192, 128, True), (22016, 20480, -1, False),
+                                        (40000, 2048, 32, True)):
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+        x = make_x((1,), K, dtype, "cuda")
+        poison_allocator(6 * N, torch.float16)
+        check_matmul(x, weight, w_bit, group_size, bias, (N, K, group_size))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90")])
 def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     """Late scaling (groups of whole steps) sums bare codes in the MMAs and
@@ -292,20 +314,24 @@ def test_reduce_overhead_runs_under_cuda_graphs():
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] >= 0
 
 
-def test_raw_cuda_graph_capture_and_replay():
-    qweight, scales, zeros = make_weight(256, 1024, 4, 128, torch.float16, "cuda")
-    static_x = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
-    for M in (2,):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_y = torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
-        for _ in range(3):
-            static_x.copy_(torch.randn_like(static_x))
-            g.replay()
-            ref = ref_matmul(static_x, qweight, scales, zeros, 4, 128)
-            assert rel_err(static_y, ref) < REL_TOL[torch.float16]
+@pytest.mark.parametrize("N,K,M", [(256, 1024, 2), (22016, 1024, 1), (64, 8192, 3)])
+def test_raw_cuda_graph_capture_and_replay(N, K, M, monkeypatch):
+    """Capture and replay with new x: the split grids' sums through the
+    workspace (on Hopper in a kernel launched programmatically after the one
+    before), one row of x in stream-K past one wave of blocks (22016 rows)."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_SPLIT_SUM", "workspace")
+    qweight, scales, zeros = make_weight(N, K, 4, 128, torch.float16, "cuda")
+    static_x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        ref = ref_matmul(static_x, qweight, scales, zeros, 4, 128)
+        assert rel_err(static_y, ref) < REL_TOL[torch.float16]

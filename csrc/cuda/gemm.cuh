@@ -128,7 +128,7 @@ __device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc,
 // PAIRED: x is stored as the MMA's (k, k + P/2) pairs (2-bit codes: only the
 // resident slice, whose pairs span two chunks). WIDE: see tile::WeightRows.
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false>
+          bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false, bool SK = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
@@ -153,12 +153,28 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // Chunks between consecutive steps of x in shared memory.
   constexpr int X_STEP = RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
+  tile::launch_dependents();  // the split sums' kernel may start (and wait)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * X_ROWS;
   constexpr int W_ROWS = Rows::ROWS * RT * WARPS;  // weight rows per block
-  const int tile0 = (blockIdx.y * WARPS + warp) * Rows::ROWS * RT;
+  // SK (stream-K): the T = row blocks x steps work items (row block i / steps,
+  // step i % steps) are dealt out evenly over a grid of gridDim.y blocks,
+  // each taking items [i_begin, i_end) across row-block boundaries: a grid of
+  // one wave however many row blocks N has. x is resident over all of K. The
+  // host keeps every block's share at least `steps` items, so that a row
+  // block has at most one block boundary inside it: its partial sums go to
+  // workspace slot 0 (the part from step 0) and 1 (the part after the
+  // boundary, or zeros where there is none), which finish_split adds up.
+  static_assert(!SK || (RESIDENT && KR == 2 && N_TILES == 1), "stream-K: one row of x");
+  const int steps = K / Rows::STEP_K;
+  // Items go in runs of U (steps % U == 0), so that a run lies in one row block.
+  const long sk_runs = SK ? (long)(N / W_ROWS) * (steps / U) : 0;
+  const int i_begin = SK ? U * (int)(sk_runs * blockIdx.y / gridDim.y) : 0;
+  const int i_end = SK ? U * (int)(sk_runs * (blockIdx.y + 1) / gridDim.y) : 0;
+  const int rb0 = SK ? i_begin / steps : blockIdx.y;  // the block's first row block
+  const int tile0 = (rb0 * WARPS + warp) * Rows::ROWS * RT;
   // Warps past N still copy x and meet the barriers; they skip the math
   // (and with cluster_sum stay for the cluster's barriers).
   const bool active = tile0 < N;
@@ -171,8 +187,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     for (int rt = 0; rt < RT; ++rt)
       acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
 
-  const int s_begin = blockIdx.z * steps_per_split;
-  const int s_end = min(K / Rows::STEP_K, s_begin + steps_per_split);
+  const int s_begin = SK ? 0 : blockIdx.z * steps_per_split;
+  const int s_end = SK ? steps : min(steps, s_begin + steps_per_split);
 
   // Copies: thread i always copies chunk i % CHUNKS of rows i / CHUNKS + k * ROWS_PER_PASS,
   // so its source offset and swizzled destination are fixed up to a stride.
@@ -352,9 +368,23 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     }
   }
   Step next[U];
+  // SK: the step of the next item computed and its row block's offsets from
+  // the first one's (W_ROWS rows further per row block), and the loads of the
+  // run after it (one run ahead, possibly in the next row block).
+  int cs = i_begin - rb0 * steps;
+  uint32_t lq = 0, lso = 0;
+  const uint32_t lq_rb = W_ROWS * (uint32_t)(K / Rows::LANE_K);
+  const auto load_run = [&](Step(&st)[U], int s, uint32_t q, uint32_t so) {
 #pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (active && s_begin + u < s_end) load_step(s_begin + u, next[u]);
+    for (int u = 0; u < U; ++u) rows.load(s + u, st[u], q, so);
+  };
+  if constexpr (SK) {
+    if (i_end > i_begin) load_run(next, cs, 0, 0);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (active && s_begin + u < s_end) load_step(s_begin + u, next[u]);
+  }
   if constexpr (RESIDENT) {
     cp_async_wait<0>();
     if constexpr (PAIRED) {
@@ -371,6 +401,36 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // the MMAs, yet slower on every shape, H200, M = 1, g128 (us): w4 (8192,
   // 28672) 52.8 -> 60.6, (28672, 8192) 49.9 -> 61.0; w8 74.9 -> 91.8; w2
   // 43.6 -> 47.8.)
+  if constexpr (SK) {
+    bool head = cs == 0;  // the segment computed starts at step 0 of its row block
+    for (int left = i_end - i_begin; left > 0; left -= U) {
+      Step cur[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) cur[u] = next[u];
+      if (left > U) {
+        const bool wrap = cs + U == steps;
+        load_run(next, wrap ? 0 : cs + U, wrap ? lq + lq_rb : lq,
+                 wrap ? lso + W_ROWS * (uint32_t)(K / groups.size) : lso);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) compute(cur[u], cs + u);
+      cs += U;
+      const bool full = cs == steps;
+      if (full || left == U) {  // the end of a row block's segment
+        const int dn = (int)(lq / (uint32_t)(K / Rows::LANE_K));  // rows past the first block's
+        rows.for_each_output(acc, 0, [&](float v, int m, int n) {
+          if (m != 0) return;  // columns of x rows that are not there
+          float* out = ws + (n + dn);
+          out[head ? 0 : N] = v;
+          if (full && head) out[N] = 0.f;
+        });
+        acc[0][0][0] = acc[0][0][1] = acc[0][0][2] = acc[0][0][3] = 0.f;
+        head = true;
+        if (full) cs = 0, lq += lq_rb, lso += W_ROWS * (uint32_t)(K / groups.size);
+      }
+    }
+    return;
+  }
   int stage = 0;
   for (int s = s_begin; s < s_end; s += U) {
     Step cur[U];
@@ -459,7 +519,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // better by this count (0.97 / 0.99 against 0.91), ran slower on the H200
   // (w4 48.7 -> 50.6 / 52.8 us, bfloat16 49.3 -> 51.0 / 53.4, M = 3 51.6 ->
   // 52.8 / 55.8, w8 74.4 -> 76.8 / 75.2): shorter blocks cost more than the
-  // last wave's idle slots.
+  // last wave's idle slots. One row of x of 4- or 8-bit codes runs such a grid
+  // in stream-K instead where it can (below).
   static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
   if constexpr (KR == 2) {
     // One row of x: eight k ranges per row (tile::WeightRows), whose loads read
@@ -476,6 +537,37 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
         K * (int)sizeof(T) <= kResidentXBytes)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 8>(
           x, qweight, scales, zeros, bias, y, group_size);
+  }
+  if constexpr (KR == 2 && W != 2) {
+    // One row of x past one wave of k-paired row blocks: stream-K
+    // (gemm_cuda_kernel's SK), one block per slot, x resident over all of K.
+    // The split grid below ran (8192, 28672) as 3584 blocks of 8 steps in 5.4
+    // waves, 12% slower than (28672, 8192) in one wave for the same bytes.
+    // H200, M = 1, g128, medians of three alternating rounds, split grid /
+    // stream-K (us): w4 (8192, 28672) 48.4 / 44.4, bfloat16 49.1 / 44.8, g64
+    // 50.1 / 48.0; w8 73.8 / 71.6; with 4 blocks per SM instead of 5, 44.7.
+    const int sk_smem = steps * KR * (SUPER_K / 8) * 16;
+    if (M == 1 && N % w_rows == 0 && steps % U == 0 && row_blocks > slots &&
+        sk_smem <= kResidentXBytes) {
+      const auto sk = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true,
+                                       LATE, KR, KR, false, true>;
+      // (at the most shared memory a slice may take: the count holds for every K)
+      static const int sk_slots = tile::resident_slots(sk, WARPS * 32, kResidentXBytes);
+      const int sk_blocks = std::min(sk_slots, row_blocks);
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      at::Tensor ws = at::empty({2, M, N}, x.options().dtype(at::kFloat));
+      const T* bias_ptr =
+          bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+      tile::launch(sk, dim3(1, sk_blocks, 1), WARPS * 32, sk_smem, stream, dim3(1, 1, 1),
+                   reinterpret_cast<const T*>(x.data_ptr()),
+                   reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                   reinterpret_cast<const T*>(scales.data_ptr()),
+                   reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
+                   reinterpret_cast<T*>(y.data_ptr()), ws.data_ptr<float>(), M, N, K,
+                   tile::Groups::of(group_size), steps, false);
+      tile::finish_split<T>(ws, bias_ptr, y, 2, stream);
+      return;
+    }
   }
   const long blocks = (long)m_chunks * row_blocks;
   const int splits =
