@@ -538,6 +538,22 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 8>(
           x, qweight, scales, zeros, bias, y, group_size);
   }
+  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // One launch of `launched` over `grid` (in clusters of `cluster` blocks),
+  // then the sum of its partial products where they went to the workspace ws.
+  const auto run = [&](auto launched, dim3 grid, int smem, dim3 cluster, const at::Tensor& ws,
+                       int per_split, bool cluster_sum) {
+    tile::launch(launched, grid, WARPS * 32, smem, stream, cluster,
+                 reinterpret_cast<const T*>(x.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                 reinterpret_cast<const T*>(scales.data_ptr()),
+                 reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
+                 reinterpret_cast<T*>(y.data_ptr()),
+                 ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K,
+                 tile::Groups::of(group_size), per_split, cluster_sum);
+    if (ws.defined()) tile::finish_split<T>(ws, bias_ptr, y, (int)ws.size(0), stream);
+  };
   if constexpr (KR == 2 && W != 2) {
     // One row of x past one wave of k-paired row blocks: stream-K
     // (gemm_cuda_kernel's SK), one block per slot, x resident over all of K.
@@ -554,19 +570,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       // (at the most shared memory a slice may take: the count holds for every K)
       static const int sk_slots = tile::resident_slots(sk, WARPS * 32, kResidentXBytes);
       const int sk_blocks = std::min(sk_slots, row_blocks);
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      at::Tensor ws = at::empty({2, M, N}, x.options().dtype(at::kFloat));
-      const T* bias_ptr =
-          bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-      tile::launch(sk, dim3(1, sk_blocks, 1), WARPS * 32, sk_smem, stream, dim3(1, 1, 1),
-                   reinterpret_cast<const T*>(x.data_ptr()),
-                   reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-                   reinterpret_cast<const T*>(scales.data_ptr()),
-                   reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
-                   reinterpret_cast<T*>(y.data_ptr()), ws.data_ptr<float>(), M, N, K,
-                   tile::Groups::of(group_size), steps, false);
-      tile::finish_split<T>(ws, bias_ptr, y, 2, stream);
-      return;
+      return run(sk, dim3(1, sk_blocks, 1), sk_smem, dim3(1, 1, 1),
+                 at::empty({2, M, N}, x.options().dtype(at::kFloat)), steps, false);
     }
   }
   const long blocks = (long)m_chunks * row_blocks;
@@ -581,8 +586,6 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
           : (int)std::max<long>(
                 1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
-  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most kResidentXBytes.
   // H100, M = 1, g128, against the ring of staged steps (us): w4 at (4096,
@@ -635,14 +638,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int smem = cluster_sum ? cluster_smem : x_smem;
   at::Tensor ws;
   if (splits > 1 && !cluster_sum) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
-  tile::launch(launched, grid, WARPS * 32, smem, stream, dim3(1, 1, cluster_sum ? splits : 1),
-               reinterpret_cast<const T*>(x.data_ptr()),
-               reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-               reinterpret_cast<const T*>(scales.data_ptr()),
-               reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
-               reinterpret_cast<T*>(y.data_ptr()), ws.defined() ? ws.data_ptr<float>() : nullptr,
-               M, N, K, tile::Groups::of(group_size), per_split, cluster_sum);
-  if (ws.defined()) tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
+  run(launched, grid, smem, dim3(1, 1, cluster_sum ? splits : 1), ws, per_split, cluster_sum);
 }
 
 // Late scaling (tile::WeightRows::codes) where no step straddles a group and
