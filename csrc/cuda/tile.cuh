@@ -355,6 +355,59 @@ __device__ __forceinline__ void wait_prerequisites() {
 #endif
 }
 
+// Whether the current device has compute capability 9.0+ (Hopper and later).
+inline bool device_sm90() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
+
+// Whether `kernel`'s code was built for sm_90+ (binary and PTX): code
+// JIT-compiled from an older target's PTX lacks what clusters and
+// programmatic launches rely on (sum_in_cluster traps there, and
+// wait_prerequisites would not wait).
+template <typename Kernel>
+bool built_for_sm90(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.binaryVersion >= 90 && attr.ptxVersion >= 90;
+}
+
+// A launch configuration with one attribute (cudaLaunchKernelEx,
+// cudaOccupancyMaxActiveClusters).
+struct LaunchEx {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  LaunchEx(dim3 grid, int threads, int smem, cudaStream_t stream, cudaLaunchAttribute a) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0] = a;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+};
+
+// In clusters of `cluster` blocks.
+inline cudaLaunchAttribute cluster_attr(dim3 cluster) {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = cluster.x;
+  a.val.clusterDim.y = cluster.y;
+  a.val.clusterDim.z = cluster.z;
+  return a;
+}
+
+// Programmatic stream serialization (launch_dependents, wait_prerequisites).
+inline cudaLaunchAttribute programmatic_attr() {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
+}
+
 // y = T(sum of the splits' partial products + bias): the end of a split-K product.
 template <typename T>
 __global__ void finish_split_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
@@ -379,27 +432,10 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
   // H200, g128, medians of three alternating rounds (us): M = 1 w4 (8192,
   // 28672) in stream-K 44.4 -> 42.9, w2 split in 4 42.9 -> 41.4; M = 3 w4
   // 51.8 -> 50.4.
-  // Only where the kernel was built for sm_90+ (its wait is there; code
-  // from older PTX would not wait).
-  static const bool built_90 = [] {
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, finish_split_kernel<T>));
-    return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
-  }();
-  int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (built_90 && major >= 9) {
-    cudaLaunchConfig_t config = {};
-    cudaLaunchAttribute attr[1];
-    config.gridDim = dim3(blocks);
-    config.blockDim = dim3(256);
-    config.stream = stream;
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, finish_split_kernel<T>,
+  static const bool built_90 = built_for_sm90(finish_split_kernel<T>);
+  if (built_90 && device_sm90()) {
+    LaunchEx launch(dim3(blocks), 256, 0, stream, programmatic_attr());
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, finish_split_kernel<T>,
                                       (const float*)ws.data_ptr<float>(), bias,
                                       reinterpret_cast<T*>(y.data_ptr()), total,
                                       (int)y.size(1), splits));
@@ -416,15 +452,10 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
 constexpr int kMaxCluster = 8;
 
 // Whether `kernel` may be launched in clusters: a device of compute
-// capability 9.0+ running code built for it (not PTX of an older target).
+// capability 9.0+ running code built for it.
 template <typename Kernel>
 bool cluster_launchable(Kernel kernel) {
-  int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return major >= 9 && attr.binaryVersion >= 90;
+  return device_sm90() && built_for_sm90(kernel);
 }
 
 // MPQ_OPS_CUDA_SPLIT_SUM=workspace adds split-K partial sums through the
@@ -433,24 +464,6 @@ inline bool split_sum_in_cluster() {
   const char* v = std::getenv("MPQ_OPS_CUDA_SPLIT_SUM");
   return v == nullptr || std::strcmp(v, "workspace") != 0;
 }
-
-// A launch of `grid` in clusters of `cluster` blocks (cluster.x * .y * .z > 1).
-struct ClusterLaunch {
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
-  ClusterLaunch(dim3 grid, int threads, int smem, cudaStream_t stream, dim3 cluster) {
-    config.gridDim = grid;
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster.x;
-    attr[0].val.clusterDim.y = cluster.y;
-    attr[0].val.clusterDim.z = cluster.z;
-    config.attrs = attr;
-    config.numAttrs = 1;
-  }
-};
 
 // Whether all of `grid` runs at once in clusters of `cluster` blocks: a
 // cluster starts only where one GPC has room for all its blocks, so clusters
@@ -473,7 +486,7 @@ bool clusters_fit_one_wave(void (*kernel)(Params...), dim3 grid, int threads, in
     if (it != max_clusters.end()) fit = it->second;
   }
   if (fit < 0) {
-    ClusterLaunch launch(cluster, threads, smem, nullptr, cluster);
+    LaunchEx launch(cluster, threads, smem, nullptr, cluster_attr(cluster));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&fit, kernel, &launch.config));
     std::lock_guard<std::mutex> lock(mutex);
     max_clusters[key] = fit;
@@ -491,7 +504,7 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStr
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  ClusterLaunch launch(grid, threads, smem, stream, cluster);
+  LaunchEx launch(grid, threads, smem, stream, cluster_attr(cluster));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));
 }
 
