@@ -79,7 +79,8 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (320, 11000, 2048, False),
                                (50, 17000, 1024, True), (13, 30000, 512, False),
                                (24, 17000, 1024, True), (40, 30000, 512, False),
-                               (45, 5000, 4096, True)):
+                               (45, 5000, 4096, True),
+                               (16, 28672, 1024, True), (16, 28672, 8192, False)):
         weight = make_weight(N, K, 4, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")
@@ -225,6 +226,35 @@ def test_float32_on_cuda_through_dequantize_path():
     x = make_x((7,), 256, torch.float32, "cuda")
     y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 64)
     assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 64)) < 1e-5
+
+
+def cuda_kernels_run_by(fn):
+    """Names of the CUDA kernels that fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("group_size", (32, 64))
+def test_sm90_fine_groups_need_aligned_scales(group_size, dtype, monkeypatch):
+    """Groups of 32 and 64: the wgmma kernel reads the scales and zeros of a
+    pair of steps in one 8- or 4-byte load, so it takes them only at that
+    alignment (Hopper); scales and zeros one element further on go to the
+    staged kernel. Both against float64, outputs poisoned."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
+    N, K, M = 1000, 2048, 40
+    qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
+    x = make_x((M,), K, dtype, "cuda")
+    for offset in (0, 1):
+        s, z = (torch.empty(t.numel() + 1, device="cuda", dtype=dtype)[offset:offset + t.numel()]
+                .view_as(t).copy_(t) for t in (scales, zeros))
+        names = cuda_kernels_run_by(lambda: check_matmul(x, (qweight, s, z), 4, group_size,
+                                                         context=(offset,)))
+        assert any("gemm_sm90_w4" in n for n in names) == (offset == 0), (offset, names)
 
 
 def test_misaligned_views_are_handled():

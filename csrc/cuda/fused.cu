@@ -20,21 +20,22 @@ bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_b
          aligned16(x) && aligned16(qweight);
 }
 
-MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
+MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
+                           const at::Tensor& scales, const at::Tensor& zeros, int64_t w_bit,
+                           int64_t group_size) {
   if (!fused_supported(x, qweight, w_bit)) return MatmulKernel::Dequantize;
   const int64_t M = x.size(0);
   const int64_t gemv_max = w_bit == 2 ? kGemvMaxRows / 2 : kGemvMaxRows;
   // MPQ_OPS_CUDA_KERNEL=gemv|gemm|dequantize forces a path wherever it can
   // serve the input: for tests of every path and benchmarks of the policy.
+  const auto sm90 = [&] { return sm90_supported(x, qweight, scales, zeros, w_bit, group_size); };
   if (const char* forced = std::getenv("MPQ_OPS_CUDA_KERNEL")) {
     if (std::strcmp(forced, "gemv") == 0 && M <= gemv_max) return MatmulKernel::Gemv;
     if (std::strcmp(forced, "gemm") == 0) return MatmulKernel::Gemm;
-    if (std::strcmp(forced, "sm90") == 0 && sm90_supported(x, qweight, w_bit))
-      return MatmulKernel::Sm90;
+    if (std::strcmp(forced, "sm90") == 0 && sm90()) return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (sm90_preferred(M, qweight.size(0)) && sm90_supported(x, qweight, w_bit))
-    return MatmulKernel::Sm90;
+  if (sm90_preferred(M, qweight.size(0)) && sm90()) return MatmulKernel::Sm90;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;
 }

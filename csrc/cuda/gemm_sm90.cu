@@ -253,7 +253,8 @@ __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f
   (f(std::integral_constant<int, S>{}), ...);
 }
 
-// U: steps per set of scales and zeros (2 where groups are whole step pairs).
+// FINE: groups of 32 or 64 (else whole pairs of steps): the scales and zeros
+// of a pair of steps come in one 64- or 32-bit load per row (see the consumers).
 // TAIL: the tiles of the last wave are split (Schedule). A kernel of its own:
 // with the tail's arithmetic in every kernel, grids that split nothing ran
 // 2-5% slower (M = 256..1024), the compiler having laid out their code anew.
@@ -263,7 +264,8 @@ __device__ __forceinline__ void for_each(std::integer_sequence<int, S...>, F&& f
 // the benchmark shapes (H100, w4 g128, us): (4096, 4096) M = 2048 99.9 ->
 // 112.1, M = 4096 214.8 -> 229.0; (4096, 14336) M = 1024 183.6 -> 207.6;
 // (28672, 8192) M = 2048 1421 -> 1552.
-template <typename T, int BM, int STAGES, int D, int BLOCKS, int U, bool TAIL, bool PERM>
+template <typename T, int BM, int STAGES, int D, int BLOCKS, bool FINE, bool TAIL, bool PERM,
+          bool SK = false>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     gemm_sm90_w4(const __grid_constant__ CUtensorMap x_map,
                  const __grid_constant__ CUtensorMap w_map,
@@ -288,7 +290,36 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   // number (Schedule). The epilogue asks again which tile and split, rather
   // than keep them in registers through the loop.
   int m0 = 0, n0 = 0, k_first = 0, n_steps = 0;
-  if constexpr (TAIL) {
+  // SK (stream-K, 16-row tiles that leave part of one wave idle):
+  // the (tile, pass) items, a pass being D units of two steps, are dealt out
+  // evenly over the grid, block b taking passes [pb0, pb1) across tile
+  // boundaries; the ring runs on from one tile into the next. A tile's parts
+  // (at most three: the host keeps shares over half a tile) go to workspace
+  // slot (block - first block of the tile); the first part writes zeros to
+  // the slots no block takes. tile::finish_split adds the three up.
+  static_assert(!SK || (!TAIL && BM == 16), "stream-K: 16-row tiles, no tail");
+  constexpr int U = 2;  // steps per unit (one set of scales and zeros)
+  constexpr int kPassSteps = D * U;
+  const int passes_t = K / kStepK / kPassSteps;  // per tile (SK)
+  const long sk_items = SK ? static_cast<long>(sched.tiles()) * passes_t : 0;
+  const int pb0 = SK ? static_cast<int>(sk_items * blockIdx.x / gridDim.x) : 0;
+  const int pb1 = SK ? static_cast<int>(sk_items * (blockIdx.x + 1) / gridDim.x) : 0;
+  // The block whose share holds pass i.
+  const auto block_of = [&](long i) {
+    return static_cast<int>(((i + 1) * gridDim.x - 1) / sk_items);
+  };
+  // Segment [p, end of p's tile or of the share): its tile's origin, first
+  // step and steps.
+  const auto segment = [&](int p, int& pe) {
+    const int t = p / passes_t;
+    pe = min(pb1, (t + 1) * passes_t);
+    sched.origin(t, BM, m0, n0);
+    k_first = (p - t * passes_t) * kPassSteps;
+    n_steps = (pe - p) * kPassSteps;
+  };
+  if constexpr (SK) {
+    // (set per segment)
+  } else if constexpr (TAIL) {
     const bool split = static_cast<int>(blockIdx.x) >= sched.full;
     sched.origin(split ? sched.tile_of(blockIdx.x) : static_cast<int>(blockIdx.x), BM, m0, n0);
     k_first = split ? sched.split_of(blockIdx.x) * sched.tail_steps : 0;
@@ -301,13 +332,14 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   const int G = K / groups.size;
 
   // Issued by one thread: rows past M or N arrive as zeros.
-  auto load_stage = [&](int i) {  // i: this block's step index
-    const int s = i % STAGES, kt = k_first + i;
+  auto load_stage = [&](int i, int kt) {  // i: this block's step index, kt: the tile's step
+    const int s = i % STAGES;
     const uint32_t base = smem + s * L::kStage, bar = full + 8 * s;
     mbar_expect_tx(bar, L::kStage);
     tma_load_2d(base, &x_map, kt * kStepK, m0, bar);
     tma_load_2d(base + L::kX, &w_map, kt * (kStepK / 8), n0, bar);
   };
+  const int block_steps = SK ? (pb1 - pb0) * kPassSteps : n_steps;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, 1);
@@ -324,9 +356,20 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   if (tid >= kConsumers) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs<BLOCKS, PERM>::kCopy));
     if (tid == kConsumers) {
-      for (int i = 0; i < n_steps; ++i) {
-        if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
-        load_stage(i);
+      if constexpr (SK) {
+        int i = 0;
+        for (int p = pb0, pe = 0; p < pb1; p = pe) {
+          segment(p, pe);
+          for (int j = 0; j < n_steps; ++j, ++i) {
+            if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
+            load_stage(i, k_first + j);
+          }
+        }
+      } else {
+        for (int i = 0; i < n_steps; ++i) {
+          if (i >= STAGES) mbar_wait(empty + 8 * (i % STAGES), ((i / STAGES) - 1) & 1);
+          load_stage(i, k_first + i);
+        }
       }
     } else if (PERM && tid >= kConsumers + 32) {
       // The other three warps permute each landed stage's x in place, two
@@ -334,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       // are generic-proxy writes that the tensor cores read through the async
       // proxy, hence the proxy fence before the arrive.
       const int pt = tid - kConsumers - 32;
-      for (int i = 0; i < n_steps; ++i) {
+      for (int i = 0; i < block_steps; ++i) {
         const int s = i % STAGES;
         mbar_wait(full + 8 * s, (i / STAGES) & 1);
         const uint32_t xs = smem + s * L::kStage;
@@ -361,7 +404,11 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     constexpr bool kNarrow = BM <= 64;
     // This lane's two weight rows (g and g + 8 of its warp's 16).
     const int row0 = (warp / 4) * 64 + (warp % 4) * 16 + g;
-    const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
+    if constexpr (SK) {
+      int pe = 0;
+      segment(pb0, pe);  // the first segment's origin (pb0 < pb1: the host's shares)
+    }
+    int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
     const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
     // (1, 1/16) as halves for dequant_byte, made from M (>= 0, so its top bit
     // adds nothing) so that the compiler keeps it in a register instead of
@@ -369,13 +416,20 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     const uint32_t unshift = 0x2C003C00u + (static_cast<uint32_t>(M) >> 31);
     const uint32_t w_off = L::kX + row0 * kRowBytesW, w_swz = ((row0 >> 2) & 1) << 4;
 
-    // Scale and zero of each row for a unit of U steps: for groups that are
-    // whole step pairs (U = 2) one value per pair, else one per 32-wide half
-    // of a step (a group is a multiple of 32 wide), read D units ahead into a
-    // ring of D slots: they come from memory, not through the stage ring, and
-    // the shorter a step's math (64-row tiles), the less of a load's latency
-    // one step covers. The slots hold the loaded scalars; they become pairs
-    // where a step uses them, so that nothing waits on a load before then.
+    // Scale and zero of each row for a unit of two steps, read D units ahead
+    // into a ring of D slots: they come from memory, not through the stage
+    // ring, and the shorter a step's math (64-row tiles), the less of a
+    // load's latency one step covers. The slots hold the loaded values; they
+    // become pairs where a step uses them, so that nothing waits on a load
+    // before then. Groups that are whole step pairs: one value per unit.
+    // FINE: the unit's values in one load, packed: groups of 32, one per
+    // 32-wide half of a step (4, 64 bits); of 64, one per step (2, 32 bits).
+    // One value per step or half step, each from its own load, through a
+    // ring of D steps rather than D pairs, took up to 60% longer: H200, w4,
+    // medians of three alternating rounds (us), (8192, 28672) M = 16 g64
+    // 104.2 -> 69.0, g32 105.6 -> 69.2 (g128: 68.0), M = 64 g64 126.7 -> 89.9,
+    // M = 512 g64 432.0 -> 378.4; (28672, 8192) M = 32 g32 112.3 -> 73.1;
+    // (4096, 14336) M = 1024 g32 218.5 -> 188.7.
     const T* s_a = scales + static_cast<size_t>(n_a) * G;
     const T* z_a = zeros + static_cast<size_t>(n_a) * G;
     const T* s_b = scales + static_cast<size_t>(n_b) * G;
@@ -383,27 +437,54 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // Narrow tiles: rows a and b of scales and zeros start at these offsets
     // (32-bit: sm90_supported), two registers through the loop, where the
     // compiler otherwise redoes the 64-bit offsets above at every load.
-    const uint32_t off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
-    constexpr int H = U == 2 ? 1 : 2;  // halves of a step with their own values
-    T sz[D][H][2][2];                  // [slot][half][row a/b][scale/zero]
-    auto load_params = [&](int unit, T (&p)[H][2][2]) {
+    uint32_t off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
+    using Slot = std::conditional_t<FINE, uint2, T>;
+    Slot sz[D][2][2];  // [slot][row a/b][scale/zero]
+    if constexpr (FINE) {  // (y stays unread for groups of 64, yet defined)
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        const int gi = groups.index((k_first + unit * U) * kStepK + 32 * h);
-        if constexpr (kNarrow) {
-          p[h][0][0] = __ldg(scales + (off_a + gi));
-          p[h][0][1] = __ldg(zeros + (off_a + gi));
-          p[h][1][0] = __ldg(scales + (off_b + gi));
-          p[h][1][1] = __ldg(zeros + (off_b + gi));
-        } else {
-          p[h][0][0] = s_a[gi];
-          p[h][0][1] = z_a[gi];
-          p[h][1][0] = s_b[gi];
-          p[h][1][1] = z_b[gi];
+      for (int d = 0; d < D; ++d)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) sz[d][r][0] = sz[d][r][1] = make_uint2(0, 0);
+    }
+    // The unit's first group (k_first is even: whole units, so FINE's loads
+    // are aligned: sm90_supported).
+    const bool g32 = groups.size == 32;
+    auto load_params = [&](int unit, Slot (&p)[2][2]) {
+      const int gi = groups.index((k_first + unit * U) * kStepK);
+      const T* src[2][2];
+      if constexpr (kNarrow) {
+        src[0][0] = scales + (off_a + gi), src[0][1] = zeros + (off_a + gi);
+        src[1][0] = scales + (off_b + gi), src[1][1] = zeros + (off_b + gi);
+      } else {
+        src[0][0] = s_a + gi, src[0][1] = z_a + gi, src[1][0] = s_b + gi, src[1][1] = z_b + gi;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          if constexpr (!FINE) {
+            p[r][q] = __ldg(src[r][q]);
+          } else if (g32) {
+            p[r][q] = __ldg(reinterpret_cast<const uint2*>(src[r][q]));
+          } else {
+            p[r][q].x = __ldg(reinterpret_cast<const unsigned int*>(src[r][q]));
+          }
         }
       }
     };
-    const int n_units = n_steps / U;
+    // FINE: the PRMT selector that spreads the value of half h of step b of a
+    // unit (b, h: 0 or 1) over both halves of a pair: the value is half
+    // 2 b + h of the slot's (x, y) for groups of 32, half b of x for 64.
+    const uint32_t sel_step = g32 ? 0x4444u : 0x2222u, sel_half = g32 ? 0x2222u : 0u;
+    auto pair_of = [&](const Slot& v, int b, int h) -> V {
+      if constexpr (FINE) {
+        return as_pair<V>(__byte_perm(v.x, v.y, 0x1010u + b * sel_step + h * sel_half));
+      } else {
+        return V{v, v};
+      }
+    };
+    int n_units = n_steps / U;
+    int ig0 = 0;  // SK: the block's steps before this segment's
 
     float acc[BM / 2];
 #pragma unroll
@@ -439,10 +520,10 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
                 lds32(base + w_off + r * 8 * kRowBytesW + (((u << 4) ^ w_swz) | (c << 2)));
 #pragma unroll
             for (int odd = 0; odd < 2; ++odd) {
-              const int j = 2 * u + odd, h = H == 2 ? u : 0;
+              const int j = 2 * u + odd;
               const uint32_t src = odd ? w >> 8 : w;
-              const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
-              const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
+              const V s2 = pair_of(sz[S][r][0], B, u);
+              const V nzs2 = neg_zero_scale(s2, pair_of(sz[S][r][1], B, u));
               frag[B][j][r] = dequant_nibbles<T, false>(src, s2, nzs2);
               frag[B][j][2 + r] = dequant_nibbles<T, true>(src, s2, nzs2);
             }
@@ -465,9 +546,8 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int h = H == 2 ? j / 2 : 0;  // constant once unrolled
-            const V s2 = V{sz[S][h][r][0], sz[S][h][r][0]};
-            const V nzs2 = neg_zero_scale(s2, V{sz[S][h][r][1], sz[S][h][r][1]});
+            const V s2 = pair_of(sz[S][r][0], B, j / 2);  // slices 2, 3: the second half
+            const V nzs2 = neg_zero_scale(s2, pair_of(sz[S][r][1], B, j / 2));
             frag[B][j][r] = dequant_byte<T>(words[r][2 * j], sel, unshift, s2, nzs2);
             frag[B][j][2 + r] = dequant_byte<T>(words[r][2 * j + 1], sel, unshift, s2, nzs2);
           }
@@ -489,27 +569,30 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
       // long before): release that stage.
       __syncwarp();
-      if (i > 0 && lane == 0) mbar_arrive(empty + 8 * pos.prev(i));
+      if ((SK ? ig0 + i : i) > 0 && lane == 0) mbar_arrive(empty + 8 * pos.prev(i));
       pos.advance();
     };
 
+    auto run_steps = [&] {
 #pragma unroll
-    for (int d = 0; d < D; ++d)
-      if (d < n_units) load_params(d, sz[d]);
-    // D units per pass, one per slot, in pairs of steps (n_steps is even):
-    // only the pairs past the first need a bound check.
-    constexpr int kPass = D * U;
-    static_assert(kPass % 2 == 0, "steps go in pairs (two fragment buffers)");
-    for (int i = 0; i < n_steps; i += kPass) {
-      for_each(std::make_integer_sequence<int, kPass / 2>{}, [&](auto p) {
-        if (p == 0 || i + 2 * p < n_steps) {
-          for_each(std::integer_sequence<int, 2 * p, 2 * p + 1>{}, [&](auto s) {
-            step(i + s, std::integral_constant<int, s % 2>{}, std::integral_constant<int, s / U>{},
-                 std::bool_constant<s % U == U - 1>{});
-          });
-        }
-      });
-    }
+      for (int d = 0; d < D; ++d)
+        if (d < n_units) load_params(d, sz[d]);
+      // D units per pass, one per slot, in pairs of steps (n_steps is even):
+      // only the pairs past the first need a bound check.
+      constexpr int kPass = D * U;
+      static_assert(kPass % 2 == 0, "steps go in pairs (two fragment buffers)");
+      for (int i = 0; i < n_steps; i += kPass) {
+        for_each(std::make_integer_sequence<int, kPass / 2>{}, [&](auto p) {
+          if (p == 0 || i + 2 * p < n_steps) {
+            for_each(std::integer_sequence<int, 2 * p, 2 * p + 1>{}, [&](auto s) {
+              step(i + s, std::integral_constant<int, s % 2>{},
+                   std::integral_constant<int, s / U>{}, std::bool_constant<s % U == U - 1>{});
+            });
+          }
+        });
+      }
+    };
+    if constexpr (!SK) run_steps();
     wgmma_wait<0>();
 
     // acc[4i + 2h + e]: weight row g + 8h of this warp's 16, x row 8i + 2c + e.
@@ -554,7 +637,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     };
     // Partial sums of a K split into a float32 workspace, element (m, n) at
     // part[at(m, n)].
-    auto store_partial = [&](float* part, auto at) {
+    auto store_partial = [&](float* part, auto at, bool zero = false) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = n0 + row0 + 8 * h;
@@ -564,12 +647,37 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int m = m0 + 8 * i + 2 * c + e;
-            if (m < M) part[at(m, n)] = acc[4 * i + 2 * h + e];
+            if (m < M) part[at(m, n)] = zero ? 0.f : acc[4 * i + 2 * h + e];
           }
         }
       }
     };
-    if constexpr (TAIL) {
+    if constexpr (SK) {
+      for (int p = pb0, pe = 0; p < pb1; p = pe) {
+        if (p != pb0) {
+          segment(p, pe);
+          n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
+          off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
+          n_units = n_steps / U;
+#pragma unroll
+          for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+        } else {
+          pe = min(pb1, (p / passes_t + 1) * passes_t);
+        }
+        run_steps();
+        wgmma_wait<0>();
+        const long first = static_cast<long>(p / passes_t) * passes_t;
+        const int b_first = block_of(first);
+        const int slot = static_cast<int>(blockIdx.x) - b_first;
+        const auto at = [&](int m, int n) { return static_cast<size_t>(m) * N + n; };
+        store_partial(ws + static_cast<size_t>(slot) * M * N, at);
+        if (slot == 0) {
+          for (int z = block_of(first + passes_t - 1) - b_first + 1; z < 3; ++z)
+            store_partial(ws + static_cast<size_t>(z) * M * N, at, true);
+        }
+        ig0 += n_steps;
+      }
+    } else if constexpr (TAIL) {
       // Blocks past `full` split a last-wave tile: their partial sums go to
       // the tile's part of the workspace, [tail_splits][tail][BM][kRowsW]
       // (Schedule); the whole tiles store y as the kernels without a tail do.
@@ -718,12 +826,25 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int sms = BLOCKS * tile::sm_count();  // block slots of one wave
   int splits = 1, tail_splits = 1;  // of every tile (blockIdx.y), of the last wave's
   long tail = 0, narrow = 0;           // tiles split in the last wave, left to 128-row tiles
+  // Groups of 32 or 64 (else whole step pairs: sm90_supported).
+  const bool fine = group_size < 2 * kStepK;
+  bool stream_k = false;  // (gemm_sm90_w4's SK)
   if (n_count > 0) {
     // a wide launch's narrow tail: whole tiles, no splits
   } else if (BM < 64 && 4 * tiles >= 3 * sms) {
     // 16- to 48-row tiles that fill 3/4 of a wave unsplit stay whole: H200,
     // M = 17 at (8192, 28672), 224 tiles on 264 slots, 7 splits 79.2 us,
-    // none 70.0; M = 16, 7 splits 73.7, none 66.2.
+    // none 70.0; M = 16, 7 splits 73.7, none 66.2. Or, for 16-row tiles two
+    // blocks per SM, stream-K over the slots where the tiles do not fill
+    // whole waves (shares over half a tile). H200, g128, medians of three
+    // alternating rounds (us): (8192, 28672) float16 M = 16 67.9 -> 64.4,
+    // M = 12 65.1 -> 62.5, bfloat16 M = 16 67.6 -> 67.1. Measured slower and
+    // not taken: 32-row tiles, M = 24 68.5 -> 70.0, M = 32 69.6 -> 71.7; one
+    // block per SM, (4096, 14336) M = 16 (112 tiles on 132) 23.7 -> 25.6.
+    const int pass_steps = 2 * D, steps = K / kStepK;
+    const long passes = tiles * (steps / pass_steps);
+    stream_k = BM == 16 && BLOCKS == 2 && tiles % sms != 0 && passes >= sms &&
+               steps % pass_steps == 0 && 2 * (passes / sms) >= steps / pass_steps - 1;
   } else if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
     splits = tile::wave_filling_splits(tiles, pairs, sms, static_cast<int>(bound), false);
@@ -748,8 +869,6 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (Partial sums tile by tile for a split last wave, whose tiles are a part
   // of y; that layout for every tile measured up to 17% slower than y's,
   // M = 256 at (4096, 4096) 37.4 against 32.0 us.)
-  // Scales and zeros once per step pair where groups are whole pairs.
-  const bool pair_groups = group_size % (2 * kStepK) == 0;
   // x permuted by the copy warpgroup (PERM) for bfloat16 tiles of up to 32
   // rows: the consumers' steps shorter (SASS, sm_90a, 16-row tile: 142 -> 120
   // instructions per step and warp) against the copy warps' 2 BM half-rows of
@@ -765,30 +884,39 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // three alternating rounds (us), float16 M = 16 23.6 -> 25.3, M = 12 23.6 ->
   // 25.3, bfloat16 M = 16 24.7 -> 25.4.)
   constexpr bool P = std::is_same_v<T, __nv_bfloat16> && BM <= 32;
-  auto* kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, false, P>
-                             : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, false, P>;
+  auto* kernel = fine ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, true, false, P>
+                      : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, false, false, P>;
+  if constexpr (BM == 16 && BLOCKS == 2) {
+    if (stream_k)
+      kernel = fine ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, true, false, P, true>
+                    : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, false, false, P, true>;
+  }
   if constexpr (BM > 64) {  // (the 64-row tiles' rule splits no last wave)
     if (tail > 0)
-      kernel = pair_groups ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 2, true, P>
-                           : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, 1, true, P>;
+      kernel = fine ? gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, true, true, P>
+                    : gemm_sm90_w4<T, BM, STAGES, D, BLOCKS, false, true, P>;
   }
   // Per call, not once: the limit belongs to the current device.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       L::kBytes));
   at::Tensor ws;
-  if (splits > 1)
+  if (stream_k)
+    ws = at::empty({3, M, N}, x.options().dtype(at::kFloat));
+  else if (splits > 1)
     ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   else if (tail > 0)
     ws = at::empty({tail_splits, tail, BM * kRowsW}, x.options().dtype(at::kFloat));
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<dim3(sched.blocks(), splits), kThreads, L::kBytes, stream>>>(
+  kernel<<<dim3(stream_k ? sms : sched.blocks(), splits), kThreads, L::kBytes, stream>>>(
       x_map, w_map, reinterpret_cast<const T*>(scales.data_ptr()),
       reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
       ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
       sched);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
+  if (stream_k) {
+    tile::finish_split<T>(ws, bias_ptr, y, 3, stream);
+  } else if (splits > 1) {
     tile::finish_split<T>(ws, bias_ptr, y, splits, stream);
   } else if (tail > 0) {
     finish_tail_sm90<T><<<dim3(sched.tail(), BM * kRowsW / 256), 256, 0, stream>>>(
@@ -900,8 +1028,18 @@ bool sm90_preferred(int64_t M, int64_t N) {
   return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count();
 }
 
-bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
+bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros, int64_t w_bit, int64_t group_size) {
   if (!sm90::kBuilt || w_bit != 4) return false;
+  // Groups of whole step pairs, or of 32 / 64 whose scales and zeros a block
+  // reads 8 / 4 bytes at a time (gemm_sm90_w4's FINE).
+  const int64_t fine_bytes = group_size == 32 ? 8 : group_size == 64 ? 4 : 0;
+  const auto aligned = [&](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % fine_bytes == 0;
+  };
+  if (group_size % (2 * sm90::kStepK) != 0 &&
+      (fine_bytes == 0 || !aligned(scales) || !aligned(zeros)))
+    return false;
   // Compute capability 9.0 exactly: sm_90a code runs on nothing else.
   static const auto is_sm90 = [] {
     std::vector<bool> v(c10::cuda::device_count());

@@ -53,7 +53,9 @@ inline bool aligned16(const at::Tensor& t) {
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
 
 // The path for x (fused_supported decides whether a fused one may serve it).
-MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
+                           const at::Tensor& scales, const at::Tensor& zeros, int64_t w_bit,
+                           int64_t group_size);
 
 // y [M, N] = x @ W^T (+ bias); group_size resolved (K for one group per row).
 void gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -64,8 +66,10 @@ void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                int64_t w_bit, int64_t group_size);
 
 // The wgmma kernel for many rows (gemm_sm90.cu): 4-bit codes, K a multiple of
-// 128, on a compute capability 9.0 device of a build with the sm_90a pass.
-bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
+// 128, groups of 32, 64 or a multiple of 128 (group_size resolved), on a
+// compute capability 9.0 device of a build with the sm_90a pass.
+bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros, int64_t w_bit, int64_t group_size);
 // Whether M rows of x against N weight rows go to the wgmma kernel where it is
 // supported (kGemmMaxRowsSm90, kGemmMaxRowsSm90Wide; up to kSm90MaxRows).
 bool sm90_preferred(int64_t M, int64_t N);

@@ -34,7 +34,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  const auto kernel = choose_kernel(x2, q, w_bit);
+  const auto kernel = choose_kernel(x2, q, s, z, w_bit, shape.group_size);
   if (kernel != MatmulKernel::Dequantize) {
     auto y = at::empty({M, N}, x.options());
     if (kernel == MatmulKernel::Gemv) {
