@@ -67,8 +67,10 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
     against more weight tiles than SMs (two blocks per SM), in tiles of 16,
     32 and 48 rows of x too, whole where they fill 3/4 of a wave (13 and 40
     rows, 235 weight tiles) and split by the wave rule (24 rows, 133 tiles,
-    K = 1024: 1 split; 45 rows, 40 tiles, K = 4096: 3 splits). Elsewhere
-    the dispatch falls back and the same checks hold."""
+    K = 1024: 1 split; 45 rows, 40 tiles, K = 4096: 3 splits), and 16 rows
+    against 224 weight tiles, which on 132 SMs run stream-K over the 264
+    slots (K = 1024 and 8192). Elsewhere the dispatch falls back and the same
+    checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
