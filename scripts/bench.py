@@ -38,6 +38,7 @@ import triton.testing
 
 import mpq_ops  # noqa: F401
 from mpq_ops.quantize import quantize_rtn
+from shape_args import add_shape_args, chosen_shapes
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
 MS = [1, 16, 64, 256, 1024, 4096]
@@ -159,8 +160,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--quick", action="store_true", help="first shape, M in 1/16 only")
-    ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
-    ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+    add_shape_args(ap, "8192x28672,4096x4096")
     ap.add_argument("--deq-dtype", default="fp16", choices=sorted(DTYPES),
                     help="output dtype of the mpq::dequantize table (scales cast to it)")
     ap.add_argument("--mpq-only", action="store_true",
@@ -172,12 +172,8 @@ def main():
                     help="also time each CUDA path forced, e.g. gemv,gemm,dequantize "
                          "(MPQ_OPS_CUDA_KERNEL; a path that cannot serve M falls back)")
     args = ap.parse_args()
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [1, 16] if args.quick else MS
-    if args.ms:
-        ms = [int(m) for m in args.ms.split(",")]
+    shapes, ms = chosen_shapes(args, SHAPES[:1] if args.quick else SHAPES,
+                               [1, 16] if args.quick else MS)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s",

@@ -22,6 +22,7 @@ import mpq_ops  # noqa: F401
 from mpq_ops.quantize import quantize_rtn
 
 import timing
+from shape_args import add_shape_args, chosen_shapes
 
 # (K, N): a 7B-class projection and SmolLM2-135M's MLP projection.
 SHAPES = [(4096, 4096), (576, 1536)]
@@ -74,13 +75,11 @@ def cpu_info():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_cpu.json")
-    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    add_shape_args(ap, "4096x4096")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--budget", type=float, default=1.5, help="seconds per row")
     args = ap.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(v) for v in args.ms.split(",")]
+    shapes, ms = chosen_shapes(args, SHAPES, MS)
     bits = [int(v) for v in args.bits.split(",")]
     cpu, avx2 = cpu_info()
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import bench, copy_bandwidth, packed_bytes  # noqa: E402
+from shape_args import add_shape_args, chosen_shapes  # noqa: E402
 
 import mpq_ops  # noqa: E402,F401
 from mpq_ops.quantize import quantize_rtn  # noqa: E402
@@ -29,13 +30,9 @@ GROUPS = [32, 64, 128, -1]
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_groups.json")
-    ap.add_argument("--shapes", default=None, help="e.g. 8192x28672,4096x4096 (K x N)")
-    ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+    add_shape_args(ap, "8192x28672,4096x4096")
     args = ap.parse_args()
-    shapes = SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    shapes, ms = chosen_shapes(args, SHAPES, MS)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s",

@@ -31,6 +31,7 @@ from mpq_ops import mlx_bridge
 from mpq_ops.quantize import quantize_rtn
 
 import timing
+from shape_args import add_shape_args, chosen_shapes
 
 # (4096, 32) has almost no arithmetic: it shows the bridge's fixed cost per call.
 SHAPES = [(4096, 32), (4096, 4096), (4096, 14336)]
@@ -54,13 +55,9 @@ def overhead_us(times, base):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_mlx.json")
-    ap.add_argument("--shapes", default=None, help="e.g. 4096x32 (K x N)")
-    ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+    add_shape_args(ap, "4096x32")
     args = ap.parse_args()
-    shapes = SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    shapes, ms = chosen_shapes(args, SHAPES, MS)
     torch.manual_seed(0)
     rows = []
     for K, N in shapes:

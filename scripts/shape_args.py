@@ -1,0 +1,17 @@
+"""The --shapes / --ms options the benchmarks share: which (K, N) weights and
+how many rows of x to time."""
+
+
+def add_shape_args(ap, example):
+    """--shapes (e.g. `example`, K x N, comma-separated) and --ms (rows of x)."""
+    ap.add_argument("--shapes", default=None, help=f"e.g. {example} (K x N)")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
+
+
+def chosen_shapes(args, shapes, ms):
+    """(shapes, ms): those the options name, else the defaults given."""
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
+    return shapes, ms
