@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       int pe = 0;
       segment(pb0, pe);  // the first segment's origin (pb0 < pb1: the host's shares)
     }
-    int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
+    const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
     const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
     // (1, 1/16) as halves for dequant_byte, made from M (>= 0, so its top bit
     // adds nothing) so that the compiler keeps it in a register instead of
@@ -437,7 +437,11 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // Narrow tiles: rows a and b of scales and zeros start at these offsets
     // (32-bit: sm90_supported), two registers through the loop, where the
     // compiler otherwise redoes the 64-bit offsets above at every load.
-    uint32_t off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
+    // (SK: again for each segment's tile)
+    const auto row_offset = [&](int r) {
+      return static_cast<uint32_t>(min(n0 + row0 + r, N - 1)) * G;
+    };
+    uint32_t off_a = row_offset(0), off_b = row_offset(8);
     using Slot = std::conditional_t<FINE, uint2, T>;
     Slot sz[D][2][2];  // [slot][row a/b][scale/zero]
     if constexpr (FINE) {  // (y stays unread for groups of 64, yet defined)
@@ -656,8 +660,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       for (int p = pb0, pe = 0; p < pb1; p = pe) {
         if (p != pb0) {
           segment(p, pe);
-          n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
-          off_a = static_cast<uint32_t>(n_a) * G, off_b = static_cast<uint32_t>(n_b) * G;
+          off_a = row_offset(0), off_b = row_offset(8);
           n_units = n_steps / U;
 #pragma unroll
           for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
