@@ -178,6 +178,23 @@ def test_one_row_stream_k(w_bit, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_two_bit_one_row_late_scaling(dtype):
+    """One row of x, 2-bit codes, groups of 64 or more: late scaling with each
+    lane's range of a step in its own B column (gemm.cuh's COLS), for groups of
+    a quarter, a half and a whole step and per row; ragged N, with bias, x
+    centred and offset (sum(x) large against sum(x * code)). K = 65536 in four
+    splits is past the resident slice: groups of half a step go back to
+    scaling before the MMAs, whole steps to the staged late scaling."""
+    for N, K, group_size in ((1000, 4096, 64), (1003, 4096, 128), (517, 8192, 256),
+                             (200, 6144, -1), (64, 65536, 128), (64, 65536, 256)):
+        weight = make_weight(N, K, 2, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for offset in (0.0, 8.0):
+            x = (make_x((1,), K, torch.float32, "cuda") + offset).to(dtype)
+            check_matmul(x, weight, 2, group_size, bias, (N, K, group_size, offset))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90")])
 def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     """Late scaling (groups of whole steps) sums bare codes in the MMAs and

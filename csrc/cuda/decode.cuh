@@ -156,6 +156,35 @@ __device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type
   }
 }
 
+// 2-bit codes for gemm.cuh's COLS (late scaling over B columns, where MMA mi
+// of a word takes pairs mi and mi + 4): pair j as (a(c_j), a(c_{j+8})) with
+// one LOP3 per pair (bfloat16: and a shift for a quarter of them), no float
+// instruction, a(c) = kUnit * (kBias + 2^shift(j % 4) * c):
+// - float16: the code masked where it lies, at bit offset 2 (j % 4) of its
+//   byte: c * 4^(j % 4) * 2^-24, a subnormal (exact, as LateCodes);
+// - bfloat16: the magic value 128 OR-ed over it, 128 + c * 4^(j % 4), except
+//   at offset 6, which lies past bfloat16's 7 mantissa bits: shifted down to
+//   offset 4 there (128 + 16 c).
+// The caller undoes the factors in float32, once per step, and the bias with
+// the sum of x weighted by kBias / 2^shift (gemm.cuh).
+template <typename T>
+struct ColsCodes {
+  using V = typename Pair<T>::type;
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+  static constexpr float kUnit = kHalf ? 0x1p-24f : 1.f;
+  static constexpr float kBias = kHalf ? 0.f : 128.f;
+  __host__ __device__ static constexpr int shift(int c) { return kHalf || c < 3 ? 2 * c : 4; }
+  __device__ __forceinline__ static void decode(uint32_t word, V* out) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int at = shift(j % 4);
+      const uint32_t src = word >> ((j >= 4 ? 8 : 0) + 2 * (j % 4) - at);
+      const uint32_t mask = (3u | (3u << 16)) << at;
+      out[j] = as_pair<V>(kHalf ? src & mask : and_or(src, mask, Pair<T>::kMagic));
+    }
+  }
+};
+
 // -(z * s) as a pair, for dequantizing exact codes c as c * s - z * s in one
 // packed FMA per pair instead of (c - z) * s in two. It is rounded once before
 // the FMA: an error no larger than the result's own rounding (|z| and |c - z|

@@ -85,6 +85,33 @@ __device__ __forceinline__ void pair_chunks_w2(uint4* a, uint4* b) {
                   __byte_perm(u.w, v.w, 0x5410), __byte_perm(u.w, v.w, 0x7632));
 }
 
+// COLS (gemm_cuda_kernel): a 2-bit word's x as the B operands of its four
+// MMAs when MMA mi takes code pairs mi and mi + 4, whose codes share a bit
+// offset within their bytes: (x0,x8) (x4,x12) (x1,x9) (x5,x13) and (x2,x10)
+// (x6,x14) (x3,x11) (x7,x15). Returns the sum of the 16 values in float32
+// and their sum weighted by ColsCodes' bias over the factor of each one's
+// class (x_i's code is in pair i % 8, class i % 4).
+template <typename T>
+__device__ __forceinline__ float2 pair_chunks_w2_cols(uint4* a, uint4* b) {
+  const uint4 u = *a, v = *b;
+  *a = make_uint4(__byte_perm(u.x, v.x, 0x5410), __byte_perm(u.z, v.z, 0x5410),
+                  __byte_perm(u.x, v.x, 0x7632), __byte_perm(u.z, v.z, 0x7632));
+  *b = make_uint4(__byte_perm(u.y, v.y, 0x5410), __byte_perm(u.w, v.w, 0x5410),
+                  __byte_perm(u.y, v.y, 0x7632), __byte_perm(u.w, v.w, 0x7632));
+  using V = typename Pair<T>::type;
+  using C = ColsCodes<T>;
+  const uint32_t w[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};  // x_2i, x_2i+1 in w[i]
+  float sum = 0.f, weighted = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float lo = __low2float(as_pair<V>(w[i])), hi = __high2float(as_pair<V>(w[i]));
+    sum += lo + hi;
+    weighted += lo * (C::kBias / float(1 << C::shift(2 * i % 4))) +
+                hi * (C::kBias / float(1 << C::shift((2 * i + 1) % 4)));
+  }
+  return make_float2(sum, weighted);
+}
+
 // Split K without a workspace (Hopper): the gridDim.z blocks that split a
 // tile's K form one thread block cluster. Each leaves its partial sums in its
 // own shared memory (over the x slice, after a barrier), and after a cluster
@@ -150,8 +177,28 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   constexpr bool RESIDENT = XR > 0;
   static_assert(!RESIDENT || (N_TILES == 1 && XR <= BM), "a resident x is one tile");
   static_assert(W != 2 || !PAIRED || RESIDENT, "2-bit codes: paired x only when resident");
+  // COLS (2-bit codes, one row of x, resident, groups of 64 or more: a lane's
+  // range of 64 inputs per step lies in one group): late scaling with each
+  // lane's range in its own column of B. Lane (g, t) supplies B's column g,
+  // and range t's x goes to column 2t: lanes g = 2t read x, the others a
+  // zero chunk. So D's column 2t, which lane (g, t) holds for rows g and
+  // g + 8, is the sum over range t alone, and the lane scales it by the
+  // scale and zero of its own rows and range, whatever the group size, with
+  // no MMA of the sums of x (made once per block from the resident slice).
+  // The codes are decoded with one LOP3 per pair (ColsCodes), each MMA's
+  // pairs of one bit offset within a byte (pair_chunks_w2_cols): class c
+  // comes out times a power of two, into its own partial sums, undone in
+  // float32 once per step instead of a packed multiply per pair. Layout of a
+  // step's x: per range, its 8 chunks, a chunk whose first two floats are
+  // the range's sums of x (plain and weighted, pair_chunks_w2_cols), and a
+  // chunk of padding (ranges 160 bytes apart, so that the four lanes reading
+  // x hit four different bank quads).
+  constexpr bool COLS = W == 2 && LATE && RESIDENT && WIDE;
+  static_assert(!COLS || (N_TILES == 1 && XR == 1 && KR == 1), "COLS: one row of x");
+  constexpr int CLS = COLS ? 4 : 1;  // classes of codes (bit offsets within a byte)
+  constexpr int RANGE = 10;  // COLS: chunks per lane range and step
   // Chunks between consecutive steps of x in shared memory.
-  constexpr int X_STEP = RESIDENT ? XR * CHUNKS : STAGE;
+  constexpr int X_STEP = COLS ? 4 * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
   tile::launch_dependents();  // the split sums' kernel may start (and wait)
 
@@ -252,6 +299,34 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)), in ? src : x, in ? 16 : 0);
     }
   };
+  // COLS: the copy into the layout above (pair = false), then the pairing,
+  // the sums of x and the zero chunk after the slice.
+  const auto cols_slice = [&](bool pair) {
+    const int n_steps = s_end - s_begin;
+    if (!pair) {
+      for (int i = threadIdx.x; i < n_steps * CHUNKS; i += THREADS) {
+        const int c = i % CHUNKS, st = i / CHUNKS;
+        uint4* dst = x_stages + st * X_STEP + (c / 8) * RANGE + c % 8;
+        cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)),
+                   x + (size_t)(s_begin + st) * Rows::STEP_K + c * 8, 16);
+      }
+      return;
+    }
+    if (threadIdx.x < 8) x_stages[n_steps * X_STEP + threadIdx.x] = make_uint4(0, 0, 0, 0);
+    // Words 4r .. 4r + 3 of a step are range r: four consecutive threads.
+    const int words = n_steps * (CHUNKS / 2);
+    for (int i0 = 0; i0 < words; i0 += THREADS) {
+      const int i = i0 + threadIdx.x, st = i / (CHUNKS / 2), w = i % (CHUNKS / 2);
+      uint4* p = x_stages + st * X_STEP + (w / 4) * RANGE + 2 * (w % 4);
+      float2 sum = i < words ? pair_chunks_w2_cols<T>(p, p + 1) : make_float2(0.f, 0.f);
+#pragma unroll
+      for (int o = 1; o <= 2; o *= 2) {
+        sum.x += __shfl_xor_sync(0xffffffffu, sum.x, o);
+        sum.y += __shfl_xor_sync(0xffffffffu, sum.y, o);
+      }
+      if (i < words && w % 4 == 0) *reinterpret_cast<float2*>(p + 8) = sum;
+    }
+  };
   // Reads: lane (g, t) reads chunks t * CPL + jj (jj < CPL) of rows nt * 8 + g.
   // Those chunk indices have disjoint bits, and the swizzle's XOR is the same
   // for all of them (row parity = g's, span = t's), so the swizzled index is
@@ -281,10 +356,46 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     x_addr[0] = N_TILES <= 4 ? tile::opaque(lane_chunk) : lane_chunk;
   }
 
+  // COLS: the lane's first chunk of x (or the zero chunk) and its stride per
+  // step (0 for the zero chunk), and its range's sum of x.
+  uint32_t cols_x = 0, cols_stride = 0, cols_sum = 0;
+  if constexpr (COLS) {
+    const uint32_t zero = x_base + 16u * (uint32_t)((s_end - s_begin) * X_STEP);
+    cols_x = tile::opaque(g == 2 * t ? x_base + 16u * (t * RANGE) : zero);
+    cols_stride = tile::opaque(g == 2 * t ? 16u * X_STEP : 0u);
+    cols_sum = tile::opaque(x_base + 16u * (t * RANGE + 8));
+  }
+
   const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
 
   // One step: 4 words per row of this lane, each against the matching x.
   const auto compute = [&](const Step& st, int stage) {
+    if constexpr (COLS) {
+      float part[CLS][RT][4] = {};
+      const uint32_t xp = cols_x + stage * cols_stride;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        V d[R][P / 2];
+#pragma unroll
+        for (int r = 0; r < R; ++r) ColsCodes<T>::decode((&st.w[r].x)[j], d[r]);
+        const uint4 v0 = tile::lds128(xp + 32u * j), v1 = tile::lds128(xp + 32u * j + 16u);
+        const uint32_t b[4][2] = {{v0.x, v0.y}, {v0.z, v0.w}, {v1.x, v1.y}, {v1.z, v1.w}};
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t a[4] = {as_bits(d[2 * rt][mi]), as_bits(d[2 * rt + 1][mi]),
+                                   as_bits(d[2 * rt][mi + 4]), as_bits(d[2 * rt + 1][mi + 4])};
+            mma_16816<T>(part[mi][rt], a, b[mi][0], b[mi][1]);
+          }
+        }
+      }
+      const uint32_t sums = cols_sum + 16u * X_STEP * stage;
+      Rows::template apply_cols<CLS>(st, part, tile::lds32(sums),
+                                     ColsCodes<T>::kBias != 0.f ? tile::lds32(sums + 4) : 0.f,
+                                     acc[0]);
+      return;
+    }
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
     // LATE: this step's sums of x * code and of x (Rows::apply).
     float part[LATE ? N_TILES : 1][RT][4] = {}, xsum[LATE ? N_TILES : 1][4] = {};
@@ -357,7 +468,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 
   // Prologue: STAGES - 1 steps of x in flight (RESIDENT: all of them), U
   // steps of weights in registers.
-  if constexpr (RESIDENT) {
+  if constexpr (COLS) {
+    cols_slice(false);
+    cp_async_commit();
+  } else if constexpr (RESIDENT) {
     copy_slice(false);
     cp_async_commit();
   } else {
@@ -389,7 +503,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     cp_async_wait<0>();
     if constexpr (PAIRED) {
       if constexpr (W == 2) __syncthreads();  // a word's two chunks came from two threads
-      copy_slice(true);
+      if constexpr (COLS) {
+        cols_slice(true);
+      } else {
+        copy_slice(true);
+      }
     }
     __syncthreads();
     if (!active && !cluster_sum) return;
@@ -467,6 +585,21 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   }
   if (!active) return;
 
+  if constexpr (COLS) {
+    // Lane (g, t) holds rows g and g + 8 over range t; a row's four ranges
+    // meet across the quad.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float v = acc[0][rt][2 * hr];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (t == 0) Rows::put(v, m0, rows.row[2 * rt + hr], M, N, blockIdx.z, ws, bias, y);
+      }
+    }
+    return;
+  }
   rows.store(acc, m0, M, N, blockIdx.z, ws, bias, y);
 }
 
@@ -592,7 +725,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
   constexpr int XR = KR;
-  const int resident_smem = per_split * XR * (SUPER_K / 8) * 16;
+  // 2-bit codes in late scaling over B columns (gemm_cuda_kernel's COLS): 160
+  // bytes per range and step (x, its sum, padding), and a zero chunk.
+  constexpr bool COLS = W == 2 && LATE && N_TILES == 1;
+  const int resident_smem =
+      COLS ? per_split * 4 * 10 * 16 + 128 : per_split * XR * (SUPER_K / 8) * 16;
   // Its x is paired for 2-bit codes too (their ring is not: a word's pairs
   // span two chunks that two threads copy), and 2-bit codes with groups of
   // 64 or more take one scale and zero per row and step (WIDE): 17% fewer
@@ -600,6 +737,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // M = 1 (us): (8192, 28672) 47.6 -> 44.4, (28672, 8192) 47.8 -> 44.4,
   // (14336, 4096) 19.8 -> 18.8.
   const bool resident = N_TILES == 1 && M == 1 && resident_smem <= kResidentXBytes;
+  if constexpr (COLS) {  // not resident: late scaling only where steps lie in one group
+    if (!resident && group_size % SUPER_K != 0)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, KR>(
+          x, qweight, scales, zeros, bias, y, group_size);
+  }
   auto launched = kernel;
   if constexpr (N_TILES == 1) {
     if (resident) {
@@ -649,10 +791,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // whose 256-input steps span two groups, in late scaling over two B columns
 // each zero outside one group's half of the step (a third fewer instructions
 // per step, twice the MMAs): (8192, 28672) 45.4 -> 50.8, (28672, 8192) 46.0 ->
-// 50.3; the sums of x made once per block from its resident slice instead of
-// the MMA with A = 1 (half the MMAs, a longer prologue): w4 (8192, 28672) 60.3
-// -> 58.7 and (4096, 14336) 19.8 -> 18.9, but (28672, 8192) 57.8 -> 61.5 and
-// w8 slower on four of five shapes (e.g. (4096, 14336) 29.4 -> 31.3).
+// 50.3 (their late scaling now puts each lane's range in a column of its own
+// with no more MMAs: gemm_cuda_kernel's COLS); the sums of x made once per
+// block from its resident slice instead of the MMA with A = 1 (half the
+// MMAs, a longer prologue): w4 (8192, 28672) 60.3 -> 58.7 and (4096, 14336)
+// 19.8 -> 18.9, but (28672, 8192) 57.8 -> 61.5 and w8 slower on four of five
+// shapes (e.g. (4096, 14336) 29.4 -> 31.3).
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1>
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
@@ -676,6 +820,21 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, 2>(
           x, qweight, scales, zeros, bias, y, group_size);
     }
+  }
+  // One row of x, 2-bit codes, groups of 64 or more: late scaling over B
+  // columns (gemm_cuda_kernel's COLS), whatever the group's size. H200,
+  // medians of three alternating rounds, against scaling before the MMAs
+  // (g64, g128) and late scaling of whole steps with an MMA for the sums of x
+  // (g256), us: float16 g128 (8192, 28672) 41.5 -> 37.2, (28672, 8192) 41.9
+  // -> 33.6, (14336, 4096) 17.1 -> 14.9, (4096, 4096) 10.3 -> 9.4; g64 42.5 ->
+  // 39.2, g256 38.0 -> 32.6; bfloat16 g128 42.0 -> 37.7, 43.0 -> 35.2 (loop
+  // instructions per two steps: float16 586 -> 329, bfloat16 663 -> 408).
+  // Error of y against float64 lower too (float16 g128 512 -> 287 ppm: no
+  // float16 rounding of each weight).
+  if constexpr (W == 2 && N_TILES == 1) {
+    if (x.size(0) == 1 && group_size % 64 == 0)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
+          x, qweight, scales, zeros, bias, y, group_size);
   }
   if constexpr (N_TILES <= 2) {
     if (late)

@@ -62,6 +62,12 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
                : "r"(addr));
   return v;
 }
+// A float32 of shared memory, likewise.
+__device__ __forceinline__ float lds32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
 
 // v, through a move the compiler cannot see into: a value so passed stays in
 // its register, where the compiler otherwise recomputes it from the thread
@@ -256,6 +262,32 @@ struct WeightRows {
           for (int c = 0; c < 2; ++c)
             acc[nt][rt][2 * hr + c] = fmaf(sc, fmaf(-zc, xsum[nt][c], part[nt][rt][2 * hr + c]),
                                            acc[nt][rt][2 * hr + c]);
+      }
+    }
+  }
+
+  // COLS (gemm.cuh): lane (g, t)'s sums of x * code over its range t of a
+  // step, class c of codes (ColsCodes) in part[c], are column 2t of the MMAs:
+  // elements 0 and 2 (rows g, g + 8). xs is the range's sum of x, xb its sum
+  // weighted by ColsCodes' bias over each class's factor. The range lies in
+  // one group: the lane's scale and zero.
+  template <int CLS>
+  __device__ __forceinline__ static void apply_cols(const Step& st,
+                                                    const float (&part)[CLS][RT][4], float xs,
+                                                    float xb, float (&acc)[RT][4]) {
+    using C = ColsCodes<T>;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float v = part[0][rt][2 * hr];
+#pragma unroll
+        for (int c = 1; c < CLS; ++c)
+          v = fmaf(part[c][rt][2 * hr], 1.f / float(1 << C::shift(c)), v);
+        if constexpr (C::kBias != 0.f) v -= xb;
+        const float sc = float(st.s[2 * rt + hr][0]) * (1.f / C::kUnit);
+        const float zc = float(st.z[2 * rt + hr][0]) * C::kUnit;
+        acc[rt][2 * hr] = fmaf(sc, fmaf(-zc, xs, v), acc[rt][2 * hr]);
       }
     }
   }
