@@ -182,11 +182,13 @@ def test_two_bit_one_row_late_scaling(dtype):
     """One row of x, 2-bit codes, groups of 64 or more: late scaling with each
     lane's range of a step in its own B column (gemm.cuh's COLS), for groups of
     a quarter, a half and a whole step and per row; ragged N, with bias, x
-    centred and offset (sum(x) large against sum(x * code)). K = 65536 in four
-    splits is past the resident slice: groups of half a step go back to
-    scaling before the MMAs, whole steps to the staged late scaling."""
+    centred and offset (sum(x) large against sum(x * code)). A split's slice
+    of x must fit the shared memory it may take (63 steps): 65 steps on 300
+    row blocks, which alone would take one split (on 132 SMs), take two; K =
+    8448 (33 steps) on 120 rows leaves a split of the eight with no step."""
     for N, K, group_size in ((1000, 4096, 64), (1003, 4096, 128), (517, 8192, 256),
-                             (200, 6144, -1), (64, 65536, 128), (64, 65536, 256)):
+                             (200, 6144, -1), (64, 65536, 128), (64, 65536, 256),
+                             (120, 8448, 64), (19200, 16640, 128)):
         weight = make_weight(N, K, 2, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
         for offset in (0.0, 8.0):

@@ -312,7 +312,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       }
       return;
     }
-    if (threadIdx.x < 8) x_stages[n_steps * X_STEP + threadIdx.x] = make_uint4(0, 0, 0, 0);
+    // (a split past the last step has none: n_steps <= 0)
+    if (threadIdx.x < 8 && n_steps > 0)
+      x_stages[n_steps * X_STEP + threadIdx.x] = make_uint4(0, 0, 0, 0);
     // Words 4r .. 4r + 3 of a step are range r: four consecutive threads.
     const int words = n_steps * (CHUNKS / 2);
     for (int i0 = 0; i0 < words; i0 += THREADS) {
@@ -644,7 +646,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 4 splits -> 22.9 with 8, (4096, 14336) 25.6 -> 23.8 with 2, (8192, 28672)
   // 65.3 -> 64.4 with 1, (28672, 8192) 62.0 with 4, as before, when a fixed 4
   // was the rule. 2-bit codes keep the fixed 4 (half the bytes per step: at
-  // (8192, 28672) one split took 61.5 us against 56.9 with 4). A grid of more
+  // (8192, 28672) one split took 61.5 us against 56.9 with 4), except in late
+  // scaling over B columns (COLS, below), whose fewer instructions per step
+  // take the rule above. H200, w2 g128, medians of three alternating rounds,
+  // 4 splits / the rule (us): (8192, 28672) 37.3 / 36.2 (1 split), (4096,
+  // 14336) 15.9 / 15.0 (2), (14336, 4096) 14.7 / 14.4 (8); (28672, 8192) and
+  // (4096, 4096) 4 either way; 8 splits everywhere or 2 slower. A grid of more
   // than one wave (k-paired rows at (8192, 28672): 896 blocks, 660 slots) is
   // split so that its last wave is full (up to 4; of equally full waves the
   // most splits): 63.9 us with 1 split, 60.4 with 2, 59.9 with 4; w8 107.9
@@ -708,16 +715,25 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     }
   }
   const long blocks = (long)m_chunks * row_blocks;
-  const int splits =
-      N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
-      : N_TILES == 1 && blocks > slots
+  // One row of x against 2-bit codes in late scaling over B columns
+  // (gemm_cuda_kernel's COLS): 160 bytes of shared memory per step (x, its
+  // sums, padding) and a zero chunk, split at least so that a slice stays
+  // within kResidentXBytes (groups of less than a step need that kernel).
+  constexpr int COLS_STEP_BYTES = 4 * 10 * 16;
+  const bool cols = W == 2 && LATE && N_TILES == 1 && M == 1;
+  const int cols_steps = (kResidentXBytes - 128) / COLS_STEP_BYTES;  // most per slice
+  const int one_tile_splits =
+      blocks > slots
           ? tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)),
                                       true, true)
-      : N_TILES == 1
-          ? (int)std::max<long>(1, std::min<long>({4L * slots / (5L * blocks), 8L,
-                                                   std::max(1, steps / 4)}))
           : (int)std::max<long>(
-                1, std::min<long>(2 * tile::sm_count() / blocks, std::max(1, steps / 4)));
+                1, std::min<long>({4L * slots / (5L * blocks), 8L, std::max(1, steps / 4)}));
+  const int splits =
+      cols ? std::max(one_tile_splits, (steps + cols_steps - 1) / cols_steps)
+      : N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
+      : N_TILES == 1 ? one_tile_splits
+                     : (int)std::max<long>(1, std::min<long>(2 * tile::sm_count() / blocks,
+                                                             std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most kResidentXBytes.
@@ -725,11 +741,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
   constexpr int XR = KR;
-  // 2-bit codes in late scaling over B columns (gemm_cuda_kernel's COLS): 160
-  // bytes per range and step (x, its sum, padding), and a zero chunk.
-  constexpr bool COLS = W == 2 && LATE && N_TILES == 1;
   const int resident_smem =
-      COLS ? per_split * 4 * 10 * 16 + 128 : per_split * XR * (SUPER_K / 8) * 16;
+      cols ? per_split * COLS_STEP_BYTES + 128 : per_split * XR * (SUPER_K / 8) * 16;
   // Its x is paired for 2-bit codes too (their ring is not: a word's pairs
   // span two chunks that two threads copy), and 2-bit codes with groups of
   // 64 or more take one scale and zero per row and step (WIDE): 17% fewer
@@ -737,11 +750,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // M = 1 (us): (8192, 28672) 47.6 -> 44.4, (28672, 8192) 47.8 -> 44.4,
   // (14336, 4096) 19.8 -> 18.8.
   const bool resident = N_TILES == 1 && M == 1 && resident_smem <= kResidentXBytes;
-  if constexpr (COLS) {  // not resident: late scaling only where steps lie in one group
-    if (!resident && group_size % SUPER_K != 0)
-      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, false, KR>(
-          x, qweight, scales, zeros, bias, y, group_size);
-  }
+  // (2-bit codes take late scaling in groups of less than a step only in COLS)
+  TORCH_INTERNAL_ASSERT(!(W == 2 && LATE) || cols || group_size % SUPER_K == 0);
   auto launched = kernel;
   if constexpr (N_TILES == 1) {
     if (resident) {
