@@ -163,8 +163,8 @@ __device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type
 // - float16: the code masked where it lies, at bit offset 2 (j % 4) of its
 //   byte: c * 4^(j % 4) * 2^-24, a subnormal (exact, as LateCodes);
 // - bfloat16: the magic value 128 OR-ed over it, 128 + c * 4^(j % 4), except
-//   at offset 6, which lies past bfloat16's 7 mantissa bits: shifted down to
-//   offset 4 there (128 + 16 c).
+//   at offset 6, whose second bit would fall past bfloat16's 7 mantissa bits:
+//   shifted down to offset 4 there (128 + 16 c).
 // The caller undoes the factors in float32, once per step, and the bias with
 // the sum of x weighted by kBias / 2^shift (gemm.cuh).
 template <typename T>
