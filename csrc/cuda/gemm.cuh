@@ -112,6 +112,12 @@ __device__ __forceinline__ float2 pair_chunks_w2_cols(uint4* a, uint4* b) {
   return make_float2(sum, weighted);
 }
 
+// COLS's layout of the resident x (gemm_cuda_kernel), which the host sizes:
+// per step and lane range kColsRange chunks (8 of x, the sums, padding), and
+// after the slice kColsZero chunks of zeros.
+constexpr int kColsRange = 10;
+constexpr int kColsZero = 8;
+
 // Split K without a workspace (Hopper): the gridDim.z blocks that split a
 // tile's K form one thread block cluster. Each leaves its partial sums in its
 // own shared memory (over the x slice, after a barrier), and after a cluster
@@ -196,7 +202,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   constexpr bool COLS = W == 2 && LATE && RESIDENT && WIDE;
   static_assert(!COLS || (N_TILES == 1 && XR == 1 && KR == 1), "COLS: one row of x");
   constexpr int CLS = COLS ? 4 : 1;  // classes of codes (bit offsets within a byte)
-  constexpr int RANGE = 10;  // COLS: chunks per lane range and step
+  constexpr int RANGE = kColsRange;  // COLS: chunks per lane range and step
   // Chunks between consecutive steps of x in shared memory.
   constexpr int X_STEP = COLS ? 4 * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
@@ -313,7 +319,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       return;
     }
     // (a split past the last step has none: n_steps <= 0)
-    if (threadIdx.x < 8 && n_steps > 0)
+    if (threadIdx.x < kColsZero && n_steps > 0)
       x_stages[n_steps * X_STEP + threadIdx.x] = make_uint4(0, 0, 0, 0);
     // Words 4r .. 4r + 3 of a step are range r: four consecutive threads.
     const int words = n_steps * (CHUNKS / 2);
@@ -719,9 +725,10 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (gemm_cuda_kernel's COLS): 160 bytes of shared memory per step (x, its
   // sums, padding) and a zero chunk, split at least so that a slice stays
   // within kResidentXBytes (groups of less than a step need that kernel).
-  constexpr int COLS_STEP_BYTES = 4 * 10 * 16;
+  constexpr int COLS_STEP_BYTES = 4 * kColsRange * 16, COLS_ZERO_BYTES = kColsZero * 16;
   const bool cols = W == 2 && LATE && N_TILES == 1 && M == 1;
-  const int cols_steps = (kResidentXBytes - 128) / COLS_STEP_BYTES;  // most per slice
+  // the most steps per slice
+  const int cols_steps = (kResidentXBytes - COLS_ZERO_BYTES) / COLS_STEP_BYTES;
   const int one_tile_splits =
       blocks > slots
           ? tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)),
@@ -741,8 +748,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
   constexpr int XR = KR;
-  const int resident_smem =
-      cols ? per_split * COLS_STEP_BYTES + 128 : per_split * XR * (SUPER_K / 8) * 16;
+  const int resident_smem = cols ? per_split * COLS_STEP_BYTES + COLS_ZERO_BYTES
+                                 : per_split * XR * (SUPER_K / 8) * 16;
   // Its x is paired for 2-bit codes too (their ring is not: a word's pairs
   // span two chunks that two threads copy), and 2-bit codes with groups of
   // 64 or more take one scale and zero per row and step (WIDE): 17% fewer
