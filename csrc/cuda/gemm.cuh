@@ -657,7 +657,13 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // take the rule above. H200, w2 g128, medians of three alternating rounds,
   // 4 splits / the rule (us): (8192, 28672) 37.3 / 36.2 (1 split), (4096,
   // 14336) 15.9 / 15.0 (2), (14336, 4096) 14.7 / 14.4 (8); (28672, 8192) and
-  // (4096, 4096) 4 either way; 8 splits everywhere or 2 slower. A grid of more
+  // (4096, 4096) 4 either way; 8 splits everywhere or 2 slower. In stream-K
+  // instead (one block per slot, x resident over all of K, a row block's
+  // parts in as many workspace slots as blocks it spans) it measured no
+  // faster: H200, medians of three alternating rounds, this rule / stream-K
+  // (us): float16 (8192, 28672) 36.3 / 36.9, (28672, 8192) 33.0 / 33.0,
+  // (4096, 14336) 17.0 / 16.8, (14336, 4096) 14.3 / 21.9, (4096, 4096) 9.5 /
+  // 10.8; bfloat16 38.3 / 37.1, 35.0 / 35.0; g64 36.9 / 37.7. A grid of more
   // than one wave (k-paired rows at (8192, 28672): 896 blocks, 660 slots) is
   // split so that its last wave is full (up to 4; of equally full waves the
   // most splits): 63.9 us with 1 split, 60.4 with 2, 59.9 with 4; w8 107.9
@@ -708,6 +714,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // H200, M = 1, g128, medians of three alternating rounds, split grid /
     // stream-K (us): w4 (8192, 28672) 48.4 / 44.4, bfloat16 49.1 / 44.8, g64
     // 50.1 / 48.0; w8 73.8 / 71.6; with 4 blocks per SM instead of 5, 44.7.
+    // Its two parts of a row block are added by finish_split: added in the
+    // kernel instead, by the warp that finishes second (an atomic count per
+    // warp's rows, in a buffer of counters per stream), one launch fewer
+    // measured slower, finish_split / in the kernel (us): w4 (8192, 28672)
+    // 43.2 / 43.8, bfloat16 43.8 / 44.7, g64 47.0 / 47.9, (4096, 28672) 26.7 /
+    // 27.3; w8 71.7 / 72.4, bfloat16 73.2 / 73.2.
     const int sk_smem = steps * KR * (SUPER_K / 8) * 16;
     if (M == 1 && N % w_rows == 0 && steps % U == 0 && row_blocks > slots &&
         sk_smem <= kResidentXBytes) {
