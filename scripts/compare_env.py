@@ -1,0 +1,93 @@
+"""mpq::matmul timed under several settings of the environment, side by side:
+the CUDA paths forced (MPQ_OPS_CUDA_KERNEL=gemv|gemm|sm90|dequantize), split
+sums through the workspace (MPQ_OPS_CUDA_SPLIT_SUM=workspace), or any switch a
+build reads per call. Each cell runs `--rounds` rounds; a round times every
+setting once (do_bench median, L2 flushed), alternating the order from round
+to round so that drift hits all alike; each setting's result is checked
+against the float64 reference once (error in ppm of the output's norm).
+
+    python scripts/compare_env.py --settings 'policy:;staged:MPQ_OPS_CUDA_KERNEL=gemm' \\
+        --cells 'fp16,4,128,8192,28672,16;bf16,4,128,28672,8192,16' [--rounds 3] [--out c.json]
+
+A cell is dtype (fp16 / bf16), w_bit, group_size, K, N, M; a setting is
+name:VAR=value,VAR2=value (none: the environment as it is)."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import mpq_ops  # noqa: E402,F401  (registers the ops)
+from helpers import make_weight, make_x, ref_matmul, rel_err  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_settings(text):
+    settings = []
+    for item in text.split(";"):
+        name, _, assignments = item.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        settings.append((name, env))
+    return settings
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", required=True)
+    ap.add_argument("--cells", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    settings = parse_settings(args.settings)
+    names = sorted({k for _, env in settings for k in env})
+    saved = {k: os.environ.get(k) for k in names}
+
+    def apply(env):
+        for k in names:
+            if saved[k] is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = saved[k]
+        os.environ.update(env)
+
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}; us (error against float64, ppm)")
+    for cell in args.cells.split(";"):
+        dt, w, g, K, N, M = cell.split(",")
+        w, g, K, N, M = int(w), int(g), int(K), int(N), int(M)
+        torch.manual_seed(0)
+        qw, sc, ze = make_weight(N, K, w, g, DTYPES[dt], "cuda", seed=0)
+        x = make_x((M,), K, DTYPES[dt], "cuda")
+        ref = ref_matmul(x, qw, sc, ze, w, g)
+
+        def call():
+            return torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)
+
+        times = {name: [] for name, _ in settings}
+        errors = {}
+        for r in range(args.rounds):
+            for name, env in settings if r % 2 == 0 else settings[::-1]:
+                apply(env)
+                if name not in errors:
+                    errors[name] = rel_err(call(), ref) * 1e6
+                times[name].append(triton.testing.do_bench(call, warmup=25, rep=200) * 1e3)
+        apply({})
+        row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}
+        for name, _ in settings:
+            ts = sorted(times[name])
+            row[name] = {"us": ts[len(ts) // 2], "rounds": times[name], "ppm": errors[name]}
+        rows.append(row)
+        print(f"{row['cell']:34}" + "".join(
+            f"  {name} {row[name]['us']:7.1f} ({row[name]['ppm']:.0f})" for name, _ in settings),
+            flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
