@@ -399,9 +399,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
         }
       }
       const uint32_t sums = cols_sum + 16u * X_STEP * stage;
-      Rows::template apply_cols<CLS>(st, part, tile::lds32(sums),
-                                     ColsCodes<T>::kBias != 0.f ? tile::lds32(sums + 4) : 0.f,
-                                     acc[0]);
+      Rows::template apply_cols<CLS>(
+          st, part, __uint_as_float(tile::lds32(sums)),
+          ColsCodes<T>::kBias != 0.f ? __uint_as_float(tile::lds32(sums + 4)) : 0.f, acc[0]);
       return;
     }
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1

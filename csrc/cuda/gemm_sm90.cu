@@ -86,11 +86,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
 __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
                "r"(v.z), "r"(v.w)
@@ -521,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
             const uint32_t w =
-                lds32(base + w_off + r * 8 * kRowBytesW + (((u << 4) ^ w_swz) | (c << 2)));
+                tile::lds32(base + w_off + r * 8 * kRowBytesW + (((u << 4) ^ w_swz) | (c << 2)));
 #pragma unroll
             for (int odd = 0; odd < 2; ++odd) {
               const int j = 2 * u + odd;
