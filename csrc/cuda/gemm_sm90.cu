@@ -996,6 +996,14 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   // take the tiles in one wave and hide each other's latencies (H100, w4
   // g128, M = 64 at (8192, 28672): 93.5 -> 87.4 us; with fewer tiles than
   // SMs one block of 12 stages ran faster: (4096, 14336) 27.9 against 44.6).
+  // Three blocks of 16-row tiles (consumers at 72 registers, each step
+  // decoded and multiplied in two halves of two k16 slices: 18 more
+  // instructions per step and warp) measured slower, more warps per scheduler
+  // notwithstanding. H200, float16 w4 g128, medians of three alternating
+  // rounds (us): (8192, 28672) M = 16 63.1 -> 67.6 (8 stages: 71.5), M = 12
+  // 62.4 -> 66.7, g64 67.6 -> 71.3, g32 68.7 -> 73.7, bfloat16 (x not
+  // permuted) 66.9 -> 71.0; forced at (28672, 8192) 64.1 -> 62.3, where the
+  // staged kernel takes 59.2, and at (4096, 14336) 23.0 -> 27.1.
   // The tile is as narrow as M allows: the tensor cores' time per step grows
   // with its rows, and a 64-row tile for 32 rows or fewer took longer than
   // the stream of codes. H200, w4 g128, 64-row tile / narrow (us): M = 32 at
