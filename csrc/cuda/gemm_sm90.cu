@@ -789,7 +789,13 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int n_tiles = n_count > 0 ? n_count : static_cast<int>(weight_tiles(N));
   // x: boxes of BM rows x 64 halves, 128-byte swizzle (the layout wgmma's B
   // descriptor names); codes: 128 rows x 32 bytes, 32-byte swizzle (so the
-  // lanes' 16-byte reads of 8 rows fall in distinct banks).
+  // lanes' 16-byte reads of 8 rows fall in distinct banks). Both maps have
+  // L2 fetch a row's 256 bytes at the first of a box's 32-byte reads (each
+  // row's next seven steps then hit L2): 128 bytes measured the same, 64 or
+  // none slower. H200, float16 w4 g128, medians of three alternating rounds,
+  // 256 / 64 / none (us): (8192, 28672) M = 16 63.7 / 72.5 / 72.5, bfloat16
+  // 67.5 / 73.2 / 73.1, M = 64 84.0 / 84.8 / 84.5; (28672, 8192) M = 48 72.9
+  // / 74.8 / 74.8. (DRAM read 132.5 MB either way at M = 16, ncu.)
   const auto x_map = tensor_map(
       x.data_ptr(),
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
