@@ -790,9 +790,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // x: boxes of BM rows x 64 halves, 128-byte swizzle (the layout wgmma's B
   // descriptor names); codes: 128 rows x 32 bytes, 32-byte swizzle (so the
   // lanes' 16-byte reads of 8 rows fall in distinct banks). Both maps have
-  // L2 fetch a row's 256 bytes at the first of a box's 32-byte reads (each
-  // row's next seven steps then hit L2): 128 bytes measured the same, 64 or
-  // none slower. H200, float16 w4 g128, medians of three alternating rounds,
+  // L2 fetch 256 bytes of a row at a time: for the codes' 32-byte reads, a
+  // row's next seven steps then hit L2. Promotion of the codes by 128 bytes
+  // measured the same, by 64 or none slower. H200, float16 w4 g128, medians of three alternating rounds,
   // 256 / 64 / none (us): (8192, 28672) M = 16 63.7 / 72.5 / 72.5, bfloat16
   // 67.5 / 73.2 / 73.1, M = 64 84.0 / 84.8 / 84.5; (28672, 8192) M = 48 72.9
   // / 74.8 / 74.8. (DRAM read 132.5 MB either way at M = 16, ncu.)
