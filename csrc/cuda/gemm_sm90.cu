@@ -1014,8 +1014,9 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   // notwithstanding. H200, float16 w4 g128, medians of three alternating
   // rounds (us): (8192, 28672) M = 16 63.1 -> 67.6 (8 stages: 71.5), M = 12
   // 62.4 -> 66.7, g64 67.6 -> 71.3, g32 68.7 -> 73.7, bfloat16 (x not
-  // permuted) 66.9 -> 71.0; forced at (28672, 8192) 64.1 -> 62.3, where the
-  // staged kernel takes 59.2, and at (4096, 14336) 23.0 -> 27.1.
+  // permuted) 66.9 -> 71.0; against one block of 12 stages, forced where
+  // that takes the tiles, (28672, 8192) 64.1 -> 62.3 (the staged kernel
+  // that the policy picks there: 59.2), (4096, 14336) 23.0 -> 27.1.
   // The tile is as narrow as M allows: the tensor cores' time per step grows
   // with its rows, and a 64-row tile for 32 rows or fewer took longer than
   // the stream of codes. H200, w4 g128, 64-row tile / narrow (us): M = 32 at
