@@ -798,10 +798,11 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // lanes' 16-byte reads of 8 rows fall in distinct banks). Both maps have
   // L2 fetch 256 bytes of a row at a time: for the codes' 32-byte reads, a
   // row's next seven steps then hit L2. Promotion of the codes by 128 bytes
-  // measured the same, by 64 or none slower. H200, float16 w4 g128, medians of three alternating rounds,
-  // 256 / 64 / none (us): (8192, 28672) M = 16 63.7 / 72.5 / 72.5, bfloat16
-  // 67.5 / 73.2 / 73.1, M = 64 84.0 / 84.8 / 84.5; (28672, 8192) M = 48 72.9
-  // / 74.8 / 74.8. (DRAM read 132.5 MB either way at M = 16, ncu.)
+  // measured the same, by 64 or none slower. H200, w4 g128, medians of three
+  // alternating rounds, 256 / 64 / none (us): (8192, 28672) float16 M = 16
+  // 63.7 / 72.5 / 72.5, bfloat16 M = 16 67.5 / 73.2 / 73.1, float16 M = 64
+  // 84.0 / 84.8 / 84.5; (28672, 8192) float16 M = 48 72.9 / 74.8 / 74.8.
+  // (DRAM read at M = 16, 256 / none: 132.5 / 131.0 MB, ncu.)
   const auto x_map = tensor_map(
       x.data_ptr(),
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
