@@ -807,7 +807,11 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // alternating rounds, 256 / 64 / none (us): (8192, 28672) float16 M = 16
   // 63.7 / 72.5 / 72.5, bfloat16 M = 16 67.5 / 73.2 / 73.1, float16 M = 64
   // 84.0 / 84.8 / 84.5; (28672, 8192) float16 M = 48 72.9 / 74.8 / 74.8.
-  // (DRAM read at M = 16, 256 / none: 132.5 / 131.0 MB, ncu.)
+  // (DRAM read at M = 16, 256 / none: 132.5 / 131.0 MB, ncu.) Stages of two
+  // steps, the codes of both in one box of 64-byte rows (half the copies'
+  // rows), measured the same (one round against the same day's build, us):
+  // (8192, 28672) float16 M = 16 64.5 -> 65.8, bfloat16 67.4 -> 66.4, M = 64
+  // 84.3 -> 85.0.
   const auto x_map = tensor_map(
       x.data_ptr(),
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
