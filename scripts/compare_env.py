@@ -9,7 +9,7 @@ against the float64 reference once (error in ppm of the output's norm).
     python scripts/compare_env.py --settings 'policy:;staged:MPQ_OPS_CUDA_KERNEL=gemm' \\
         --cells 'fp16,4,128,8192,28672,16;bf16,4,128,28672,8192,16' [--rounds 3] [--out c.json]
 
-A cell is dtype (fp16 / bf16), w_bit, group_size, K, N, M; a setting is
+A cell is dtype (fp16 / bf16 / fp32), w_bit, group_size, K, N, M; a setting is
 name:VAR=value,VAR2=value (none: the environment as it is)."""
 import argparse
 import json
@@ -17,13 +17,11 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
+from bench import DTYPES, bench  # noqa: E402
 from helpers import make_weight, make_x, ref_matmul, rel_err  # noqa: E402
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_settings(text):
@@ -74,7 +72,7 @@ def main():
                 apply(env)
                 if name not in errors:
                     errors[name] = rel_err(call(), ref) * 1e6
-                times[name].append(triton.testing.do_bench(call, warmup=25, rep=200) * 1e3)
+                times[name].append(bench(call))
         apply({})
         row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}
         for name, _ in settings:
