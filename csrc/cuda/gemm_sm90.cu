@@ -185,6 +185,13 @@ struct Regs {
   static constexpr int kCopy = PERM ? (BLOCKS == 1 ? 56 : 48) : BLOCKS == 1 ? 40 : 24;
   static constexpr int kConsumer = PERM ? (BLOCKS == 1 ? 224 : 96) : BLOCKS == 1 ? 232 : 104;
   static_assert(BLOCKS * (128 * kCopy + kConsumers * kConsumer) <= 65536, "register file");
+  // setmaxnreg only moves registers within what the block got at launch, at
+  // most the register file's share per thread in multiples of 8 (ptxas gives
+  // these kernels all of it: 80 registers with two blocks, 168 with one). A
+  // count past that leaves setmaxnreg.inc waiting for ever: consumers at 112
+  // with two blocks hung the kernel.
+  static constexpr int kLaunch = 65536 / (BLOCKS * kThreads) / 8 * 8;
+  static_assert(128 * kCopy + kConsumers * kConsumer <= kThreads * kLaunch, "launch pool");
 };
 
 // x-row tiles per group of Schedule (measured within 3% of 4 and 16 at M = 4096).
