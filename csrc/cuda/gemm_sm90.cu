@@ -867,7 +867,9 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // alternating rounds (us): (8192, 28672) float16 M = 16 67.9 -> 64.4,
     // M = 12 65.1 -> 62.5, bfloat16 M = 16 67.6 -> 67.1. Measured slower and
     // not taken: 32-row tiles, M = 24 68.5 -> 70.0, M = 32 69.6 -> 71.7; one
-    // block per SM, (4096, 14336) M = 16 (112 tiles on 132) 23.7 -> 25.6.
+    // block per SM, (4096, 14336) M = 16 (112 tiles on 132) 23.7 -> 25.6;
+    // 64-row tiles (224 on 264 slots), M = 64 85.7 -> 95.1, M = 56 86.0 ->
+    // 92.8, bfloat16 M = 64 91.4 -> 99.9.
     const int pass_steps = 2 * D, steps = K / kStepK;
     const long passes = tiles * (steps / pass_steps);
     stream_k = BM == 16 && BLOCKS == 2 && tiles % sms != 0 && passes >= sms &&
@@ -1034,6 +1036,14 @@ static void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
   // permuted) 66.9 -> 71.0; against one block of 12 stages, forced where
   // that takes the tiles, (28672, 8192) 64.1 -> 62.3 (the staged kernel
   // that the policy picks there: 59.2), (4096, 14336) 23.0 -> 27.1.
+  // Four consumer warpgroups instead (256 weight rows per block, one block
+  // per SM, consumers at 112 registers: each x tile read serves twice the
+  // codes) ran faster in some cells and slower in others, too mixed to carry
+  // a second tile width for. H200, float16 w4 g128 unless said,
+  // medians of two or three alternating rounds (us): (8192, 28672) M = 16
+  // 63.4 -> 66.1, M = 32 69.6 -> 67.1, M = 64 85.9 -> 84.9, bfloat16 M = 16
+  // 67.6 -> 65.4; (28672, 8192) M = 16 64.2 -> 59.4 (the staged kernel: 59.4);
+  // (4096, 14336) M = 16 23.3 -> 30.7.
   // The tile is as narrow as M allows: the tensor cores' time per step grows
   // with its rows, and a 64-row tile for 32 rows or fewer took longer than
   // the stream of codes. H200, w4 g128, 64-row tile / narrow (us): M = 32 at
