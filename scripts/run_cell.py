@@ -1,0 +1,41 @@
+"""mpq::matmul on one cell, a few times, for a profiler to wrap (Nsight
+Compute picks the launches: scripts/ncu_profile.sh). Between calls the L2 is
+flushed as do_bench flushes it (a 256 MB zero-fill), so the profiled call
+reads its weights from DRAM as the benchmark's do.
+
+    python scripts/run_cell.py fp16,4,128,8192,28672,16 [--calls 4]
+
+A cell is dtype (fp16 / bf16), w_bit, group_size, K, N, M (as in
+compare_env.py). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply."""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import mpq_ops  # noqa: E402,F401  (registers the ops)
+from bench import DTYPES  # noqa: E402
+from helpers import make_weight, make_x  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cell")
+    ap.add_argument("--calls", type=int, default=4)
+    args = ap.parse_args()
+    dt, w, g, K, N, M = args.cell.split(",")
+    if dt not in DTYPES:
+        raise SystemExit(f"cell: dtype must be one of {sorted(DTYPES)}, got {dt!r}")
+    w, g, K, N, M = int(w), int(g), int(K), int(N), int(M)
+    qweight, scales, zeros = make_weight(N, K, w, g, DTYPES[dt], "cuda", seed=0)
+    x = make_x((M,), K, DTYPES[dt], "cuda")
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(args.calls):
+        flush.zero_()
+        torch.ops.mpq.matmul(x, qweight, scales, zeros, w, g, None, None)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
