@@ -67,6 +67,10 @@ def main():
                and not c.startswith("Warp Stall Sampling")]
     if reasons:
         sums = {header[i]: sum(number(r[i]) for r in rows) for i in reasons}
+        # Samples whose reason has no column (e.g. warps at a wgmma): the
+        # all-samples count less the per-reason ones (not the Not Issued split).
+        named = sum(s for name, s in sums.items() if "Not Issued" not in name)
+        sums["(no reason column)"] = total - named
         print("\nby reason:")
         for name, s in sorted(sums.items(), key=lambda kv: -kv[1])[:15]:
             if s > 0:
