@@ -102,7 +102,6 @@ def copy_bandwidth():
 
 def dequant_matmul_torch(x, qweight, scales, zeros, w_bit: int, group_size: int):
     """What a user without mpq_ops would write: unpack, dequantize, matmul."""
-    per = 32 // w_bit
     shifts = torch.arange(0, 32, w_bit, device=qweight.device, dtype=torch.int32)
     q = (qweight.unsqueeze(-1) >> shifts) & ((1 << w_bit) - 1)
     N = qweight.shape[0]
