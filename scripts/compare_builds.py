@@ -29,14 +29,11 @@ ROUND = r"""
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[3]]
 import mpq_ops
-from bench import DTYPES, bench
-from helpers import make_weight, make_x, ref_matmul, rel_err
+from bench import bench
+from cells import make_cell
+from helpers import ref_matmul, rel_err
 for cell in sys.argv[2].split(";"):
-    dt, w, g, K, N, M = cell.split(",")
-    w, g, K, N, M = int(w), int(g), int(K), int(N), int(M)
-    torch.manual_seed(0)
-    qw, sc, ze = make_weight(N, K, w, g, DTYPES[dt], "cuda", seed=0)
-    x = make_x((M,), K, DTYPES[dt], "cuda")
+    x, qw, sc, ze, w, g = make_cell(cell)
     call = lambda: torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)
     out = call()
     # (NaN for non-finite outputs: builds with parts left out compute garbage.)

@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
-from bench import DTYPES, bench  # noqa: E402
-from helpers import make_weight, make_x, ref_matmul, rel_err  # noqa: E402
+from bench import bench  # noqa: E402
+from cells import make_cell  # noqa: E402
+from helpers import ref_matmul, rel_err  # noqa: E402
 
 
 def parse_settings(text):
@@ -55,11 +56,7 @@ def main():
     rows = []
     print(f"device: {torch.cuda.get_device_name()}; us (error against float64, ppm)")
     for cell in args.cells.split(";"):
-        dt, w, g, K, N, M = cell.split(",")
-        w, g, K, N, M = int(w), int(g), int(K), int(N), int(M)
-        torch.manual_seed(0)
-        qw, sc, ze = make_weight(N, K, w, g, DTYPES[dt], "cuda", seed=0)
-        x = make_x((M,), K, DTYPES[dt], "cuda")
+        x, qw, sc, ze, w, g = make_cell(cell)
         ref = ref_matmul(x, qw, sc, ze, w, g)
 
         def call():
@@ -74,6 +71,7 @@ def main():
                     errors[name] = rel_err(call(), ref) * 1e6
                 times[name].append(bench(call))
         apply({})
+        dt, _, _, K, N, M = cell.split(",")
         row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}
         for name, _ in settings:
             ts = sorted(times[name])

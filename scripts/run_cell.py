@@ -15,8 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
-from bench import DTYPES  # noqa: E402
-from helpers import make_weight, make_x  # noqa: E402
+from cells import make_cell  # noqa: E402
 
 
 def main():
@@ -24,12 +23,7 @@ def main():
     ap.add_argument("cell")
     ap.add_argument("--calls", type=int, default=4)
     args = ap.parse_args()
-    dt, w, g, K, N, M = args.cell.split(",")
-    if dt not in DTYPES:
-        raise SystemExit(f"cell: dtype must be one of {sorted(DTYPES)}, got {dt!r}")
-    w, g, K, N, M = int(w), int(g), int(K), int(N), int(M)
-    qweight, scales, zeros = make_weight(N, K, w, g, DTYPES[dt], "cuda", seed=0)
-    x = make_x((M,), K, DTYPES[dt], "cuda")
+    x, qweight, scales, zeros, w, g = make_cell(args.cell)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(args.calls):
         flush.zero_()
