@@ -582,6 +582,17 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
                          kNarrow ? desc_k_major_sw128_of(desc + 2 * j)
                                  : desc_k_major_sw128(base + 32 * j));
       wgmma_commit();
+      // (Measured and not taken: step i + 1's codes read a step early, so that
+      // their shared-memory loads overlap this step's decode, once its wgmmas
+      // are issued (about 136 instructions per step against 125, SASS of the
+      // 16-row stream-K kernel) or before its decode, its stage waited for a
+      // step earlier (158). H200, float16 g128, medians of two alternating
+      // rounds, landed / after the wgmmas / before the decode (us): (8192,
+      // 28672) M = 16 63.5 / 68.3 / 74.7, M = 32 69.3 / 73.3 / 81.8, M = 64
+      // 86.7 / 89.9 / 86.0; (28672, 8192) M = 16 64.3 / 67.4 / 74.3; (4096,
+      // 14336) 23.9 / 24.3 / 26.8; bfloat16 (8192, 28672) M = 16 67.5 / 70.5 /
+      // 74.4. The consumers' instructions, not the latency of the loads, set
+      // the pace.)
       wgmma_wait<1>();
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
       // long before): release that stage.
@@ -904,7 +915,11 @@ static void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // PRMTs per stage. H200, g128, medians of three alternating rounds (us):
   // bfloat16 (8192, 28672) M = 16 72.0 -> 67.1, M = 32 77.8 -> 73.9; (28672,
   // 8192) M = 24 74.5 -> 71.8. float16, whose step saves less (124.5 -> 110),
-  // ran slower with it: M = 24 69.2 -> 72.7, (4096, 14336) M = 32 23.6 -> 25.1.
+  // ran slower with it: M = 24 69.2 -> 72.7, (4096, 14336) M = 32 23.6 -> 25.1;
+  // at M = 16 (high codes decoded unshifted: 248 -> 219 instructions per two
+  // steps) level, three alternating rounds: (8192, 28672) 63.4 -> 64.6, M = 12
+  // 62.8 -> 63.9, g64 67.5 -> 68.6, (28672, 8192) 64.4 -> 63.8, (4096, 14336)
+  // 23.7 -> 23.1.
   // (Not taken either: late scaling here, as the staged kernels do it, for the
   // one-block 16-row tiles: with x permuted each code pair one LOP3 from an
   // MMA operand, scale and zero point applied to per-pair-of-steps sums, the
