@@ -887,7 +887,12 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // -> 62.9, w8 98.7 -> 102.6), four at four blocks per SM (59.9, 98.0),
     // six blocks (59.7, 98.7), eight warps per block (61.1, 99.8); for 2-bit
     // codes other split counts than 4 (2 / 3 / 6 / 8 at (8192, 28672): 49.1 /
-    // 47.1 / 45.5 / 45.9 against 45.5) and three steps in flight (46.9).
+    // 47.1 / 45.5 / 45.9 against 45.5) and three steps in flight (46.9); on
+    // the H200, for their late scaling over B columns (one round, us), two /
+    // three / four steps in flight at five / four / four blocks per SM:
+    // (8192, 28672) 36.4 / 37.3 / 39.3, (28672, 8192) 33.1 / 33.4 / 35.1,
+    // (4096, 14336) 15.2 / 13.8 / 14.6, bfloat16 (8192, 28672) 38.8 / 37.7 /
+    // 42.0 (M = 4, whose kernel spills with four: 53.2 / 52.4 / 67.7).
     // Also not taken: the codes brought in by cp.async into a ring of 3 / 4 /
     // 6 steps in shared memory, each thread reading back its own chunks (no
     // barrier; 95 -> 66 registers). H200, against the loads into registers
