@@ -8,7 +8,7 @@ norm); the median over rounds is reported.
     python scripts/compare_builds.py --builds 'base:/tmp/base.so;pf256:/tmp/pf.so' \\
         --cells 'fp16,2,128,8192,28672,1;fp16,4,128,8192,28672,1' [--rounds 3] [--out c.json]
 
-Cells as in compare_env.py: dtype (fp16 / bf16), w_bit, group_size, K, N, M.
+Cells as scripts/cells.py reads them: dtype, w_bit, group_size, K, N, M.
 The build in place at the start is put back at the end. A round that fails
 or outlasts --timeout seconds (a hung kernel) is reported and left out; the
 other builds' rounds go on."""

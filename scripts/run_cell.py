@@ -5,8 +5,8 @@ reads its weights from DRAM as the benchmark's do.
 
     python scripts/run_cell.py fp16,4,128,8192,28672,16 [--calls 4]
 
-A cell is dtype (fp16 / bf16), w_bit, group_size, K, N, M (as in
-compare_env.py). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply."""
+A cell is dtype, w_bit, group_size, K, N, M (as scripts/cells.py reads
+it). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply."""
 import argparse
 import os
 import sys
