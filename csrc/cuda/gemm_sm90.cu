@@ -590,10 +590,9 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       // rounds, landed / after the wgmmas / before the decode (us): (8192,
       // 28672) M = 16 63.5 / 68.3 / 74.7, M = 32 69.3 / 73.3 / 81.8, M = 64
       // (the second for up to 32 rows only) 86.7 / 89.9 / -; (28672, 8192)
-      // M = 16 64.3 / 67.4 / 74.3; (4096,
-      // 14336) 23.9 / 24.3 / 26.8; bfloat16 (8192, 28672) M = 16 67.5 / 70.5 /
-      // 74.4. The consumers' instructions, not the latency of the loads, set
-      // the pace.)
+      // M = 16 64.3 / 67.4 / 74.3; (4096, 14336) 23.9 / 24.3 / 26.8; bfloat16
+      // (8192, 28672) M = 16 67.5 / 70.5 / 74.4. The consumers' instructions,
+      // not the latency of the loads, set the pace.)
       wgmma_wait<1>();
       // This warp's wgmmas of step i - 1 are done (and its reads of the codes
       // long before): release that stage.
