@@ -114,9 +114,20 @@ __device__ __forceinline__ float2 pair_chunks_w2_cols(uint4* a, uint4* b) {
 
 // COLS's layout of the resident x (gemm_cuda_kernel), which the host sizes:
 // per step and lane range kColsRange chunks (8 of x, the sums, padding), and
-// after the slice kColsZero chunks of zeros.
+// after the slice kColsZero chunks of zeros, read from kColsZeroAt on. That
+// offset of one chunk puts the lanes reading zeros on other banks than the
+// lanes reading range 0's x (at offset 0 both start at the slice's bank
+// quad 0: a 2-way conflict on every read of x). H200, float16 g128, M = 1,
+// one round, offset 0 / 1 (us): (8192, 28672) 35.9 / 34.2, (28672, 8192)
+// 33.1 / 32.4, (4096, 14336) 14.9 / 14.9, (4096, 4000) 10.8 / 9.4, g256
+// 32.3 / 31.8, bfloat16 38.0 / 37.0. (Staging the block's scales and zeros
+// in shared memory as well, read per step by LDS instead of loads that touch
+// 8 rows' sectors: L1/TEX 83% -> 54% under ncu, but 38.2 / 31.6 / 14.9 /
+// 9.8 / 31.2 / 39.9; under ncu at (8192, 28672) 35.8 us (offset 0, not
+// staged: 33.8), issue slots 36% (34%): L1 eased, the time did not follow.)
 constexpr int kColsRange = 10;
-constexpr int kColsZero = 8;
+constexpr int kColsZeroAt = 1;
+constexpr int kColsZero = 8 + kColsZeroAt;
 
 // Split K without a workspace (Hopper): the gridDim.z blocks that split a
 // tile's K form one thread block cluster. Each leaves its partial sums in its
@@ -368,7 +379,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // step (0 for the zero chunk), and its range's sum of x.
   uint32_t cols_x = 0, cols_stride = 0, cols_sum = 0;
   if constexpr (COLS) {
-    const uint32_t zero = x_base + 16u * (uint32_t)((s_end - s_begin) * X_STEP);
+    const uint32_t zero = x_base + 16u * (uint32_t)((s_end - s_begin) * X_STEP + kColsZeroAt);
     cols_x = tile::opaque(g == 2 * t ? x_base + 16u * (t * RANGE) : zero);
     cols_stride = tile::opaque(g == 2 * t ? 16u * X_STEP : 0u);
     cols_sum = tile::opaque(x_base + 16u * (t * RANGE + 8));
