@@ -1,4 +1,5 @@
-"""Test inputs and an independent float64 reference (numpy, no mpq_ops code)."""
+"""Test inputs and an independent float64 reference (numpy, or torch on a CUDA
+device; no mpq_ops code)."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,10 +30,40 @@ def np_unpack_rows(words: np.ndarray, w_bit: int) -> np.ndarray:
     return q
 
 
+def torch_pack_rows(q: torch.Tensor, w_bit: int) -> torch.Tensor:
+    """np_pack_rows in torch, on q's device (int64 codes [N, K] -> int32 words)."""
+    per = 32 // w_bit
+    out = torch.zeros(q.shape[0], q.shape[1] // per, dtype=torch.int64, device=q.device)
+    for j in range(per):
+        out |= q[:, j::per].to(torch.int64) << (j * w_bit)
+    # words of 2^31 and up as their int32 bit patterns
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def torch_unpack_rows(words: torch.Tensor, w_bit: int) -> torch.Tensor:
+    """np_unpack_rows in torch, on the words' device."""
+    per = 32 // w_bit
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    q = torch.empty(u.shape[0], u.shape[1] * per, dtype=torch.int64, device=u.device)
+    for j in range(per):
+        q[:, j::per] = (u >> (j * w_bit)) & ((1 << w_bit) - 1)
+    return q
+
+
 def make_weight(N: int, K: int, w_bit: int, group_size: int, dtype, device="cpu", seed=None):
-    """Random codes, positive scales and fractional zero points (never zeros)."""
-    g = torch.Generator().manual_seed(seed if seed is not None else np.random.randint(1 << 30))
+    """Random codes, positive scales and fractional zero points (never zeros).
+    For a CUDA device they are drawn and packed there (torch_pack_rows): the
+    CUDA tests' weights of up to 450M codes would take most of their time on
+    the host."""
+    seed = seed if seed is not None else np.random.randint(1 << 30)
     G = 1 if group_size == -1 else K // group_size
+    if torch.device(device).type == "cuda":
+        g = torch.Generator(device).manual_seed(seed)
+        q = torch.randint(0, 2**w_bit, (N, K), generator=g, device=device)
+        scales = torch.rand(N, G, generator=g, device=device) * 0.04 + 0.01
+        zeros = torch.rand(N, G, generator=g, device=device) * (2**w_bit - 1)
+        return torch_pack_rows(q, w_bit), scales.to(dtype), zeros.to(dtype)
+    g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2**w_bit, (N, K), generator=g)
     qweight = torch.from_numpy(np_pack_rows(q.numpy(), w_bit))
     scales = (torch.rand(N, G, generator=g) * 0.04 + 0.01).to(dtype)
@@ -49,7 +80,29 @@ def ref_dequantize(qweight, scales, zeros, w_bit, group_size) -> np.ndarray:
     return (q - np.repeat(z, gs, axis=1)) * np.repeat(s, gs, axis=1)
 
 
+def ref_dequantize_t(qweight, scales, zeros, w_bit, group_size) -> torch.Tensor:
+    """ref_dequantize in torch float64 on the weight's device."""
+    q = torch_unpack_rows(qweight, w_bit).double()
+    gs = q.shape[1] if group_size == -1 else group_size
+    return ((q - zeros.double().repeat_interleave(gs, dim=1))
+            * scales.double().repeat_interleave(gs, dim=1))
+
+
+def ref_matmul_t(x, qweight, scales, zeros, w_bit, group_size, perm=None, bias=None):
+    """ref_matmul in torch float64 on x's device (on a GPU: float64 cuBLAS)."""
+    W = ref_dequantize_t(qweight, scales, zeros, w_bit, group_size)
+    xd = x.detach().double()
+    if perm is not None:
+        xd = xd[..., perm.long()]
+    y = xd @ W.T
+    return y + bias.detach().double() if bias is not None else y
+
+
 def ref_matmul(x, qweight, scales, zeros, w_bit, group_size, perm=None, bias=None):
+    """float64 x @ W.T (+ bias) in numpy; for CUDA tensors ref_matmul_t, whose
+    result stays on the GPU (rel_err compares there)."""
+    if x.is_cuda:
+        return ref_matmul_t(x, qweight, scales, zeros, w_bit, group_size, perm, bias)
     W = ref_dequantize(qweight, scales, zeros, w_bit, group_size)
     xd = x.detach().cpu().double().numpy()
     if perm is not None:
@@ -61,7 +114,8 @@ def ref_matmul(x, qweight, scales, zeros, w_bit, group_size, perm=None, bias=Non
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.detach().cpu().double()
+    """||out - ref|| / ||ref|| in float64, on ref's device."""
+    out = out.detach().to(ref.device).double()
     assert torch.isfinite(out).all(), "output has non-finite values"
     if ref.numel() == 0:
         return 0.0
