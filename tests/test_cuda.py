@@ -48,8 +48,9 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
-def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
-    """The wgmma kernel (4-bit, Hopper) over several tiles of x rows and weight
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_sm90_kernel_many_tiles(w_bit, dtype, group_size, monkeypatch):
+    """The wgmma kernel (4- and 8-bit codes, Hopper) over several tiles of x rows and weight
     rows, with ragged edges in both: few tiles and a long K (64 steps, split
     over the SMs), and many tiles in groups of x-row tiles, the last group
     partial; a last wave of tiles split over K where it would leave most SMs
@@ -83,10 +84,10 @@ def test_sm90_kernel_many_tiles(dtype, group_size, monkeypatch):
                                (24, 17000, 1024, True), (40, 30000, 512, False),
                                (45, 5000, 4096, True),
                                (16, 28672, 1024, True), (16, 28672, 8192, False)):
-        weight = make_weight(N, K, 4, group_size, dtype, "cuda")
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")
-        check_matmul(x, weight, 4, group_size, bias, (M, N))
+        check_matmul(x, weight, w_bit, group_size, bias, (M, N))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -197,7 +198,7 @@ def test_two_bit_one_row_late_scaling(dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90")])
+@pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90"), (8, "sm90")])
 def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     """Late scaling (groups of whole steps) sums bare codes in the MMAs and
     applies each group's scale and zero point to the sums: float16 codes as
@@ -259,7 +260,8 @@ def cuda_kernels_run_by(fn):
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("group_size", (32, 64))
-def test_sm90_fine_groups_need_aligned_scales(group_size, dtype, monkeypatch):
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_sm90_fine_groups_need_aligned_scales(w_bit, group_size, dtype, monkeypatch):
     """Groups of 32 and 64: the wgmma kernel reads the scales and zeros of a
     pair of steps in one 8- or 4-byte load, so it takes them only at that
     alignment (Hopper); scales and zeros one element further on go to the
@@ -268,14 +270,14 @@ def test_sm90_fine_groups_need_aligned_scales(group_size, dtype, monkeypatch):
         pytest.skip("the wgmma kernel runs on compute capability 9.0")
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     N, K, M = 1000, 2048, 40
-    qweight, scales, zeros = make_weight(N, K, 4, group_size, dtype, "cuda")
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     x = make_x((M,), K, dtype, "cuda")
     for offset in (0, 1):
         s, z = (torch.empty(t.numel() + 1, device="cuda", dtype=dtype)[offset:offset + t.numel()]
                 .view_as(t).copy_(t) for t in (scales, zeros))
-        names = cuda_kernels_run_by(lambda: check_matmul(x, (qweight, s, z), 4, group_size,
+        names = cuda_kernels_run_by(lambda: check_matmul(x, (qweight, s, z), w_bit, group_size,
                                                          context=(offset,)))
-        assert any("gemm_sm90_w4" in n for n in names) == (offset == 0), (offset, names)
+        assert any("gemm_sm90_kernel" in n for n in names) == (offset == 0), (offset, names)
 
 
 def test_misaligned_views_are_handled():

@@ -35,7 +35,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
     if (std::strcmp(forced, "sm90") == 0 && sm90()) return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (sm90_preferred(M, qweight.size(0)) && sm90()) return MatmulKernel::Sm90;
+  if (sm90_preferred(M, qweight.size(0), x.size(1), w_bit) && sm90()) return MatmulKernel::Sm90;
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;
 }

@@ -18,7 +18,7 @@ constexpr int64_t kGemvMaxRows = 64;
 // Above it: dequantize + cuBLAS.
 constexpr int64_t kGemmMaxRows = 128;
 // Where the wgmma kernel serves (Hopper, 4-bit) it takes over above 16 rows
-// (its 32-row tiles of x, gemm_sm90.cu). H200, w4 g128, staged /
+// (its 32-row tiles of x, gemm_sm90.cuh). H200, w4 g128, staged /
 // wgmma at M = 17 (us): (8192, 28672) 86.9 / 70.0, (28672, 8192) 81.1 /
 // 70.0, (4096, 14336) 29.7 / 24.7, (14336, 4096) 27.6 / 25.9, (4096, 4096)
 // 15.3 / 15.2. From 9 rows (its 16-row tiles) where its weight tiles cover
@@ -39,6 +39,26 @@ constexpr int64_t kGemmMaxRows = 128;
 // measured against the wgmma kernel there).
 constexpr int64_t kGemmMaxRowsSm90 = 16;
 constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the SMs
+// 8-bit codes: the wgmma kernel from 9 rows, and from 5 for weights of 2^27
+// codes or more, against the staged kernel up to 128 rows (whose 8-row tiles
+// serve 5 to 8) and dequantize + cuBLAS above. H200, w8 g128, medians of two
+// or three alternating rounds, staged or dequantize + cuBLAS / wgmma (us;
+// scripts/results/ab_h200_sm90_w8.log): float16 (8192, 28672) M = 4 74.0 /
+// 78.0, M = 5 90.7 / 77.4, M = 8 89.8 / 77.9, M = 16 101.1 / 80.8, M = 32
+// 145.2 / 82.2, M = 64 161.2 / 108.0, M = 128 319.2 / 140.8, M = 256 379.3 /
+// 219.7, M = 1024 904.0 / 782.1, M = 2048 1611.2 / 1556.4; (28672, 8192) M =
+// 8 86.4 / 76.3, M = 16 90.0 / 77.0; (4096, 14336) M = 5 26.2 / 27.5, M = 8
+// 26.3 / 27.6, M = 9 30.4 / 27.8, M = 256 96.6 / 51.5, M = 1024 238.7 /
+// 202.2; (4096, 4096) M = 5 12.9 / 14.6, M = 8 13.4 / 14.6, M = 4096 224.4 /
+// 222.8; g32 M = 16 112.7 / 88.1, per row 87.1 / 75.9; bfloat16 (8192,
+// 28672) M = 5 97.9 / 80.4, M = 16 112.7 / 84.2, M = 64 170.5 / 110.7, M =
+// 1024 870.1 / 802.8. From 9 rows, weights of 32 or 64 tiles with a short K
+// lose up to 4%, too little to carry a rule for: float16 M = 16 at (14336,
+// 4096) 29.5 / 30.7, (4096, 4096) 14.7 / 15.0, (2048, 8192) 14.8 / 15.2,
+// against (8192, 4096) 21.9 / 21.2 and bfloat16 (14336, 4096) 32.0 / 30.6.
+constexpr int64_t kGemmMaxRowsSm90W8 = 8;
+constexpr int64_t kGemmMaxRowsSm90W8Large = 4;
+constexpr int64_t kSm90W8LargeCodes = int64_t{1} << 27;
 constexpr int64_t kSm90MaxRows = 4096;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
@@ -65,17 +85,18 @@ void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size);
 
-// The wgmma kernel for many rows (gemm_sm90.cu): 4-bit codes, K a multiple of
-// 128, groups of 32, 64 or a multiple of 128 (group_size resolved), on a
-// compute capability 9.0 device of a build with the sm_90a pass.
+// The wgmma kernel for many rows (gemm_sm90.cuh): 4- and 8-bit codes, K a
+// multiple of 128, groups of 32, 64 or a multiple of 128 (group_size
+// resolved), on a compute capability 9.0 device of a build with the sm_90a pass.
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, int64_t w_bit, int64_t group_size);
-// Whether M rows of x against N weight rows go to the wgmma kernel where it is
-// supported (kGemmMaxRowsSm90, kGemmMaxRowsSm90Wide; up to kSm90MaxRows).
-bool sm90_preferred(int64_t M, int64_t N);
+// Whether M rows of x against an [N, K] weight of w_bit-bit codes go to the
+// wgmma kernel where it is supported (kGemmMaxRowsSm90, kGemmMaxRowsSm90Wide,
+// kGemmMaxRowsSm90W8, kGemmMaxRowsSm90W8Large; up to kSm90MaxRows).
+bool sm90_preferred(int64_t M, int64_t N, int64_t K, int64_t w_bit);
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
-                    int64_t group_size);
+                    int64_t w_bit, int64_t group_size);
 
 // W [N, K] in scales' dtype; group_size resolved.
 void dequantize_into(const at::Tensor& qweight, const at::Tensor& scales,

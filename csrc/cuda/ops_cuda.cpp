@@ -1,10 +1,11 @@
 // CUDA registrations of the mpq ops. Up to 128 rows of x go to the fused
 // kernel with x staged in shared memory (gemm.cuh) unless the wgmma kernel
-// takes them (Hopper, 4-bit codes, 17 to 4096 rows, from 9 for wide weights:
-// gemm_sm90.cu); the rest are dequantized to a temporary from PyTorch's
-// caching allocator and multiplied by cuBLAS. (The register-fed GEMV,
-// gemv.cuh, serves when forced.) No host syncs, current stream throughout, so
-// the ops capture into CUDA graphs.
+// takes them (Hopper: 4-bit codes, 17 to 4096 rows, from 9 for wide weights;
+// 8-bit codes, 9 to 4096 rows, from 5 for large weights: gemm_sm90.cuh); the
+// rest are dequantized to a temporary from PyTorch's caching allocator and
+// multiplied by cuBLAS. (The register-fed GEMV, gemv.cuh, serves when
+// forced.) No host syncs, current stream throughout, so the ops capture into
+// CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -40,7 +41,7 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
     if (kernel == MatmulKernel::Gemv) {
       gemv_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
     } else if (kernel == MatmulKernel::Sm90) {
-      gemm_sm90_cuda(x2, q, s, z, bias, y, shape.group_size);
+      gemm_sm90_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
     } else {
       gemm_cuda(x2, q, s, z, bias, y, w_bit, shape.group_size);
     }
