@@ -48,9 +48,9 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
-@pytest.mark.parametrize("w_bit", (4, 8))
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
 def test_sm90_kernel_many_tiles(w_bit, dtype, group_size, monkeypatch):
-    """The wgmma kernel (4- and 8-bit codes, Hopper) over several tiles of x rows and weight
+    """The wgmma kernel (2-, 4- and 8-bit codes, Hopper) over several tiles of x rows and weight
     rows, with ragged edges in both: few tiles and a long K (64 steps, split
     over the SMs), and many tiles in groups of x-row tiles, the last group
     partial; a last wave of tiles split over K where it would leave most SMs
@@ -198,7 +198,7 @@ def test_two_bit_one_row_late_scaling(dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (4, "sm90"), (8, "sm90")])
+@pytest.mark.parametrize("w_bit,kernel", [(4, None), (8, None), (2, "sm90"), (4, "sm90"), (8, "sm90")])
 def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     """Late scaling (groups of whole steps) sums bare codes in the MMAs and
     applies each group's scale and zero point to the sums: float16 codes as
@@ -214,7 +214,7 @@ def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
     weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     # (8-bit codes: zero points up to 255 make y overflow float16 already at
     # an offset of 16)
-    for offset in (4.0, 64.0) if w_bit == 4 else (1.0, 2.0):
+    for offset in (4.0, 64.0) if w_bit <= 4 else (1.0, 2.0):
         for M in (1, 3, 16):
             x = (make_x((M,), K, torch.float32, "cuda") + offset).to(dtype)
             check_matmul(x, weight, w_bit, group_size, None, (offset, M))
@@ -260,7 +260,7 @@ def cuda_kernels_run_by(fn):
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("group_size", (32, 64))
-@pytest.mark.parametrize("w_bit", (4, 8))
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
 def test_sm90_fine_groups_need_aligned_scales(w_bit, group_size, dtype, monkeypatch):
     """Groups of 32 and 64: the wgmma kernel reads the scales and zeros of a
     pair of steps in one 8- or 4-byte load, so it takes them only at that

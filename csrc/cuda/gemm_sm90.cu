@@ -1,5 +1,5 @@
 // Where the wgmma kernels (gemm_sm90.cuh) serve, and the entry that picks the
-// code width's instantiation (gemm_sm90_w4.cu, gemm_sm90_w8.cu).
+// code width's instantiation (gemm_sm90_w2.cu, gemm_sm90_w4.cu, gemm_sm90_w8.cu).
 #include "gemm_sm90.cuh"
 
 namespace mpq::cuda {
@@ -8,6 +8,7 @@ bool sm90_preferred(int64_t M, int64_t N, int64_t K, int64_t w_bit) {
   if (M > kSm90MaxRows) return false;
   if (w_bit == 8)
     return M > kGemmMaxRowsSm90W8 || (M > kGemmMaxRowsSm90W8Large && N * K >= kSm90W8LargeCodes);
+  if (w_bit == 2) return M > kGemmMaxRowsSm90W2;
   if (w_bit != 4) return false;
   if (M > kGemmMaxRowsSm90) return true;
   return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count();
@@ -15,7 +16,7 @@ bool sm90_preferred(int64_t M, int64_t N, int64_t K, int64_t w_bit) {
 
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, int64_t w_bit, int64_t group_size) {
-  if (!sm90::kBuilt || (w_bit != 4 && w_bit != 8)) return false;
+  if (!sm90::kBuilt || (w_bit != 2 && w_bit != 4 && w_bit != 8)) return false;
   // Groups of whole step pairs, or of 32 / 64 whose scales and zeros a block
   // reads 8 / 4 bytes at a time (gemm_sm90_kernel's FINE).
   const int64_t fine_bytes = group_size == 32 ? 8 : group_size == 64 ? 4 : 0;
@@ -48,6 +49,7 @@ bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Te
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                     int64_t w_bit, int64_t group_size) {
+  if (w_bit == 2) return gemm_sm90_w<2>(x, qweight, scales, zeros, bias, y, group_size);
   if (w_bit == 8) return gemm_sm90_w<8>(x, qweight, scales, zeros, bias, y, group_size);
   gemm_sm90_w<4>(x, qweight, scales, zeros, bias, y, group_size);
 }

@@ -1,4 +1,4 @@
-// Fused dequantize + matmul for many rows of x on Hopper (sm_90a), 4- and
+// Fused dequantize + matmul for many rows of x on Hopper (sm_90a), 2-, 4- and
 // 8-bit codes (the kernels of each width in gemm_sm90_w<W>.cu).
 //
 // The output tile is computed transposed, y^T = W x^T, so that the weights are
@@ -27,7 +27,10 @@
 // and, for float16, one byte permute over the magic 1024, one packed subtract
 // and one packed FMA (bfloat16, whose mantissa holds no 8-bit code over a
 // magic value: the float32 route of decode.cuh, two permutes, two adds and a
-// conversion per pair).
+// conversion per pair). 2-bit codes (16 per word): word j of a row's step is
+// slice j, the pairs nibble c & 1 of bytes c / 2 and 2 + c / 2: one 16-byte
+// load per row and step, then per pair a byte permute, one LOP3 and two packed
+// FMAs (dequant_crumbs).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,7 +56,7 @@ constexpr int kConsumers = 256;          // two warpgroups: decode and MMAs
 constexpr int kThreads = kConsumers + 128;  // + a warpgroup whose first thread issues the copies
 constexpr int kRowsW = 128;    // weight rows (output features) per block, 64 per warpgroup
 constexpr int kStepK = 64;     // k per step: one 128-byte swizzle row per row of x
-// Bytes of W-bit codes of one weight row per step: 32 (4-bit) or 64 (8-bit).
+// Bytes of W-bit codes of one weight row per step: 16, 32 or 64 (2-, 4-, 8-bit).
 template <int W>
 constexpr int kRowBytes = kStepK * W / 8;
 // 32-bit words of one weight row per step.
@@ -162,6 +165,25 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel, ui
     const uint32_t v = and_or(__byte_perm(word, word >> 4, sel), 0x000F000Fu, Pair<T>::kMagic);
     c = __hsub2(as_pair<V>(v), as_pair<V>(Pair<T>::kMagic));
   }
+  return as_bits(__hfma2(c, s2, nzs2));
+}
+
+// 2-bit codes: the pair (code 2i, code 2i + 1) in nibble i of a word, i = 2b
+// + n (byte b, nibble n), as a dequantized pair. `sel` puts byte b (float16)
+// in every byte, or (bfloat16) byte b of the word and of the word >> 2
+// (`shifted`) in the low and high halves; `mask` keeps code 2i at bit 4n of
+// the low half and code 2i + 1 at bit 4n + 2 (float16; bfloat16, from the
+// shifted word: 4n) of the high half, under the magic value's bits; one packed
+// FMA with `unshift` and `bias` undoes shift and magic exactly (products by
+// powers of two), a second applies scale and zero point.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_crumbs(uint32_t word, uint32_t shifted, uint32_t sel,
+                                                   uint32_t mask, uint32_t unshift, uint32_t bias,
+                                                   typename Pair<T>::type s2,
+                                                   typename Pair<T>::type nzs2) {
+  using V = typename Pair<T>::type;
+  const uint32_t v = and_or(__byte_perm(word, shifted, sel), mask, Pair<T>::kMagic);
+  const V c = __hfma2(as_pair<V>(v), as_pair<V>(unshift), as_pair<V>(bias));
   return as_bits(__hfma2(c, s2, nzs2));
 }
 
@@ -309,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
                  int M, int N, int K, tile::Groups groups, Schedule sched) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using V = typename Pair<T>::type;
-  static_assert(W == 4 || W == 8, "4- or 8-bit codes");
+  static_assert(W == 2 || W == 4 || W == 8, "2-, 4- or 8-bit codes");
   static_assert(!PERM || W == 4, "x permuted for the 4-bit codes' order");
   using L = Layout<BM, STAGES, W>;
   extern __shared__ uint8_t smem_raw[];
@@ -457,11 +479,29 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // rematerializing it every step.
     const uint32_t unshift = 0x2C003C00u + (static_cast<uint32_t>(M) >> 31);
     // The codes' rows in the stage: 32 bytes, 32-byte swizzle (16-byte chunk
-    // c ^ (row >> 2 & 1)); 8-bit: 64 bytes, 64-byte swizzle (c ^ (row >> 1 & 3)).
+    // c ^ (row >> 2 & 1)); 8-bit: 64 bytes, 64-byte swizzle (c ^ (row >> 1 &
+    // 3)); 2-bit: 16 bytes, no swizzle (8 rows' 16-byte reads fill 32 banks).
     const uint32_t w_off = L::kX + row0 * kRowBytes<W>;
-    const uint32_t w_swz = W == 4 ? ((row0 >> 2) & 1) << 4 : ((row0 >> 1) & 3) << 4;
+    const uint32_t w_swz = W == 4 ? ((row0 >> 2) & 1) << 4 : W == 8 ? ((row0 >> 1) & 3) << 4 : 0;
     // 8-bit: which half of a word this lane's pairs are (dequant_bytes8)
     const uint32_t sel8 = std::is_same_v<T, __half> ? 0x4140u + 0x0202u * (c & 1) : 2u * (c & 1);
+    // 2-bit: this lane's pairs are nibble c & 1 of bytes c / 2 (codes 2c, 2c+1)
+    // and 2 + c / 2 (2c+8, 2c+9) of a slice's word (dequant_crumbs).
+    constexpr bool kHalf = std::is_same_v<T, __half>;
+    const int n4 = 4 * (c & 1);
+    const uint32_t mask2 = (3u << n4) | (3u << (16 + n4 + (kHalf ? 2 : 0)));
+    const uint32_t unshift2 =
+        kHalf ? as_bits(__floats2half2_rn(1.f / float(1 << n4), 1.f / float(4 << n4)))
+              : as_bits(__floats2bfloat162_rn(1.f / float(1 << n4), 1.f / float(1 << n4)));
+    const uint32_t bias2 =
+        kHalf ? as_bits(__floats2half2_rn(-1024.f / float(1 << n4), -1024.f / float(4 << n4)))
+              : as_bits(__floats2bfloat162_rn(-128.f / float(1 << n4), -128.f / float(1 << n4)));
+    uint32_t sel2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t b = 2 * h + (c >> 1);
+      sel2[h] = kHalf ? 0x1111u * b : b | ((4u + b) << 8);
+    }
 
     // Scale and zero of each row for a unit of two steps, read D units ahead
     // into a ring of D slots: they come from memory, not through the stage
@@ -584,6 +624,23 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
               frag[B][j][r] = dequant_nibbles<T, false>(src, s2, nzs2);
               frag[B][j][2 + r] = dequant_nibbles<T, true>(src, s2, nzs2);
             }
+          }
+        }
+      } else if constexpr (W == 2) {
+        // Word j of a row's 16 bytes is slice j: one 16-byte load per row.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint4 v = tile::lds128(base + w_off + r * 8 * kRowBytes<W>);
+          const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const V s2 = pair_of(sz[S][r][0], B, j / 2);
+            const V nzs2 = neg_zero_scale(s2, pair_of(sz[S][r][1], B, j / 2));
+            const uint32_t shifted = kHalf ? 0u : words[j] >> 2;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              frag[B][j][2 * h + r] = dequant_crumbs<T>(words[j], shifted, sel2[h], mask2,
+                                                        unshift2, bias2, s2, nzs2);
           }
         }
       } else if constexpr (W == 8) {
@@ -895,7 +952,9 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       2, M, K, BM, kStepK, CU_TENSOR_MAP_SWIZZLE_128B);
   const auto w_map = tensor_map(qweight.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, N,
                                 K / (32 / W), kRowsW, kRowWords<W>,
-                                W == 4 ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B);
+                                W == 2   ? CU_TENSOR_MAP_SWIZZLE_NONE
+                                : W == 4 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                         : CU_TENSOR_MAP_SWIZZLE_64B);
   // Split K when the tiles leave at least half the SMs idle (one block per
   // SM), e.g. few rows of x against a long, narrow weight; steps are split in
   // pairs. (Filling the last few SMs by splitting costs more in partial sums
@@ -1157,6 +1216,7 @@ void gemm_sm90_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   template void gemm_sm90_w<W>(const at::Tensor&, const at::Tensor&, const at::Tensor&,      \
                                const at::Tensor&, const std::optional<at::Tensor>&,          \
                                at::Tensor&, int64_t)
+extern MPQ_GEMM_SM90_WIDTH(2);
 extern MPQ_GEMM_SM90_WIDTH(4);
 extern MPQ_GEMM_SM90_WIDTH(8);
 

@@ -59,6 +59,13 @@ constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the
 constexpr int64_t kGemmMaxRowsSm90W8 = 8;
 constexpr int64_t kGemmMaxRowsSm90W8Large = 4;
 constexpr int64_t kSm90W8LargeCodes = int64_t{1} << 27;
+// 2-bit codes: the wgmma kernel from 17 rows. H200, w2 g128, medians of two
+// alternating rounds, staged or dequantize + cuBLAS / wgmma (us;
+// scripts/results/ab_h200_sm90_w2.log): float16 (8192, 28672) M = 16 59.6 /
+// 59.2, M = 32 80.7 / 67.1, M = 64 153.5 / 80.8, M = 256 332.7 / 190.6;
+// (4096, 14336) M = 16 21.5 / 23.2, M = 256 88.0 / 49.4; bfloat16 (8192,
+// 28672) M = 64 155.6 / 84.2.
+constexpr int64_t kGemmMaxRowsSm90W2 = 16;
 constexpr int64_t kSm90MaxRows = 4096;
 
 enum class MatmulKernel { Gemv, Gemm, Sm90, Dequantize };
@@ -85,14 +92,15 @@ void gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t w_bit, int64_t group_size);
 
-// The wgmma kernel for many rows (gemm_sm90.cuh): 4- and 8-bit codes, K a
+// The wgmma kernel for many rows (gemm_sm90.cuh): 2-, 4- and 8-bit codes, K a
 // multiple of 128, groups of 32, 64 or a multiple of 128 (group_size
 // resolved), on a compute capability 9.0 device of a build with the sm_90a pass.
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, int64_t w_bit, int64_t group_size);
 // Whether M rows of x against an [N, K] weight of w_bit-bit codes go to the
 // wgmma kernel where it is supported (kGemmMaxRowsSm90, kGemmMaxRowsSm90Wide,
-// kGemmMaxRowsSm90W8, kGemmMaxRowsSm90W8Large; up to kSm90MaxRows).
+// kGemmMaxRowsSm90W8, kGemmMaxRowsSm90W8Large, kGemmMaxRowsSm90W2; up to
+// kSm90MaxRows).
 bool sm90_preferred(int64_t M, int64_t N, int64_t K, int64_t w_bit);
 void gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,

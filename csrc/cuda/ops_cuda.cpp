@@ -1,11 +1,11 @@
 // CUDA registrations of the mpq ops. Up to 128 rows of x go to the fused
 // kernel with x staged in shared memory (gemm.cuh) unless the wgmma kernel
 // takes them (Hopper: 4-bit codes, 17 to 4096 rows, from 9 for wide weights;
-// 8-bit codes, 9 to 4096 rows, from 5 for large weights: gemm_sm90.cuh); the
-// rest are dequantized to a temporary from PyTorch's caching allocator and
-// multiplied by cuBLAS. (The register-fed GEMV, gemv.cuh, serves when
-// forced.) No host syncs, current stream throughout, so the ops capture into
-// CUDA graphs.
+// 8-bit codes, 9 to 4096 rows, from 5 for large weights; 2-bit codes, 17 to
+// 4096 rows: gemm_sm90.cuh); the rest are dequantized to a temporary from
+// PyTorch's caching allocator and multiplied by cuBLAS. (The register-fed
+// GEMV, gemv.cuh, serves when forced.) No host syncs, current stream
+// throughout, so the ops capture into CUDA graphs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
