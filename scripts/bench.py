@@ -1,7 +1,7 @@
 """Benchmark of mpq::matmul on the GPU against the anchors, in one run.
 
 For each (K, N) and M: cuBLAS fp16 F.linear, mpq w4 g128 (and w2/w8 at small
-M), PyTorch's int4 kernel aten._weight_int4pack_mm (bf16, g128) and a
+M, at every M with --all-widths), PyTorch's int4 kernel aten._weight_int4pack_mm (bf16, g128) and a
 pure-PyTorch dequantize + matmul under torch.compile. Times are medians of
 triton.testing.do_bench (L2 flushed between runs). "floor" is the kernel's
 compulsory bytes (packed weights, scales, zeros, x, y) over the measured
@@ -15,7 +15,7 @@ where the bytes fit L2 a kernel may come in under it).
 g128 to fp16, or --deq-dtype bf16/fp32): its bytes (codes, scales and zeros
 read, the weight written) over the copy bandwidth, against its time.
 
-    python scripts/bench.py --out bench.json [--quick] [--clean-l2]
+    python scripts/bench.py --out bench.json [--quick] [--clean-l2] [--all-widths]
 """
 import argparse
 import json
@@ -167,6 +167,8 @@ def main():
     ap.add_argument("--clean-l2", action="store_true",
                     help="for M <= 16 also time fp16, mpq and int4pack with L2 emptied by a "
                          "read instead of do_bench's zero-fill (bench_clean_l2)")
+    ap.add_argument("--all-widths", action="store_true",
+                    help="time w2 and w8 at every M (default: at M <= 16 only, w4 at every M)")
     ap.add_argument("--kernels", default=None,
                     help="also time each CUDA path forced, e.g. gemv,gemm,dequantize "
                          "(MPQ_OPS_CUDA_KERNEL; a path that cannot serve M falls back)")
@@ -201,7 +203,7 @@ def main():
                 compiled(x, qw4.qweight, qw4.scales, qw4.zeros)
                 torch.cuda.synchronize()
             row["fp16_us"] = float("nan") if args.mpq_only else bench(lambda: F.linear(x, lin_w))
-            bits = (2, 4, 8) if M <= 16 else (4,)
+            bits = (2, 4, 8) if M <= 16 or args.all_widths else (4,)
             for b in bits:
                 qw = weights[b]
                 t = bench(lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
