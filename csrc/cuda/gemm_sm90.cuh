@@ -1148,6 +1148,9 @@ void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
   launch<W, T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
 }
 
+// The tile, stage and split rules below and in launch() were measured with
+// 4-bit codes; the 2- and 8-bit kernels take them as they are (their
+// figures against the other paths: kernels.h).
 template <int W, typename T>
 void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
