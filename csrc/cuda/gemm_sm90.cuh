@@ -473,7 +473,8 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
       segment(pb0, pe);  // the first segment's origin (pb0 < pb1: the host's shares)
     }
     const int n_a = min(n0 + row0, N - 1), n_b = min(n0 + row0 + 8, N - 1);
-    const uint32_t sel = std::is_same_v<T, __half> ? 0x1111u * c : c | ((4u + c) << 8);
+    constexpr bool kHalf = std::is_same_v<T, __half>;
+    const uint32_t sel = kHalf ? 0x1111u * c : c | ((4u + c) << 8);
     // (1, 1/16) as halves for dequant_byte, made from M (>= 0, so its top bit
     // adds nothing) so that the compiler keeps it in a register instead of
     // rematerializing it every step.
@@ -484,10 +485,9 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     const uint32_t w_off = L::kX + row0 * kRowBytes<W>;
     const uint32_t w_swz = W == 4 ? ((row0 >> 2) & 1) << 4 : W == 8 ? ((row0 >> 1) & 3) << 4 : 0;
     // 8-bit: which half of a word this lane's pairs are (dequant_bytes8)
-    const uint32_t sel8 = std::is_same_v<T, __half> ? 0x4140u + 0x0202u * (c & 1) : 2u * (c & 1);
+    const uint32_t sel8 = kHalf ? 0x4140u + 0x0202u * (c & 1) : 2u * (c & 1);
     // 2-bit: this lane's pairs are nibble c & 1 of bytes c / 2 (codes 2c, 2c+1)
     // and 2 + c / 2 (2c+8, 2c+9) of a slice's word (dequant_crumbs).
-    constexpr bool kHalf = std::is_same_v<T, __half>;
     const int n4 = 4 * (c & 1);
     const uint32_t mask2 = (3u << n4) | (3u << (16 + n4 + (kHalf ? 2 : 0)));
     const uint32_t unshift2 =
