@@ -1138,13 +1138,28 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // The launch for one BM-row tile of x (up to 64 rows): two blocks per SM
 // where the weight tiles exceed one wave of single blocks, else one block of
 // 12 stages (launch_for_rows says why).
+// 8-bit codes in 64-row tiles keep 4 stages per block rather than 6: under
+// Nsight Compute the 6-stage kernel (float16, (8192, 28672), M = 64) spent
+// 38% of its warps' stall samples on long-scoreboard waits, its busiest
+// instruction (9% of the samples) the first use of a unit's scales and zeros
+// (loaded three steps ahead), with DRAM at 49% of its peak; fewer copies in
+// flight ran faster. H200, g128 unless said, medians of three alternating
+// rounds, 6 / 4 / 3 / 5 stages (us): float16 (8192, 28672) M = 64 107.9 /
+// 99.4 / 102.5 / 102.6, M = 57 108.6 / 99.0 / 102.1 / 100.9, g64 111.7 /
+// 103.3 / 106.5 / 105.4, g32 113.2 / 106.0 / 108.0 / 107.9, bfloat16 112.8 /
+// 105.8 / 108.1 / 108.9; (4096, 28672) M = 64 49.3 / 49.3 / 54.2 / 48.5.
+// 32-row tiles stay at 6: float16 (8192, 28672) M = 32 82.5 / 83.8 / 89.8 /
+// 83.0, M = 24 80.7 / 82.4 / 89.6 / 81.0, bfloat16 M = 32 91.4 / 92.6 / 98.0
+// / 91.3. 4-bit codes measured level at 4 (M = 64 83.2 -> 83.0).
 template <int W, typename T, int BM>
 void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
                             const std::optional<at::Tensor>& bias, at::Tensor& y,
                             int64_t group_size) {
+  constexpr int kTwoBlockStages = W == 8 && BM == 64 ? 4 : 6;
   if (weight_tiles(qweight.size(0)) > tile::sm_count())
-    return launch<W, T, BM, 6, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+    return launch<W, T, BM, kTwoBlockStages, 2, 2>(x, qweight, scales, zeros, bias, y,
+                                                   group_size);
   launch<W, T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
 }
 
