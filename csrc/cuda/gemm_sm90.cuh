@@ -1002,7 +1002,8 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // 92.8, bfloat16 M = 64 91.4 -> 99.9.
     const int pass_steps = 2 * D, steps = K / kStepK;
     const long passes = tiles * (steps / pass_steps);
-    stream_k = BM == 16 && BLOCKS == 2 && tiles % sms != 0 && passes >= sms &&
+    // (8-bit codes: no stream-K, launch_one_tile says why.)
+    stream_k = W != 8 && BM == 16 && BLOCKS == 2 && tiles % sms != 0 && passes >= sms &&
                steps % pass_steps == 0 && 2 * (passes / sms) >= steps / pass_steps - 1;
   } else if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
@@ -1049,7 +1050,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   constexpr bool P = W == 4 && std::is_same_v<T, __nv_bfloat16> && BM <= 32;
   auto* kernel = fine ? gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, true, false, P>
                       : gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, false, false, P>;
-  if constexpr (BM == 16 && BLOCKS == 2) {
+  if constexpr (W != 8 && BM == 16 && BLOCKS == 2) {
     if (stream_k)
       kernel = fine ? gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, true, false, P, true>
                     : gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, false, false, P, true>;
@@ -1150,16 +1151,26 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // 105.8 / 108.1 / 108.9; (4096, 28672) M = 64 49.3 / 49.3 / 54.2 / 48.5.
 // 32-row tiles stay at 6: float16 (8192, 28672) M = 32 82.5 / 83.8 / 89.8 /
 // 83.0, M = 24 80.7 / 82.4 / 89.6 / 81.0, bfloat16 M = 32 91.4 / 92.6 / 98.0
-// / 91.3. 4-bit codes measured level at 4 (M = 64 83.2 -> 83.0).
+// / 91.3; 48-row tiles take 5, float16 6 / 4 / 5 stages, M = 48 92.9 / 90.8 /
+// 89.6, M = 40 91.9 / 89.2 / 89.0. 4-bit codes measured level at 4 (M = 64
+// 83.2 -> 83.0), 2-bit ones level or slower at 4 or 8 (M = 64 82.0 / 81.8 /
+// 83.6, M = 32 67.0 / 68.1 / 66.1).
+// 8-bit codes in 16-row tiles read scales and zeros three units ahead rather
+// than two, and run without stream-K (whole tiles where they fill 3/4 of the
+// slots, as wider tiles do): float16, two / three units (us), (8192, 28672)
+// M = 16 80.8 / 76.5, M = 12 80.1 / 77.0, (4096, 28672) M = 16 50.0 / 44.4.
+// Three units for 2-bit codes in 32- or 64-row tiles measured slower (M = 64
+// 82.0 -> 83.8, M = 32 67.0 -> 68.2). (scripts/results/ab_h200_sm90_w8_*.)
 template <int W, typename T, int BM>
 void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
                             const std::optional<at::Tensor>& bias, at::Tensor& y,
                             int64_t group_size) {
-  constexpr int kTwoBlockStages = W == 8 && BM == 64 ? 4 : 6;
+  constexpr int kTwoBlockStages = W != 8 ? 6 : BM == 64 ? 4 : BM == 48 ? 5 : 6;
+  constexpr int kTwoBlockUnits = W == 8 && BM == 16 ? 3 : 2;
   if (weight_tiles(qweight.size(0)) > tile::sm_count())
-    return launch<W, T, BM, kTwoBlockStages, 2, 2>(x, qweight, scales, zeros, bias, y,
-                                                   group_size);
+    return launch<W, T, BM, kTwoBlockStages, kTwoBlockUnits, 2>(x, qweight, scales, zeros, bias,
+                                                               y, group_size);
   launch<W, T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
 }
 
