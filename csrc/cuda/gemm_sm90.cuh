@@ -1158,7 +1158,11 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // 8-bit codes in 16-row tiles read scales and zeros three units ahead rather
 // than two, and run without stream-K (whole tiles where they fill 3/4 of the
 // slots, as wider tiles do): float16, two / three units (us), (8192, 28672)
-// M = 16 80.8 / 76.5, M = 12 80.1 / 77.0, (4096, 28672) M = 16 50.0 / 44.4.
+// M = 16 80.8 / 76.5, M = 12 80.1 / 77.0, (4096, 28672) M = 16 50.0 / 44.4;
+// g64 84.2 / 80.3, g32 87.5 / 84.1. bfloat16 (whose decode goes through
+// float32) is mixed: (8192, 28672) M = 16 83.6 / 85.0, M = 12 82.5 / 84.9,
+// (4096, 28672) M = 16 51.3 / 47.8 (and 48-row tiles at 5 stages, M = 48
+// 96.7 -> 94.7); it takes the same rule.
 // Three units for 2-bit codes in 32- or 64-row tiles measured slower (M = 64
 // 82.0 -> 83.8, M = 32 67.0 -> 68.2). (scripts/results/ab_h200_sm90_w8_*.)
 template <int W, typename T, int BM>
