@@ -70,8 +70,10 @@ def test_sm90_kernel_many_tiles(w_bit, dtype, group_size, monkeypatch):
     rows, 235 weight tiles) and split by the wave rule (24 rows, 133 tiles,
     K = 1024: 1 split; 45 rows, 40 tiles, K = 4096: 3 splits), and 16 rows
     against 224 weight tiles, which on 132 SMs run stream-K over the 264
-    slots (K = 1024 and 8192). Elsewhere the dispatch falls back and the same
-    checks hold."""
+    slots (K = 1024 and 8192; 8-bit codes whole tiles, their scales three
+    units ahead; with 8-bit codes 50 rows against 133 weight tiles take the
+    4-stage ring, 40 rows against 235 the 5-stage one). Elsewhere the
+    dispatch falls back and the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
