@@ -42,7 +42,7 @@ bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Te
          x.size(1) % (2 * sm90::kStepK) == 0 && x.size(0) < (int64_t{1} << 30) &&
          qweight.size(0) < (int64_t{1} << 30) && aligned16(x) && aligned16(qweight) &&
          // scales' and zeros' offsets in 32 bits: [N, K / group] elements with
-         // groups of 32 or more, at most qweight's elements / 4
+         // groups of 32 or more, at most half qweight's elements (2-bit codes)
          qweight.numel() < (int64_t{1} << 33);
 }
 

@@ -986,6 +986,9 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // Groups of 32 or 64 (else whole step pairs: sm90_supported).
   const bool fine = group_size < 2 * kStepK;
   bool stream_k = false;  // (gemm_sm90_kernel's SK)
+  // Which launches may run stream-K: 16-row tiles, two blocks per SM, not for
+  // 8-bit codes (launch_one_tile says why).
+  constexpr bool kMayStreamK = W != 8 && BM == 16 && BLOCKS == 2;
   if (n_count > 0) {
     // a wide launch's narrow tail: whole tiles, no splits
   } else if (BM < 64 && 4 * tiles >= 3 * sms) {
@@ -1002,8 +1005,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // 92.8, bfloat16 M = 64 91.4 -> 99.9.
     const int pass_steps = 2 * D, steps = K / kStepK;
     const long passes = tiles * (steps / pass_steps);
-    // (8-bit codes: no stream-K, launch_one_tile says why.)
-    stream_k = W != 8 && BM == 16 && BLOCKS == 2 && tiles % sms != 0 && passes >= sms &&
+    stream_k = kMayStreamK && tiles % sms != 0 && passes >= sms &&
                steps % pass_steps == 0 && 2 * (passes / sms) >= steps / pass_steps - 1;
   } else if (BM <= 64) {
     const long bound = 2 * tiles <= sms ? 8 : std::clamp<long>(K / (64L * M), 1, 8);
@@ -1050,7 +1052,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   constexpr bool P = W == 4 && std::is_same_v<T, __nv_bfloat16> && BM <= 32;
   auto* kernel = fine ? gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, true, false, P>
                       : gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, false, false, P>;
-  if constexpr (W != 8 && BM == 16 && BLOCKS == 2) {
+  if constexpr (kMayStreamK) {
     if (stream_k)
       kernel = fine ? gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, true, false, P, true>
                     : gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, false, false, P, true>;
@@ -1180,7 +1182,8 @@ void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
 
 // The tile, stage and split rules below and in launch() were measured with
 // 4-bit codes; the 2- and 8-bit kernels take them as they are (their
-// figures against the other paths: kernels.h).
+// figures against the other paths: kernels.h), but for 8-bit codes' stages,
+// units and stream-K where two blocks share an SM (launch_one_tile).
 template <int W, typename T>
 void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
