@@ -71,9 +71,10 @@ def test_sm90_kernel_many_tiles(w_bit, dtype, group_size, monkeypatch):
     K = 1024: 1 split; 45 rows, 40 tiles, K = 4096: 3 splits), and 16 rows
     against 224 weight tiles, which on 132 SMs run stream-K over the 264
     slots (K = 1024 and 8192; 8-bit codes whole tiles, their scales three
-    units ahead; with 8-bit codes 50 rows against 133 weight tiles take the
-    4-stage ring, 40 rows against 235 the 5-stage one). Elsewhere the
-    dispatch falls back and the same checks hold."""
+    units ahead), 30 and 64 rows against them whole tiles (with 8-bit codes
+    these 64 rows and 50 against 133 weight tiles take the 4-stage ring, 40
+    rows against 235 the 5-stage one). Elsewhere the dispatch falls back and
+    the same checks hold."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
     for M, N, K, with_bias in ((128, 128, 4096, False), (383, 300, 4096, True),
                                (1000, 1152, 4096, True), (2600, 8448, 512, True),
@@ -85,7 +86,8 @@ def test_sm90_kernel_many_tiles(w_bit, dtype, group_size, monkeypatch):
                                (50, 17000, 1024, True), (13, 30000, 512, False),
                                (24, 17000, 1024, True), (40, 30000, 512, False),
                                (45, 5000, 4096, True),
-                               (16, 28672, 1024, True), (16, 28672, 8192, False)):
+                               (16, 28672, 1024, True), (16, 28672, 8192, False),
+                               (30, 28672, 1024, False), (64, 28672, 1024, True)):
         weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
         x = make_x((M,), K, dtype, "cuda")

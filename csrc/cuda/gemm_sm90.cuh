@@ -1003,6 +1003,23 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // block per SM, (4096, 14336) M = 16 (112 tiles on 132) 23.7 -> 25.6;
     // 64-row tiles (224 on 264 slots), M = 64 85.7 -> 95.1, M = 56 86.0 ->
     // 92.8, bfloat16 M = 64 91.4 -> 99.9.
+    // Nor with the parts added in the kernel instead of tile::finish_split
+    // (each later part of a tile in its block's own slot of float32 sums
+    // behind a flag, the tile's owner adding them and writing y: only split
+    // parts through memory, no second kernel), although the idle slots cost:
+    // 264 tiles take little longer than 224 (w4 (8192, 33792) against
+    // (8192, 28672), M = 16 66.6 / 63.7 us, M = 32 71.8 / 70.1, M = 64 91.0
+    // / 83.5). H200, float16 g128 (8192, 28672), medians of three
+    // alternating rounds, whole tiles / that stream-K (us): w4 M = 16 65.1 /
+    // 63.4 (this one 63.7 in the same session), M = 32 69.5 / 69.2, M = 48
+    // 76.1 / 76.6, M = 64 84.0 / 86.4 ((4096, 28672) 44.6 / 47.7; bfloat16
+    // 90.0 / 89.0, g64 90.0 / 88.8); w2 M = 32 67.5 / 65.5, M = 64 81.4 /
+    // 78.7; w8 M = 32 80.8 / 87.1, M = 64 98.0 / 100.8. (Its first form, one
+    // loop over a block's segments around the steps, had ptxas keep the ring
+    // position and wgmma descriptors out of the uniform registers, an R2UR
+    // before every wgmma: per step 11-17% slower than these kernels, M = 16
+    // 72.2 against 65.0 us on a grid of whole tiles.)
+    // (scripts/results/ab_h200_sm90_stream_k_wide.)
     const int pass_steps = 2 * D, steps = K / kStepK;
     const long passes = tiles * (steps / pass_steps);
     stream_k = kMayStreamK && tiles % sms != 0 && passes >= sms &&
