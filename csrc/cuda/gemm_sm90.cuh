@@ -1184,6 +1184,14 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // 96.7 -> 94.7); it takes the same rule.
 // Three units for 2-bit codes in 32- or 64-row tiles measured slower (M = 64
 // 82.0 -> 83.8, M = 32 67.0 -> 68.2). (scripts/results/ab_h200_sm90_w8_*.)
+// One block per SM, 8-bit codes keep the 4-bit rule (12 stages, four units):
+// 8 stages ran faster only where K is long or the weight small, slower on
+// the widest one-block weights, and three units slower everywhere. H200,
+// float16 g128 unless said, 12 / 8 stages / three units (us): (4096, 14336)
+// M = 16 27.4 / 28.1 / 28.5, M = 12 27.6 / 29.1 / 28.7, M = 64 29.3 / 29.9 /
+// 30.1, bfloat16 M = 16 28.5 / 29.2 / 30.2, g64 29.2 / 28.6 / 30.9; (14336,
+// 4096) M = 16 29.7 / 29.2 / 30.3, M = 64 32.9 / 32.2 / 33.9; (4096, 4096)
+// M = 16 17.4 / 16.4 / 17.9.
 template <int W, typename T, int BM>
 void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
