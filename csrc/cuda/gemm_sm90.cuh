@@ -1011,7 +1011,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // (8192, 28672), M = 16 66.6 / 63.7 us, M = 32 71.8 / 70.1, M = 64 91.0
     // / 83.5). H200, float16 g128 (8192, 28672), medians of three
     // alternating rounds, whole tiles / that stream-K (us): w4 M = 16 65.1 /
-    // 63.4 (this one 63.7 in the same session), M = 32 69.5 / 69.2, M = 48
+    // 63.4 (the landed stream-K 63.7 in a run of that session), M = 32 69.5 / 69.2, M = 48
     // 76.1 / 76.6, M = 64 84.0 / 86.4 ((4096, 28672) 44.6 / 47.7; bfloat16
     // 90.0 / 89.0, g64 90.0 / 88.8); w2 M = 32 67.5 / 65.5, M = 64 81.4 /
     // 78.7; w8 M = 32 80.8 / 87.1, M = 64 98.0 / 100.8. (Its first form, one
