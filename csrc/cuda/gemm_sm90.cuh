@@ -1157,7 +1157,7 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 
 // The launch for one BM-row tile of x (up to 64 rows): two blocks per SM
 // where the weight tiles exceed one wave of single blocks, else one block of
-// 12 stages (launch_for_rows says why).
+// 12 stages (launch_for_rows says why; 8-bit codes: below).
 // 8-bit codes in 64-row tiles keep 4 stages per block rather than 6: under
 // Nsight Compute the 6-stage kernel (float16, (8192, 28672), M = 64) spent
 // 38% of its warps' stall samples on long-scoreboard waits, its busiest
@@ -1184,14 +1184,21 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // 96.7 -> 94.7); it takes the same rule.
 // Three units for 2-bit codes in 32- or 64-row tiles measured slower (M = 64
 // 82.0 -> 83.8, M = 32 67.0 -> 68.2). (scripts/results/ab_h200_sm90_w8_*.)
-// One block per SM, 8-bit codes keep the 4-bit rule (12 stages, four units):
-// 8 stages ran faster only where K is long or the weight small, slower on
-// the widest one-block weights, and three units slower everywhere. H200,
-// float16 g128 unless said, 12 / 8 stages / three units (us): (4096, 14336)
-// M = 16 27.4 / 28.1 / 28.5, M = 12 27.6 / 29.1 / 28.7, M = 64 29.3 / 29.9 /
-// 30.1, bfloat16 M = 16 28.5 / 29.2 / 30.2, g64 29.2 / 28.6 / 30.9; (14336,
-// 4096) M = 16 29.7 / 29.2 / 30.3, M = 64 32.9 / 32.2 / 33.9; (4096, 4096)
-// M = 16 17.4 / 16.4 / 17.9.
+// One block per SM, 8-bit codes in 16- or 64-row tiles take 8 stages rather
+// than 12 where the weight tiles are at most half the SMs (K split: shorter
+// blocks, whose ring fills are more of their time), and the 4-bit rule
+// elsewhere; scales three units ahead measured slower everywhere. H200,
+// float16 g128 unless said, 12 / 8 stages / three units, medians of three
+// alternating rounds (us): (14336, 4096) M = 16 29.7 / 29.2 / 30.3, M = 64
+// 32.9 / 32.2 / 33.9; (4096, 4096) M = 16 17.4 / 16.4 / 17.9; but (4096,
+// 14336), 112 tiles, M = 16 27.4 / 28.1 / 28.5, M = 12 27.6 / 29.1 / 28.7,
+// M = 64 29.3 / 29.9 / 30.1, bfloat16 M = 16 28.5 / 29.2 / 30.2, g64 29.2 /
+// 28.6 / 30.9. Again in another run, 12 / 8 stages where K is split: (14336,
+// 4096) M = 16 29.8 / 29.5, M = 64 32.8 / 31.9; (4096, 4096) M = 16 14.9 /
+// 14.4; (28672, 8192) M = 64 88.0 / 87.6. 4-bit codes level or slower so
+// (M = 64 at (14336, 4096) 27.7 / 28.5, at (28672, 8192) 77.5 / 78.6, g64
+// M = 32 25.2 / 27.0), 2-bit codes level (M = 32 24.2 / 24.2).
+// (scripts/results/ab_h200_sm90_w8_one_block, ab_h200_sm90_one_block_split.)
 template <int W, typename T, int BM>
 void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
@@ -1202,6 +1209,10 @@ void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
   if (weight_tiles(qweight.size(0)) > tile::sm_count())
     return launch<W, T, BM, kTwoBlockStages, kTwoBlockUnits, 2>(x, qweight, scales, zeros, bias,
                                                                y, group_size);
+  if constexpr (W == 8 && (BM == 16 || BM == 64)) {
+    if (2 * weight_tiles(qweight.size(0)) <= tile::sm_count())
+      return launch<W, T, BM, 8, 4>(x, qweight, scales, zeros, bias, y, group_size);
+  }
   launch<W, T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
 }
 
