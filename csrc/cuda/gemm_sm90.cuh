@@ -1219,8 +1219,8 @@ void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
 // The tile, stage and split rules below and in launch() were measured with
 // 4-bit codes; the 2- and 8-bit kernels take them as they are (their
 // figures against the other paths: kernels.h), but for 8-bit codes' stages,
-// units and stream-K where two blocks share an SM (launch_one_tile, which
-// also has the one-block rule measured for them).
+// units and stream-K where two blocks share an SM, and their stages with one
+// block per SM where K is split (launch_one_tile).
 template <int W, typename T>
 void launch_for_rows(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& zeros,
