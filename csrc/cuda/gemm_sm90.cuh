@@ -1011,14 +1011,14 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // (8192, 28672), M = 16 66.6 / 63.7 us, M = 32 71.8 / 70.1, M = 64 91.0
     // / 83.5). H200, float16 g128 (8192, 28672), medians of three
     // alternating rounds, whole tiles / that stream-K (us): w4 M = 16 65.1 /
-    // 63.4 (the landed stream-K 63.7 in a run of that session), M = 32 69.5 / 69.2, M = 48
-    // 76.1 / 76.6, M = 64 84.0 / 86.4 ((4096, 28672) 44.6 / 47.7; bfloat16
-    // 90.0 / 89.0, g64 90.0 / 88.8); w2 M = 32 67.5 / 65.5, M = 64 81.4 /
-    // 78.7; w8 M = 32 80.8 / 87.1, M = 64 98.0 / 100.8. (Its first form, one
-    // loop over a block's segments around the steps, had ptxas keep the ring
-    // position and wgmma descriptors out of the uniform registers, an R2UR
-    // before every wgmma: per step 11-17% slower than these kernels, M = 16
-    // 72.2 against 65.0 us on a grid of whole tiles.)
+    // 63.4 (the landed stream-K 63.7 in a run of that session), M = 32 69.5
+    // / 69.2, M = 48 76.1 / 76.6, M = 64 84.0 / 86.4 ((4096, 28672) 44.6 /
+    // 47.7; bfloat16 90.0 / 89.0, g64 90.0 / 88.8); w2 M = 32 67.5 / 65.5,
+    // M = 64 81.4 / 78.7; w8 M = 32 80.8 / 87.1, M = 64 98.0 / 100.8. (Its
+    // first form, one loop over a block's segments around the steps, had
+    // ptxas keep the ring position and wgmma descriptors out of the uniform
+    // registers, an R2UR before every wgmma: per step 11-17% slower than
+    // these kernels, M = 16 72.2 against 65.0 us on a grid of whole tiles.)
     // (scripts/results/ab_h200_sm90_stream_k_wide.)
     const int pass_steps = 2 * D, steps = K / kStepK;
     const long passes = tiles * (steps / pass_steps);
@@ -1206,11 +1206,12 @@ void launch_one_tile(const at::Tensor& x, const at::Tensor& qweight,
                             int64_t group_size) {
   constexpr int kTwoBlockStages = W != 8 ? 6 : BM == 64 ? 4 : BM == 48 ? 5 : 6;
   constexpr int kTwoBlockUnits = W == 8 && BM == 16 ? 3 : 2;
-  if (weight_tiles(qweight.size(0)) > tile::sm_count())
+  const int64_t tiles = weight_tiles(qweight.size(0));
+  if (tiles > tile::sm_count())
     return launch<W, T, BM, kTwoBlockStages, kTwoBlockUnits, 2>(x, qweight, scales, zeros, bias,
                                                                y, group_size);
   if constexpr (W == 8 && (BM == 16 || BM == 64)) {
-    if (2 * weight_tiles(qweight.size(0)) <= tile::sm_count())
+    if (2 * tiles <= tile::sm_count())
       return launch<W, T, BM, 8, 4>(x, qweight, scales, zeros, bias, y, group_size);
   }
   launch<W, T, BM, 12, 4>(x, qweight, scales, zeros, bias, y, group_size);
