@@ -1066,6 +1066,18 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // fewer instructions per step, yet slower: H200, (4096, 14336), medians of
   // three alternating rounds (us), float16 M = 16 23.6 -> 25.3, M = 12 23.6 ->
   // 25.3, bfloat16 M = 16 24.7 -> 25.4.)
+  // (What any cheaper decode could buy, bounded with outputs wrong on purpose:
+  // the byte permute dropped, each word used as it lands (a LOP3 and two
+  // packed FMAs per pair, as a weight layout prepared for this kernel would
+  // allow), and one LOP3 per pair with nothing else (late scaling on such a
+  // layout, before its own costs). H200, float16 w4 g128, medians of three
+  // alternating rounds, landed / no permute / one LOP3 (us): (8192, 28672)
+  // M = 16 63.4 / 61.1 / 57.3, M = 64 83.9 / 77.4 / 68.4; (28672, 8192)
+  // M = 64 78.0 / 73.4 / 65.8; (4096, 14336) M = 16 23.0 / 22.0 / 21.0,
+  // M = 64 26.2 / 25.7 / 23.5 (scripts/results/ab_h200_sm90_decode_bounds).
+  // A second layout would have to be read by every other path as well (the
+  // one-row kernels, dequantize) or double the weights' memory: not for the
+  // 2-8% that dropping the permute bought.)
   constexpr bool P = W == 4 && std::is_same_v<T, __nv_bfloat16> && BM <= 32;
   auto* kernel = fine ? gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, true, false, P>
                       : gemm_sm90_kernel<W, T, BM, STAGES, D, BLOCKS, false, false, P>;
