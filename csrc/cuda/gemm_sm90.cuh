@@ -395,7 +395,10 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   // cp.async.bulk.prefetch.tensor was much slower, H200 float16 w4 g128
   // (8192, 28672), none / 8 / 16 / 32 steps ahead (us): M = 16 64.5 / 96.4 /
   // 95.1 / 91.2, bfloat16 67.4 / 96.0 / 95.1 / 92.0, M = 64 84.3 / 107.5 /
-  // 108.2 / 107.5, M = 256 195.6 / 199.2 / 198.4 / 199.3.)
+  // 108.2 / 107.5, M = 256 195.6 / 199.2 / 198.4 / 199.3. So was one box of
+  // each row's next 512 bytes or 1 KB, once per as many bytes, none / 512 /
+  // 1 KB: M = 16 64.4 / 75.3 / 76.4, M = 64 85.2 / 92.3 / 100.8 (us;
+  // scripts/results/ab_h200_sm90_ablations_m16_m64).)
   auto load_stage = [&](int i, int kt) {  // i: this block's step index, kt: the tile's step
     const int s = i % STAGES;
     const uint32_t base = smem + s * L::kStage, bar = full + 8 * s;
@@ -1185,7 +1188,8 @@ inline bool prefer_64_row_tiles(int64_t M, int64_t N, int K) {
 // / 91.3; 48-row tiles take 5, float16 6 / 4 / 5 stages, M = 48 92.9 / 90.8 /
 // 89.6, M = 40 91.9 / 89.2 / 89.0. 4-bit codes measured level at 4 (M = 64
 // 83.2 -> 83.0), 2-bit ones level or slower at 4 or 8 (M = 64 82.0 / 81.8 /
-// 83.6, M = 32 67.0 / 68.1 / 66.1).
+// 83.6, M = 32 67.0 / 68.1 / 66.1); 4-bit 16-row tiles slower at 4, 9 or 12
+// (M = 16 63.0 / 66.1 / 64.3 / 66.0; ab_h200_sm90_ablations_m16_m64).
 // 8-bit codes in 16-row tiles read scales and zeros three units ahead rather
 // than two, and run without stream-K (whole tiles where they fill 3/4 of the
 // slots, as wider tiles do): float16, two / three units (us), (8192, 28672)
