@@ -4,7 +4,8 @@ sums through the workspace (MPQ_OPS_CUDA_SPLIT_SUM=workspace), or any switch a
 build reads per call. Each cell runs `--rounds` rounds; a round times every
 setting once (do_bench median, L2 flushed), alternating the order from round
 to round so that drift hits all alike; each setting's result is checked
-against the float64 reference once (error in ppm of the output's norm).
+against the float64 reference once (error in ppm of the output's norm; nan
+where the output is not finite, as an ablation's may be).
 
     python scripts/compare_env.py --settings 'policy:;staged:MPQ_OPS_CUDA_KERNEL=gemm' \\
         --cells 'fp16,4,128,8192,28672,16;bf16,4,128,28672,8192,16' [--rounds 3] [--out c.json]
@@ -68,7 +69,9 @@ def main():
             for name, env in settings if r % 2 == 0 else settings[::-1]:
                 apply(env)
                 if name not in errors:
-                    errors[name] = rel_err(call(), ref) * 1e6
+                    out = call()
+                    finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
+                    errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
                 times[name].append(bench(call))
         apply({})
         dt, _, _, K, N, M = cell.split(",")
