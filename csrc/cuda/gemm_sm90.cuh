@@ -585,7 +585,11 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     // do not depend on each other), measured the same. H200, float16 w4
     // g128, medians of three alternating rounds (us): (8192, 28672) M = 16
     // 63.2 -> 63.9, M = 32 69.6 -> 69.9, bfloat16 M = 16 67.2 -> 66.8;
-    // (4096, 14336) M = 16 23.8 -> 23.2.
+    // (4096, 14336) M = 16 23.8 -> 23.2. Nor did starting the second warpgroup
+    // half a step after the first (a named barrier before its first step), so
+    // that one decodes while the other's wgmmas run: (8192, 28672) M = 64
+    // 83.2 -> 84.5, M = 16 64.4 -> 66.2; (28672, 8192) M = 64 79.1 -> 81.2
+    // (scripts/results/ab_h200_sm90_ablations_m16_m64).
     float acc[BM / 2];
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
