@@ -1,0 +1,123 @@
+// How fast a ring of TMA copies streams the 4-bit codes of an [N, K] weight
+// through shared memory, by box shape (rows x bytes per row), stages in
+// flight and L2 promotion, with nothing else in the kernel: one thread per
+// block of 128 weight rows keeps S boxes in flight, as gemm_sm90.cuh's copy
+// thread does for its codes (there: 128 rows x 32 bytes, 6 stages, 256-byte
+// promotion where two blocks share an SM). L2 emptied before each run by a
+// 256 MB memset, median of 20 runs. Standalone (no torch), for Hopper:
+//
+//     nvcc -arch=sm_90a -O3 -std=c++17 scripts/tma_stream.cu -o /tmp/tma_stream
+//     /tmp/tma_stream 28672 8192    # N K
+//
+// (scripts/results/tma_stream_h200.log)
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n.reg .pred done;\nwait:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra wait;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+
+// Block b: rows [128 b, 128 b + 128), all columns, in boxes of R rows x BW
+// bytes: for each column chunk, the 128 / R boxes down the tile.
+__global__ void stream_kernel(const __grid_constant__ CUtensorMap map, int R, int BW, int row_bytes,
+                              int S, int box_bytes) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
+  const uint32_t bars = smem + S * box_bytes;
+  if (threadIdx.x != 0) return;
+  for (int s = 0; s < S; ++s) mbar_init(bars + 8 * s, 1);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  const int subs = 128 / R, chunks = row_bytes / BW, total = subs * chunks;
+  for (int i = 0; i < total + S; ++i) {
+    if (i >= S) {  // the box S back has landed: its slot is free
+      const int j = i - S;
+      mbar_wait(bars + 8 * (j % S), (j / S) & 1);
+    }
+    if (i < total) {
+      const int s = i % S, chunk = i / subs, sub = i % subs;
+      mbar_expect_tx(bars + 8 * s, box_bytes);
+      tma_load_2d(smem + s * box_bytes, &map, chunk * (BW / 4), blockIdx.x * 128 + sub * R, bars + 8 * s);
+    }
+  }
+}
+
+int main(int argc, char** argv) {
+  const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
+  if (N <= 0 || K <= 0 || N % 128 != 0 || K % 1024 != 0) {
+    // whole blocks of 128 rows, rows of whole 512-byte boxes
+    printf("tma_stream N K: N must be a positive multiple of 128 and K of 1024, got %ld %ld\n", N, K);
+    return 2;
+  }
+  const int row_bytes = K / 2;  // 4-bit codes
+  void* codes; CK(cudaMalloc(&codes, N * row_bytes));
+  CK(cudaMemset(codes, 1, N * row_bytes));
+  void* flush; const size_t flush_bytes = 256u << 20; CK(cudaMalloc(&flush, flush_bytes));
+  void* fn = nullptr; cudaDriverEntryPointQueryResult st;
+  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &st));
+  auto encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
+  printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld blocks of 128 rows\n", N, K, N * row_bytes / 1e6, sms, N / 128);
+  struct Shape { int R, BW, S; CUtensorMapL2promotion promo; const char* pname; };
+  std::vector<Shape> shapes;
+  const CUtensorMapL2promotion p256 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B, pnone = CU_TENSOR_MAP_L2_PROMOTION_NONE;
+  for (int S : {6, 12}) {
+    shapes.push_back({128, 32, S, p256, "256"});
+    shapes.push_back({64, 64, S, p256, "256"});
+    shapes.push_back({32, 128, S, p256, "256"});
+    shapes.push_back({16, 256, S, p256, "256"});
+    shapes.push_back({8, 512, S, p256, "256"});
+    shapes.push_back({128, 64, S, p256, "256"});
+    shapes.push_back({32, 256, S, p256, "256"});
+    shapes.push_back({128, 32, S, pnone, "none"});
+    shapes.push_back({16, 256, S, pnone, "none"});
+  }
+  for (const Shape& sh : shapes) {
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {(cuuint64_t)(row_bytes / 4), (cuuint64_t)N};
+    const cuuint64_t strides[1] = {(cuuint64_t)row_bytes};
+    const cuuint32_t box[2] = {(cuuint32_t)(sh.BW / 4), (cuuint32_t)sh.R};
+    const cuuint32_t es[2] = {1, 1};
+    CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 2, codes, dims, strides, box, es,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, sh.promo,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) { printf("encode failed %d for %dx%d\n", (int)r, sh.R, sh.BW); continue; }
+    const int box_bytes = sh.R * sh.BW;
+    const int smem = sh.S * box_bytes + 8 * sh.S + 1024;
+    CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    std::vector<float> ts;
+    for (int rep = 0; rep < 25; ++rep) {
+      CK(cudaMemsetAsync(flush, rep, flush_bytes));
+      CK(cudaEventRecord(a));
+      stream_kernel<<<N / 128, 32, smem>>>(map, sh.R, sh.BW, row_bytes, sh.S, box_bytes);
+      CK(cudaEventRecord(b));
+      CK(cudaEventSynchronize(b));
+      float ms; CK(cudaEventElapsedTime(&ms, a, b));
+      if (rep >= 5) ts.push_back(ms * 1000.f);
+    }
+    CK(cudaGetLastError());
+    std::sort(ts.begin(), ts.end());
+    const float us = ts[ts.size() / 2];
+    int per_sm = 0; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, stream_kernel, 32, smem));
+    printf("box %3d rows x %3d B  stages %2d (%3d KB in flight/block, %d blocks/SM)  L2 promo %-4s  %7.1f us  %5.2f TB/s\n",
+           sh.R, sh.BW, sh.S, sh.S * box_bytes / 1024, per_sm, sh.pname, us, N * row_bytes / us / 1e6);
+  }
+  return 0;
+}
