@@ -35,12 +35,18 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 
 // Block b: rows [128 b, 128 b + 128), all columns, in boxes of R rows x BW
-// bytes: for each column chunk, the 128 / R boxes down the tile.
-__global__ void stream_kernel(const __grid_constant__ CUtensorMap map, int R, int BW, int row_bytes,
-                              int S, int box_bytes) {
+// bytes: for each column chunk, the 128 / R boxes down the tile. With
+// x_rows > 0 each box of 128 rows also brings the x tiles of its steps (x_rows
+// rows x 64 halves per step of 64 codes, from one small x that stays in L2),
+// as the wgmma kernel's stages do.
+__global__ void stream_kernel(const __grid_constant__ CUtensorMap map,
+                              const __grid_constant__ CUtensorMap x_map, int R, int BW,
+                              int row_bytes, int S, int box_bytes, int x_rows) {
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
-  const uint32_t bars = smem + S * box_bytes;
+  const int steps = BW / 32, x_bytes = x_rows > 0 ? steps * x_rows * 128 : 0;
+  const int slot_bytes = box_bytes + x_bytes;
+  const uint32_t bars = smem + S * slot_bytes;
   if (threadIdx.x != 0) return;
   for (int s = 0; s < S; ++s) mbar_init(bars + 8 * s, 1);
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -52,14 +58,21 @@ __global__ void stream_kernel(const __grid_constant__ CUtensorMap map, int R, in
     }
     if (i < total) {
       const int s = i % S, chunk = i / subs, sub = i % subs;
-      mbar_expect_tx(bars + 8 * s, box_bytes);
-      tma_load_2d(smem + s * box_bytes, &map, chunk * (BW / 4), blockIdx.x * 128 + sub * R, bars + 8 * s);
+      const uint32_t base = smem + s * slot_bytes;
+      mbar_expect_tx(bars + 8 * s, slot_bytes);
+      tma_load_2d(base, &map, chunk * (BW / 4), blockIdx.x * 128 + sub * R, bars + 8 * s);
+      for (int j = 0; j < (x_rows > 0 ? steps : 0); ++j)
+        tma_load_2d(base + box_bytes + j * x_rows * 128, &x_map, (chunk * steps + j) * 64, 0,
+                    bars + 8 * s);
     }
   }
 }
 
 int main(int argc, char** argv) {
   const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
+  // x_rows: rows of x each step brings too (0: none; then only boxes of 128 rows
+  // are timed); per_sm: blocks per SM at most (0: as many as fit)
+  const int x_rows = argc > 3 ? atoi(argv[3]) : 0, per_sm_cap = argc > 4 ? atoi(argv[4]) : 0;
   if (N <= 0 || K <= 0 || N % 128 != 0 || K % 1024 != 0) {
     // whole blocks of 128 rows, rows of whole 512-byte boxes
     printf("tma_stream N K: N must be a positive multiple of 128 and K of 1024, got %ld %ld\n", N, K);
@@ -68,6 +81,12 @@ int main(int argc, char** argv) {
   const int row_bytes = K / 2;  // 4-bit codes
   void* codes; CK(cudaMalloc(&codes, N * row_bytes));
   CK(cudaMemset(codes, 1, N * row_bytes));
+  if (x_rows < 0 || x_rows > 256 || x_rows % 8 != 0 || per_sm_cap < 0) {
+    printf("tma_stream N K [x_rows per_sm]: x_rows a multiple of 8 up to 256, per_sm >= 0\n");
+    return 2;
+  }
+  void* xs; CK(cudaMalloc(&xs, std::max(x_rows, 8) * K * 2));
+  CK(cudaMemset(xs, 0, std::max(x_rows, 8) * K * 2));
   void* flush; const size_t flush_bytes = 256u << 20; CK(cudaMalloc(&flush, flush_bytes));
   void* fn = nullptr; cudaDriverEntryPointQueryResult st;
   CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &st));
@@ -89,6 +108,22 @@ int main(int argc, char** argv) {
     shapes.push_back({128, 32, S, pnone, "none"});
     shapes.push_back({16, 256, S, pnone, "none"});
   }
+  if (x_rows > 0) {  // the kernel's stages: one step or two per copy
+    shapes.clear();
+    for (int S : {6, 12}) shapes.push_back({128, 32, S, p256, "256"});
+    for (int S : {3, 6}) shapes.push_back({128, 64, S, p256, "256"});
+  }
+  CUtensorMap x_map;
+  {
+    const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)std::max(x_rows, 8)};
+    const cuuint64_t strides[1] = {(cuuint64_t)K * 2};
+    const cuuint32_t box[2] = {64, (cuuint32_t)std::max(x_rows, 8)};
+    const cuuint32_t es[2] = {1, 1};
+    CUresult r = encode(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, xs, dims, strides, box, es,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) { printf("x map: encode failed %d\n", (int)r); return 1; }
+  }
   for (const Shape& sh : shapes) {
     CUtensorMap map;
     const cuuint64_t dims[2] = {(cuuint64_t)(row_bytes / 4), (cuuint64_t)N};
@@ -100,13 +135,16 @@ int main(int argc, char** argv) {
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) { printf("encode failed %d for %dx%d\n", (int)r, sh.R, sh.BW); continue; }
     const int box_bytes = sh.R * sh.BW;
-    const int smem = sh.S * box_bytes + 8 * sh.S + 1024;
+    const int x_bytes = x_rows > 0 ? (sh.BW / 32) * x_rows * 128 : 0;
+    int smem = sh.S * (box_bytes + x_bytes) + 8 * sh.S + 1024;
+    if (per_sm_cap > 0) smem = std::max(smem, 200 * 1024 / per_sm_cap);  // fewer blocks fit
     CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     std::vector<float> ts;
     for (int rep = 0; rep < 25; ++rep) {
       CK(cudaMemsetAsync(flush, rep, flush_bytes));
       CK(cudaEventRecord(a));
-      stream_kernel<<<N / 128, 32, smem>>>(map, sh.R, sh.BW, row_bytes, sh.S, box_bytes);
+      stream_kernel<<<N / 128, 32, smem>>>(map, x_map, sh.R, sh.BW, row_bytes, sh.S, box_bytes,
+                                           x_rows);
       CK(cudaEventRecord(b));
       CK(cudaEventSynchronize(b));
       float ms; CK(cudaEventElapsedTime(&ms, a, b));
@@ -116,8 +154,9 @@ int main(int argc, char** argv) {
     std::sort(ts.begin(), ts.end());
     const float us = ts[ts.size() / 2];
     int per_sm = 0; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, stream_kernel, 32, smem));
-    printf("box %3d rows x %3d B  stages %2d (%3d KB in flight/block, %d blocks/SM)  L2 promo %-4s  %7.1f us  %5.2f TB/s\n",
-           sh.R, sh.BW, sh.S, sh.S * box_bytes / 1024, per_sm, sh.pname, us, N * row_bytes / us / 1e6);
+    printf("box %3d rows x %3d B  stages %2d (%3d KB in flight/block, %d blocks/SM)  L2 promo %-4s  x rows %3d  %7.1f us  %5.2f TB/s of codes\n",
+           sh.R, sh.BW, sh.S, sh.S * (box_bytes + x_bytes) / 1024, per_sm, sh.pname, x_rows, us,
+           N * row_bytes / us / 1e6);
   }
   return 0;
 }
