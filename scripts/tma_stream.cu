@@ -18,21 +18,11 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+#include "../csrc/cuda/tma.cuh"  // the kernel's own mbarrier and copy helpers
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile("{\n.reg .pred done;\nwait:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra wait;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
+using namespace mpq::cuda::sm90;
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 // Block b: rows [128 b, 128 b + 128), all columns, in boxes of R rows x BW
 // bytes: for each column chunk, the 128 / R boxes down the tile. With
@@ -42,6 +32,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 __global__ void stream_kernel(const __grid_constant__ CUtensorMap map,
                               const __grid_constant__ CUtensorMap x_map, int R, int BW,
                               int row_bytes, int S, int box_bytes, int x_rows) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
   const int steps = BW / 32, x_bytes = x_rows > 0 ? steps * x_rows * 128 : 0;
@@ -66,6 +57,7 @@ __global__ void stream_kernel(const __grid_constant__ CUtensorMap map,
                     bars + 8 * s);
     }
   }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 int main(int argc, char** argv) {
@@ -78,15 +70,17 @@ int main(int argc, char** argv) {
     printf("tma_stream N K: N must be a positive multiple of 128 and K of 1024, got %ld %ld\n", N, K);
     return 2;
   }
-  const int row_bytes = K / 2;  // 4-bit codes
-  void* codes; CK(cudaMalloc(&codes, N * row_bytes));
-  CK(cudaMemset(codes, 1, N * row_bytes));
   if (x_rows < 0 || x_rows > 256 || x_rows % 8 != 0 || per_sm_cap < 0) {
     printf("tma_stream N K [x_rows per_sm]: x_rows a multiple of 8 up to 256, per_sm >= 0\n");
     return 2;
   }
-  void* xs; CK(cudaMalloc(&xs, std::max(x_rows, 8) * K * 2));
-  CK(cudaMemset(xs, 0, std::max(x_rows, 8) * K * 2));
+  const int row_bytes = K / 2;  // 4-bit codes
+  void* codes; CK(cudaMalloc(&codes, N * row_bytes));
+  CK(cudaMemset(codes, 1, N * row_bytes));
+  // x (its map needs a box of 8 rows or more even where no step reads it)
+  const int x_map_rows = std::max(x_rows, 8);
+  void* xs; CK(cudaMalloc(&xs, x_map_rows * K * 2));
+  CK(cudaMemset(xs, 0, x_map_rows * K * 2));
   void* flush; const size_t flush_bytes = 256u << 20; CK(cudaMalloc(&flush, flush_bytes));
   void* fn = nullptr; cudaDriverEntryPointQueryResult st;
   CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &st));
@@ -115,9 +109,9 @@ int main(int argc, char** argv) {
   }
   CUtensorMap x_map;
   {
-    const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)std::max(x_rows, 8)};
+    const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)x_map_rows};
     const cuuint64_t strides[1] = {(cuuint64_t)K * 2};
-    const cuuint32_t box[2] = {64, (cuuint32_t)std::max(x_rows, 8)};
+    const cuuint32_t box[2] = {64, (cuuint32_t)x_map_rows};
     const cuuint32_t es[2] = {1, 1};
     CUresult r = encode(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, xs, dims, strides, box, es,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
