@@ -5,10 +5,13 @@ build reads per call. Each cell runs `--rounds` rounds; a round times every
 setting once (do_bench median, L2 flushed), alternating the order from round
 to round so that drift hits all alike; each setting's result is checked
 against the float64 reference once (error in ppm of the output's norm; nan
-where the output is not finite, as an ablation's may be).
+where the output is not finite, as an ablation's may be). --clean-l2 times
+with L2 emptied by a read before each run (bench_clean_l2) instead of
+do_bench's zero-fill, whose dirty lines are written back inside the timed call.
 
     python scripts/compare_env.py --settings 'policy:;staged:MPQ_OPS_CUDA_KERNEL=gemm' \\
-        --cells 'fp16,4,128,8192,28672,16;bf16,4,128,28672,8192,16' [--rounds 3] [--out c.json]
+        --cells 'fp16,4,128,8192,28672,16;bf16,4,128,28672,8192,16' [--rounds 3] [--out c.json] \\
+        [--clean-l2]
 
 A cell is dtype (fp16 / bf16 / fp32), w_bit, group_size, K, N, M; a setting is
 name:VAR=value,VAR2=value (none: the environment as it is)."""
@@ -21,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
-from bench import bench  # noqa: E402
+from bench import bench, bench_clean_l2  # noqa: E402
 from cells import make_cell  # noqa: E402
 from helpers import ref_matmul, rel_err  # noqa: E402
 
@@ -41,6 +44,8 @@ def main():
     ap.add_argument("--cells", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--clean-l2", action="store_true",
+                    help="L2 emptied by a read before each run instead of do_bench's zero-fill")
     args = ap.parse_args()
     settings = parse_settings(args.settings)
     names = sorted({k for _, env in settings for k in env})
@@ -54,8 +59,10 @@ def main():
                 os.environ[k] = saved[k]
         os.environ.update(env)
 
+    timer = bench_clean_l2 if args.clean_l2 else bench
     rows = []
-    print(f"device: {torch.cuda.get_device_name()}; us (error against float64, ppm)")
+    flush = "L2 emptied by a read" if args.clean_l2 else "do_bench, L2 flushed by a write"
+    print(f"device: {torch.cuda.get_device_name()}; {flush}; us (error against float64, ppm)")
     for cell in args.cells.split(";"):
         x, qw, sc, ze, w, g = make_cell(cell)
         ref = ref_matmul(x, qw, sc, ze, w, g)
@@ -72,7 +79,7 @@ def main():
                     out = call()
                     finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
                     errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
-                times[name].append(bench(call))
+                times[name].append(timer(call))
         apply({})
         dt, _, _, K, N, M = cell.split(",")
         row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}
