@@ -373,7 +373,11 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   // 108.2 / 107.5, M = 256 195.6 / 199.2 / 198.4 / 199.3. So was one box of
   // each row's next 512 bytes or 1 KB, once per as many bytes, none / 512 /
   // 1 KB: M = 16 64.4 / 75.3 / 76.4, M = 64 85.2 / 92.3 / 100.8 (us;
-  // scripts/results/ab_h200_sm90_ablations_m16_m64).)
+  // scripts/results/ab_h200_sm90_ablations_m16_m64). So were stages of two
+  // steps, one copy of 64-byte code rows and two x tiles each, 3 / 4 / 6 of
+  // them: M = 16 65.3 / 62.7 / 63.6 against 63.1, M = 64 82.1 / 84.4 / 83.9
+  // against 83.0, ab_h200_sm90_two_step_stages; and an evict_first policy on
+  // the codes' copies, M = 16 64.8, M = 64 85.7, ab_h200_l2_policy.)
   auto load_stage = [&](int i, int kt) {  // i: this block's step index, kt: the tile's step
     const int s = i % STAGES;
     const uint32_t base = smem + s * L::kStage, bar = full + 8 * s;
