@@ -144,10 +144,13 @@ class Logits(nn.Module):
 
 
 def export_roundtrip(model, example_ids, folder):
-    """torch.export with a dynamic sequence length, saved and loaded back."""
-    seq = torch.export.Dim("seq", min=2, max=2048)
-    ep = torch.export.export(Logits(model), (example_ids,), dynamic_shapes=({1: seq},),
-                             strict=False)
+    """torch.export with a dynamic sequence length, saved and loaded back.
+    Dim.DYNAMIC rather than a named Dim with a range: on CUDA the attention's
+    strides add a guard, min(64 s, 192 s) == 64 s, that export could not prove
+    over a declared range and refused (SmolLM2, torch 2.11); DYNAMIC keeps the
+    length dynamic (export fails if anything specializes it) and takes the guard."""
+    ep = torch.export.export(Logits(model), (example_ids,),
+                             dynamic_shapes=({1: torch.export.Dim.DYNAMIC},), strict=False)
     path = os.path.join(folder, "smollm2_mpq.pt2")
     torch.export.save(ep, path)
     n_ops = sum(1 for n in ep.graph.nodes if n.target == torch.ops.mpq.matmul.default)

@@ -179,6 +179,9 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
     samples = [c for c in calibration]
     if not samples:
         raise ValueError("gptq: calibration is empty")
+    # Samples may come from anywhere (mpq_ops.calibration.shipped gives CPU
+    # tensors): they go where the model's first parameter lives.
+    device = next(iter(model.parameters()), torch.empty(0)).device
 
     # Inputs of the first block, with whatever keyword arguments it gets.
     captured: List[Tuple[tuple, dict]] = []
@@ -191,7 +194,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
     try:
         for ids in samples:
             try:
-                _forward(model, ids)
+                _forward(model, ids.to(device))
             except _Stop:
                 pass
     finally:

@@ -85,6 +85,26 @@ def test_gptq_model_block_by_block():
     assert rel_err(model(test), ref.double()) < rel_err(rtn_model(test), ref.double())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_model_on_cuda_with_calibration_on_cpu():
+    # mpq_ops.calibration.shipped gives CPU tensors; the model may be anywhere.
+    torch.manual_seed(0)
+    model = Tiny().half().cuda().eval()
+    calib = [torch.randint(0, 50, (1, 64)) for _ in range(8)]
+    test = torch.randint(0, 50, (4, 64), device="cuda")
+    import copy
+    from mpq_ops.model import quantize_model
+    with torch.no_grad():
+        ref = model(test).double()
+        rtn_model = copy.deepcopy(model)
+        quantize_model(rtn_model, w_bit=2, group_size=32, skip=["head"], progress=False)
+        summary = gptq_quantize_model(model, calib, w_bit=2, group_size=32, progress=False)
+        assert summary["layers"] == 6
+        layers = [m for m in model.layers.modules() if isinstance(m, MPQLinear)]
+        assert len(layers) == 6 and all(m.qweight.is_cuda for m in layers)
+        assert rel_err(model(test), ref) < rel_err(rtn_model(test), ref)
+
+
 class Attn(nn.Module):
     """A decoder-layer-shaped block: q/k/v read one input, then o, gate/up, down."""
 
