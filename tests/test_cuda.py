@@ -123,6 +123,55 @@ def test_default_policy_wide_weights(w_bit, dtype):
         check_matmul(x, weight, w_bit, group_size, bias, (M,))
 
 
+def launched_kernels(fn):
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# K not a whole number of the fused kernels' steps (128 inputs for 4-bit codes,
+# 256 for 2-bit, 64 for 8-bit), but of a lane's 16 bytes of codes: shorter than
+# one step, and one or more steps and a part (SmolLM2's hidden size, 576).
+K_TAIL_CASES = [(4, 96, 32), (4, 576, 64), (4, 608, -1), (4, 32, -1),
+                (2, 64, 32), (2, 576, 32), (2, 960, -1), (2, 448, 64),
+                (8, 96, -1), (8, 608, 32), (8, 32, -1)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit,K,group_size", K_TAIL_CASES)
+def test_staged_kernel_takes_a_partial_last_step(w_bit, K, group_size, dtype):
+    """Such a K takes the staged kernel with a partial last step (x's chunks past K
+    copied as zeros, the codes' loads kept inside their rows), not dequantize +
+    cuBLAS: for every M the staged kernel serves (to 128 rows; K splits at the
+    few rows that leave the GPU idle, 8- to 64-row tiles), odd N, bias, x not
+    contiguous for odd M; against the float64 reference, outputs poisoned."""
+    N = 203
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    for M in (1, 2, 3, 5, 8, 13, 16, 17, 31, 33, 64, 70, 128, 129):
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, w_bit, group_size, bias, (M,))
+    names = launched_kernels(
+        lambda: torch.ops.mpq.matmul(make_x((3,), K, dtype, "cuda"), *weight, w_bit, group_size,
+                                     None, None))
+    assert any("gemm_cuda_kernel" in n for n in names), names
+    assert not any("dequantize" in n for n in names), names
+
+
+def test_partial_last_step_large_weights():
+    """A partial last step behind full ones on a weight of many row blocks and a
+    long K (split over K at one row of x), and for tiles of 16 and 64 rows."""
+    for w_bit, K, group_size in ((4, 4160, 64), (2, 4160, 64), (8, 4128, -1)):
+        weight = make_weight(3000, K, w_bit, group_size, torch.float16, "cuda")
+        for M in (1, 4, 16, 64):
+            x = make_x((M,), K, torch.float16, "cuda")
+            check_matmul(x, weight, w_bit, group_size, None, (w_bit, K, M))
+
+
 @pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
@@ -232,13 +281,14 @@ def test_opcheck_each_forced_path(kernel, monkeypatch):
     opcheck's small sizes too; a path that cannot serve an input falls back."""
     from torch.library import opcheck
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
-    K, N = 256, 96
     # (M, group_size, perm, bias, non-contiguous x, grad)
     cases = ((1, 64, False, True, False, False), (13, -1, True, False, True, True),
              (33, 128, False, True, True, False), (70, 64, True, True, False, True))
     for w_bit in (2, 4, 8):
         for dtype in (torch.float16, torch.bfloat16):
             for M, group_size, with_perm, with_bias, noncontig, grad in cases:
+                # (K = 320 and 128 rows: a partial last step of the staged kernel)
+                K, N = (320, 128) if M == 13 else (256, 96)
                 qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda")
                 x = make_x((M,), K, dtype, "cuda", noncontig).requires_grad_(grad)
                 perm = torch.randperm(K, device="cuda").to(torch.int32) if with_perm else None

@@ -10,14 +10,22 @@
 
 namespace mpq::cuda {
 
+// Inputs per step of the fused kernels (4 lanes of 16 bytes of codes per row)
+// and per lane (16 bytes).
+static int64_t super_k(int64_t w_bit) { return 4 * 4 * (32 / w_bit); }
+static int64_t lane_k(int64_t w_bit) { return 4 * (32 / w_bit); }
+
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
   const int64_t K = x.size(1);
-  const int64_t super_k = 4 * 4 * (32 / w_bit);
+  // K in whole lanes' chunks: a K that is not a whole number of steps takes
+  // the staged kernel with a partial last step (gemm_cuda_kernel's TAIL), as
+  // models with a hidden size of 576 or 960 need (else dequantize + cuBLAS,
+  // two launches and the weight's float copy written and read back each call).
   // 32-bit element offsets (tile::WeightRows): qweight, and with it the
   // smaller scales and zeros, under 2^31 elements.
   return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
-         K % super_k == 0 && K < (int64_t{1} << 22) && qweight.numel() < (int64_t{1} << 31) &&
-         aligned16(x) && aligned16(qweight);
+         K % lane_k(w_bit) == 0 && K < (int64_t{1} << 22) &&
+         qweight.numel() < (int64_t{1} << 31) && aligned16(x) && aligned16(qweight);
 }
 
 MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
@@ -25,12 +33,15 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
                            int64_t group_size) {
   if (!fused_supported(x, qweight, w_bit)) return MatmulKernel::Dequantize;
   const int64_t M = x.size(0);
+  // Only the staged kernel takes a partial last step (sm90_supported checks its own K).
+  const bool whole_steps = x.size(1) % super_k(w_bit) == 0;
   const int64_t gemv_max = w_bit == 2 ? kGemvMaxRows / 2 : kGemvMaxRows;
   // MPQ_OPS_CUDA_KERNEL=gemv|gemm|dequantize forces a path wherever it can
   // serve the input: for tests of every path and benchmarks of the policy.
   const auto sm90 = [&] { return sm90_supported(x, qweight, scales, zeros, w_bit, group_size); };
   if (const char* forced = std::getenv("MPQ_OPS_CUDA_KERNEL")) {
-    if (std::strcmp(forced, "gemv") == 0 && M <= gemv_max) return MatmulKernel::Gemv;
+    if (std::strcmp(forced, "gemv") == 0 && M <= gemv_max && whole_steps)
+      return MatmulKernel::Gemv;
     if (std::strcmp(forced, "gemm") == 0) return MatmulKernel::Gemm;
     if (std::strcmp(forced, "sm90") == 0 && sm90()) return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;

@@ -171,8 +171,15 @@ __device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc,
 // no staged row read row g % XR instead: their columns are never stored.
 // PAIRED: x is stored as the MMA's (k, k + P/2) pairs (2-bit codes: only the
 // resident slice, whose pairs span two chunks). WIDE: see tile::WeightRows.
+// TAIL: K is not a whole number of steps (a multiple of a lane's 16 bytes of
+// codes, LANE_K, only): the last step is partial, its chunks of x past K
+// copied as zeros and its loads of codes past K kept inside their rows
+// (tile::WeightRows::load). The ring of staged steps, one k range, scales
+// applied before the MMAs (LATE needs groups of whole steps, which such a K
+// cannot hold).
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
-          bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false, bool SK = false>
+          bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false, bool SK = false,
+          bool TAIL = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
@@ -232,7 +239,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // workspace slot 0 (the part from step 0) and 1 (the part after the
   // boundary, or zeros where there is none), which finish_split adds up.
   static_assert(!SK || (RESIDENT && KR == 2 && N_TILES == 1), "stream-K: one row of x");
-  const int steps = K / Rows::STEP_K;
+  static_assert(!TAIL || (KR == 1 && !RESIDENT && !LATE), "a partial last step: the ring");
+  const int steps = TAIL ? (K + Rows::STEP_K - 1) / Rows::STEP_K : K / Rows::STEP_K;
   // Items go in runs of U (steps % U == 0), so that a run lies in one row block.
   const long sk_runs = SK ? (long)(N / W_ROWS) * (steps / U) : 0;
   const int i_begin = SK ? U * (int)(sk_runs * blockIdx.y / gridDim.y) : 0;
@@ -275,7 +283,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     if (!copier) return;
 #pragma unroll
     for (int k = 0; k < COPIES; ++k) {
-      const bool in = m0 + copy_m + k * M_PER_PASS < M;
+      // (TAIL: a chunk past K lands as zeros, KR = 1)
+      const bool in = m0 + copy_m + k * M_PER_PASS < M &&
+                      (!TAIL || s * Rows::STEP_K + copy_c * 8 < K);
       const T* src = in ? copy_src + (size_t)k * M_PER_PASS * K + (size_t)s * Rows::STEP_K : x;
       cp_async16(copy_dst + 16u * (stage * STAGE + k * ROWS_PER_PASS * CHUNKS), src, in ? 16 : 0);
     }
@@ -385,7 +395,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     cols_sum = tile::opaque(x_base + 16u * (t * RANGE + 8));
   }
 
-  const auto load_step = [&](int s, Step& st) { rows.load(s, st); };
+  const auto load_step = [&](int s, Step& st) { rows.template load<TAIL>(s, st); };
 
   // One step: 4 words per row of this lane, each against the matching x.
   const auto compute = [&](const Step& st, int stage) {
@@ -651,7 +661,9 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int x_rows = BM / KR, w_rows = Rows::ROWS * RT * WARPS;
   const int m_chunks = (M + x_rows - 1) / x_rows;
   const int row_blocks = (N + w_rows - 1) / w_rows;
-  const int steps = K / Rows::STEP_K;
+  // A partial last step (gemm_cuda_kernel's TAIL) where K is not a whole number of them.
+  const bool tail = K % Rows::STEP_K != 0;
+  const int steps = (K + Rows::STEP_K - 1) / Rows::STEP_K;
   // Split K until the grid has about two blocks per SM. More (up to the three
   // that fit) only adds workspace traffic and pipeline fills: measured at M=64
   // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
@@ -779,10 +791,16 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // instructions in the loop (PRMTs 76 -> 8 per two steps). H100, w2 g128,
   // M = 1 (us): (8192, 28672) 47.6 -> 44.4, (28672, 8192) 47.8 -> 44.4,
   // (14336, 4096) 19.8 -> 18.8.
-  const bool resident = N_TILES == 1 && M == 1 && resident_smem <= kResidentXBytes;
+  const bool resident = N_TILES == 1 && M == 1 && !tail && resident_smem <= kResidentXBytes;
   // (2-bit codes take late scaling in groups of less than a step only in COLS)
   TORCH_INTERNAL_ASSERT(!(W == 2 && LATE) || cols || group_size % SUPER_K == 0);
   auto launched = kernel;
+  TORCH_INTERNAL_ASSERT(!tail || (!LATE && KR == 1), "a partial last step: no late scaling");
+  if constexpr (!LATE && KR == 1) {
+    if (tail)
+      launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, false,
+                                  1, 0, false, false, true>;
+  }
   if constexpr (N_TILES == 1) {
     if (resident) {
       launched =
@@ -843,6 +861,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
             int64_t group_size) {
   constexpr bool PAIRED = W != 2;
   constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
+  // (groups of whole steps: then so is K)
   const bool late = N_TILES <= 2 && group_size % SUPER_K == 0;
   // Up to 4 rows of x, 4- and 8-bit codes: k-paired rows (tile::WeightRows),
   // whose loads read 128 bytes of a row at a time, and for one row eight
@@ -872,7 +891,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // Error of y against float64 lower too (float16 g128 512 -> 287 ppm: no
   // float16 rounding of each weight).
   if constexpr (W == 2 && N_TILES == 1) {
-    if (x.size(0) == 1 && group_size % 64 == 0)
+    if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
           x, qweight, scales, zeros, bias, y, group_size);
   }

@@ -173,11 +173,13 @@ struct WeightRows {
   const T* sb;
   const T* zb;
   int k_lane;  // this lane's first input within a step (t * LANE_K for KR = 1)
+  int k_end;   // K (load<true>)
   Groups groups;
 
   __device__ __forceinline__ WeightRows(const uint32_t* qweight, const T* scales, const T* zeros,
                                         int tile0, int g, int t_, int N, int K, Groups groups_)
-      : qb(reinterpret_cast<const uint4*>(qweight)), sb(scales), zb(zeros), groups(groups_) {
+      : qb(reinterpret_cast<const uint4*>(qweight)), sb(scales), zb(zeros), k_end(K),
+        groups(groups_) {
     const uint32_t chunks = K / (4 * P), n_groups = K / groups_.size;
     // The lane's chunk is t of k range g % KR, i.e. chunk 4 (g % KR) + t of the step.
     const int chunk = 4 * (g % KR) + t_;
@@ -192,11 +194,21 @@ struct WeightRows {
   }
 
   // dq, ds: further offsets of the words and of the scales (rows further on).
+  // TAIL (K not a whole number of steps, KR = 1; K a multiple of LANE_K): a
+  // lane's chunk past K reads its row's first chunk and group instead, so
+  // that every load stays inside the row; its x is zero, and the weights it
+  // decodes are those of a group the row has, finite where the row's are.
+  template <bool TAIL = false>
   __device__ __forceinline__ void load(int s, Step& st, uint32_t dq = 0, uint32_t ds = 0) const {
+    static_assert(!TAIL || KR == 1, "a partial last step: one k range per row");
     constexpr uint32_t step_chunks = STEP_K / LANE_K;
+    const bool in = !TAIL || s * STEP_K + k_lane < k_end;
+    // (the row's first chunk: qo[r] less the lane's chunk, k_lane / LANE_K)
+    const uint32_t q_step =
+        in ? step_chunks * s : 0u - static_cast<uint32_t>(k_lane / LANE_K);
 #pragma unroll
-    for (int r = 0; r < R; ++r) st.w[r] = load_stream(qb + (qo[r] + dq + step_chunks * s));
-    const int k0 = s * STEP_K + k_lane;
+    for (int r = 0; r < R; ++r) st.w[r] = load_stream(qb + (qo[r] + dq + q_step));
+    const int k0 = in ? s * STEP_K + k_lane : 0;
 #pragma unroll
     for (int h = 0; h < GROUPS; ++h) {
       const uint32_t grp = groups.index(k0 + 32 * h);
