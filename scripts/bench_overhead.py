@@ -1,0 +1,112 @@
+"""Eager cost per call of small layers on CUDA, where a batch-1 decode of a
+small model is bound by the host: MPQLinear against nn.Linear (float16) on
+SmolLM2-135M's layer shapes (K x N), M = 1, under torch.no_grad() as
+generation runs. For each layer: 'eager', the time per call of many calls
+issued back to back (the host's cost or the GPU's, whichever is larger, as in
+a decode loop); 'op', the same for torch.ops.mpq.matmul called directly (no
+module); 'graph', the time per call replayed from a CUDA graph of the same
+calls (the GPU's alone); and the kernels one call launches (torch.profiler).
+Medians of rounds in which the layers take turns. JSON + a printed table.
+
+    python scripts/bench_overhead.py --out overhead.json [--rounds 7]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import mpq_ops  # noqa: F401
+from mpq_ops import MPQLinear
+
+# SmolLM2-135M: q/o, k/v, gate/up, down.
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+CONFIGS = [("fp16", None, None), ("w4 g32", 4, 32), ("w4 g64", 4, 64), ("w8 g64", 8, 64)]
+
+
+def per_call(fn, calls):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def graph_per_call(fn, calls, replays=20):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(replays):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / (replays * calls) * 1e6
+
+
+def kernels_per_call(fn):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="overhead.json")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=500)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}; M = 1, float16 x; us per call")
+    print(f"| {'K x N':>10} | {'layer':>8} | {'eager':>6} | {'op':>6} | {'graph':>6} | kernels |")
+    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
+    with torch.no_grad():
+        for K, N in SHAPES:
+            lin = nn.Linear(K, N, bias=False, dtype=torch.float16, device="cuda")
+            x = torch.randn(1, K, dtype=torch.float16, device="cuda")
+            layers = []
+            for name, w_bit, gs in CONFIGS:
+                if w_bit is None:
+                    layers.append((name, lin, None))
+                    continue
+                q = MPQLinear.from_linear(lin, w_bit, gs)
+                args_ = (x, q.qweight, q.scales, q.zeros, w_bit, q.group_size_arg(), None, None)
+                layers.append((name, q, lambda a=args_: torch.ops.mpq.matmul(*a)))
+            eager = {name: [] for name, _, _ in layers}
+            op = {name: [] for name, _, _ in layers}
+            for r in range(args.rounds):
+                for name, layer, direct in (layers if r % 2 == 0 else layers[::-1]):
+                    eager[name].append(per_call(lambda: layer(x), args.calls))
+                    if direct is not None:
+                        op[name].append(per_call(direct, args.calls))
+            for name, layer, direct in layers:
+                row = {"K": K, "N": N, "layer": name,
+                       "eager_us": statistics.median(eager[name]),
+                       "op_us": statistics.median(op[name]) if op[name] else None,
+                       "graph_us": graph_per_call(lambda: layer(x), 50),
+                       "kernels": kernels_per_call(lambda: layer(x))}
+                rows.append(row)
+                op_s = f"{row['op_us']:6.1f}" if row["op_us"] is not None else f"{'':>6}"
+                print(f"| {f'{K} x {N}':>10} | {name:>8} | {row['eager_us']:6.1f} | {op_s} | "
+                      f"{row['graph_us']:6.1f} | {row['kernels']:7d} |", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
