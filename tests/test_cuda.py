@@ -1,7 +1,7 @@
 """CUDA-only checks: every kernel path (the fused GEMV's tiles, the staged fused
-kernel, the wgmma kernel on Hopper, the dequantize + cuBLAS path, shapes the
-fused kernels do not take), each also forced for every M it can serve, and CUDA
-graphs. Outputs are checked against a float64 reference, with the caching
+kernel, also with a partial last step, the wgmma kernel on Hopper, the
+dequantize + cuBLAS path, shapes the fused kernels do not take), each also
+forced for every M it can serve, and CUDA graphs. Outputs are checked against a float64 reference, with the caching
 allocator poisoned with NaN first. Skipped without a GPU."""
 import pytest
 import torch

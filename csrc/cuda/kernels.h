@@ -75,8 +75,10 @@ inline bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// x [M, K] contiguous fp16/bf16, K a multiple of the fused kernels' step,
-// 16-byte aligned x and qweight: what both fused kernels need.
+// x [M, K] contiguous fp16/bf16, K a multiple of a lane's 16 bytes of codes,
+// 16-byte aligned x and qweight: what the fused kernels need (the GEMV and the
+// staged kernel's k ranges also a whole number of steps, which choose_kernel
+// and gemm.cuh's launch check; the staged kernel takes a partial last step).
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit);
 
 // The path for x (fused_supported decides whether a fused one may serve it).
