@@ -5,8 +5,12 @@ generation runs. For each layer: 'eager', the time per call of many calls
 issued back to back (the host's cost or the GPU's, whichever is larger, as in
 a decode loop); 'op', the same for torch.ops.mpq.matmul called directly (no
 module); 'graph', the time per call replayed from a CUDA graph of the same
-calls (the GPU's alone); and the kernels one call launches (torch.profiler).
-Medians of rounds in which the layers take turns. JSON + a printed table.
+calls (the GPU's alone: the mean over 20 replays of 50 calls); and the kernels
+one call launches (torch.profiler). L2 is not flushed: these layers' weights
+(0.1-1 MB) stay in it between calls, so 'graph' is the kernels' time on cached
+weights and launch gaps, not a memory-bound figure (scripts/bench.py is that).
+Eager columns: medians of rounds in which the layers take turns. JSON + a
+printed table.
 
     python scripts/bench_overhead.py --out overhead.json [--rounds 7]
 """
