@@ -16,14 +16,18 @@ printed table.
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
-import mpq_ops  # noqa: F401
-from mpq_ops import MPQLinear
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import mpq_ops  # noqa: E402,F401  (registers the ops)
+from helpers import launched_kernels  # noqa: E402
+from mpq_ops import MPQLinear  # noqa: E402
 
 # SmolLM2-135M: q/o, k/v, gate/up, down.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -57,15 +61,6 @@ def graph_per_call(fn, calls, replays=20):
         g.replay()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / (replays * calls) * 1e6
-
-
-def kernels_per_call(fn):
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def main():
@@ -103,7 +98,7 @@ def main():
                        "eager_us": statistics.median(eager[name]),
                        "op_us": statistics.median(op[name]) if op[name] else None,
                        "graph_us": graph_per_call(lambda: layer(x), 50),
-                       "kernels": kernels_per_call(lambda: layer(x))}
+                       "kernels": len(launched_kernels(lambda: layer(x)))}
                 rows.append(row)
                 op_s = f"{row['op_us']:6.1f}" if row["op_us"] is not None else f"{'':>6}"
                 print(f"| {f'{K} x {N}':>10} | {name:>8} | {row['eager_us']:6.1f} | {op_s} | "

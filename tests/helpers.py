@@ -128,3 +128,14 @@ def make_x(lead, K, dtype, device="cpu", noncontig=False):
         base = torch.randn(*lead, 2 * K, dtype=torch.float32).to(dtype).to(device)
         return base[..., ::2]
     return torch.randn(*lead, K, dtype=torch.float32).to(dtype).to(device)
+
+
+def launched_kernels(fn):
+    """Names of the CUDA kernels one call of fn launches (torch.profiler), after a
+    call that warms it up (tests/test_cuda.py, scripts/bench_overhead.py)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

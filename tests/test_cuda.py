@@ -1,13 +1,15 @@
 """CUDA-only checks: every kernel path (the fused GEMV's tiles, the staged fused
 kernel, also with a partial last step, the wgmma kernel on Hopper, the
 dequantize + cuBLAS path, shapes the fused kernels do not take), each also
-forced for every M it can serve, and CUDA graphs. Outputs are checked against a float64 reference, with the caching
-allocator poisoned with NaN first. Skipped without a GPU."""
+forced for every M it can serve, and CUDA graphs. Outputs are checked against
+a float64 reference, with the caching allocator poisoned with NaN first.
+Skipped without a GPU."""
 import pytest
 import torch
 from torch import nn
 
-from helpers import REL_TOL, make_weight, make_x, ref_dequantize, ref_matmul, rel_err
+from helpers import (REL_TOL, launched_kernels, make_weight, make_x, ref_dequantize, ref_matmul,
+                     rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -121,16 +123,6 @@ def test_default_policy_wide_weights(w_bit, dtype):
     for M in (8, 9, 16, 17, 32, 33):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         check_matmul(x, weight, w_bit, group_size, bias, (M,))
-
-
-def launched_kernels(fn):
-    """Names of the CUDA kernels fn launches (torch.profiler)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 # K not a whole number of the fused kernels' steps (128 inputs for 4-bit codes,
