@@ -18,6 +18,10 @@ from .formats import codes_from_gptq, from_gptq
 from .pack import W_BITS, unpack
 from .quantize import quantize_rtn, resolve_group_size
 
+# The overload itself: calling the packet (torch.ops.mpq.matmul) resolves it on
+# every call.
+_matmul = torch.ops.mpq.matmul.default
+
 
 class MPQLinear(nn.Module):
     """y = x @ W^T (+ bias) with W stored as w_bit codes, scales and zero points.
@@ -80,8 +84,26 @@ class MPQLinear(nn.Module):
         return -1 if self.group_size == self.in_features else self.group_size
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mpq.matmul(x, self.qweight, self.scales, self.zeros, self.w_bit,
-                                    self.group_size_arg(), self.perm, self.bias)
+        # Read from the module's own dicts rather than through attribute access,
+        # which for parameters and buffers falls through to nn.Module.__getattr__
+        # (about 0.5 us a name); perm and bias are passed only when present (a
+        # None argument costs the dispatcher's argument parsing as much again).
+        # On small layers at batch 1 the host's time is the call's time.
+        buffers = self._buffers
+        perm, bias = buffers["perm"], buffers["bias"]
+        args = (x, self._parameters["qweight"], buffers["scales"], buffers["zeros"],
+                self.w_bit, self.group_size_arg())
+        if perm is not None or bias is not None:
+            args += (perm, bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _matmul(*args)
+        # Without grad mode there is no graph to record, yet the op's autograd
+        # kernel (Python, torch.library.register_autograd) still runs on every
+        # call under no_grad (inference_mode skips it) only to step below
+        # autograd: ~5 us a call on the host. This steps below it directly, as
+        # that kernel does. Traced code keeps the plain call.
+        with torch._C._AutoDispatchBelowAutograd():
+            return _matmul(*args)
 
     def dequantize(self) -> Tensor:
         """The float weight [N, K] in nn.Linear's column order (perm undone)."""

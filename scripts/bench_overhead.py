@@ -1,18 +1,19 @@
-"""Eager cost per call of small layers on CUDA, where a batch-1 decode of a
-small model is bound by the host: MPQLinear against nn.Linear (float16) on
-SmolLM2-135M's layer shapes (K x N), M = 1, under torch.no_grad() as
-generation runs. For each layer: 'eager', the time per call of many calls
-issued back to back (the host's cost or the GPU's, whichever is larger, as in
-a decode loop); 'op', the same for torch.ops.mpq.matmul called directly (no
-module); 'graph', the time per call replayed from a CUDA graph of the same
-calls (the GPU's alone: the mean over 20 replays of 50 calls); and the kernels
-one call launches (torch.profiler). L2 is not flushed: these layers' weights
-(0.1-1 MB) stay in it between calls, so 'graph' is the kernels' time on cached
-weights and launch gaps, not a memory-bound figure (scripts/bench.py is that).
-Eager columns: medians of rounds in which the layers take turns. JSON + a
-printed table.
+"""Eager cost per call of small layers, where a batch-1 decode of a small
+model is bound by the host: MPQLinear against nn.Linear on SmolLM2-135M's
+layer shapes (K x N), M = 1, under torch.no_grad() as generation runs
+(float16 on CUDA, float32 on the CPU). For each layer: 'eager', the time per
+call of many calls issued back to back (the host's cost or the device's,
+whichever is larger, as in a decode loop); 'op', the same for
+torch.ops.mpq.matmul called directly (no module; its autograd kernel runs under
+no_grad, which the layer steps past); on CUDA also 'graph', the time per call
+replayed from a CUDA graph of the same calls (the GPU's alone: the mean over
+20 replays of 50 calls), and the kernels one call launches (torch.profiler).
+L2 is not flushed: these layers' weights (0.1-1 MB) stay in it between calls,
+so 'graph' is the kernels' time on cached weights and launch gaps, not a
+memory-bound figure (scripts/bench.py is that). Eager columns: medians of
+rounds in which the layers take turns. JSON + a printed table.
 
-    python scripts/bench_overhead.py --out overhead.json [--rounds 7]
+    python scripts/bench_overhead.py --out overhead.json [--rounds 7] [--device cpu]
 """
 import argparse
 import json
@@ -34,12 +35,13 @@ SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 CONFIGS = [("fp16", None, None), ("w4 g32", 4, 32), ("w4 g64", 4, 64), ("w8 g64", 8, 64)]
 
 
-def per_call(fn, calls):
-    torch.cuda.synchronize()
+def per_call(fn, calls, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / calls * 1e6
 
 
@@ -68,20 +70,26 @@ def main():
     ap.add_argument("--out", default="overhead.json")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=500)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = ap.parse_args()
     torch.manual_seed(0)
+    dev = args.device
+    cuda = dev == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     rows = []
-    print(f"device: {torch.cuda.get_device_name()}; M = 1, float16 x; us per call")
+    device_name = (torch.cuda.get_device_name() if cuda
+                   else f"CPU, {torch.get_num_threads()} threads")
+    print(f"device: {device_name}; M = 1, {str(dtype)[6:]} x; us per call")
     print(f"| {'K x N':>10} | {'layer':>8} | {'eager':>6} | {'op':>6} | {'graph':>6} | kernels |")
     print(f"|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
     with torch.no_grad():
         for K, N in SHAPES:
-            lin = nn.Linear(K, N, bias=False, dtype=torch.float16, device="cuda")
-            x = torch.randn(1, K, dtype=torch.float16, device="cuda")
+            lin = nn.Linear(K, N, bias=False, dtype=dtype, device=dev)
+            x = torch.randn(1, K, dtype=dtype, device=dev)
             layers = []
             for name, w_bit, gs in CONFIGS:
                 if w_bit is None:
-                    layers.append((name, lin, None))
+                    layers.append(("fp16" if cuda else "fp32", lin, None))
                     continue
                 q = MPQLinear.from_linear(lin, w_bit, gs)
                 args_ = (x, q.qweight, q.scales, q.zeros, w_bit, q.group_size_arg(), None, None)
@@ -90,19 +98,21 @@ def main():
             op = {name: [] for name, _, _ in layers}
             for r in range(args.rounds):
                 for name, layer, direct in (layers if r % 2 == 0 else layers[::-1]):
-                    eager[name].append(per_call(lambda: layer(x), args.calls))
+                    eager[name].append(per_call(lambda: layer(x), args.calls, dev))
                     if direct is not None:
-                        op[name].append(per_call(direct, args.calls))
+                        op[name].append(per_call(direct, args.calls, dev))
             for name, layer, direct in layers:
                 row = {"K": K, "N": N, "layer": name,
                        "eager_us": statistics.median(eager[name]),
                        "op_us": statistics.median(op[name]) if op[name] else None,
-                       "graph_us": graph_per_call(lambda: layer(x), 50),
-                       "kernels": len(launched_kernels(lambda: layer(x)))}
+                       "graph_us": graph_per_call(lambda: layer(x), 50) if cuda else None,
+                       "kernels": len(launched_kernels(lambda: layer(x))) if cuda else None}
                 rows.append(row)
                 op_s = f"{row['op_us']:6.1f}" if row["op_us"] is not None else f"{'':>6}"
+                graph_s = f"{row['graph_us']:6.1f}" if cuda else f"{'':>6}"
+                kernels_s = f"{row['kernels']:7d}" if cuda else f"{'':>7}"
                 print(f"| {f'{K} x {N}':>10} | {name:>8} | {row['eager_us']:6.1f} | {op_s} | "
-                      f"{row['graph_us']:6.1f} | {row['kernels']:7d} |", flush=True)
+                      f"{graph_s} | {kernels_s} |", flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

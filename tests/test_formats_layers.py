@@ -11,7 +11,8 @@ from torch import nn
 import mpq_ops
 from mpq_ops import (MPQLinear, MPQLinearCuda, MPQLinearMlx, from_gptq, pack,
                      prepare_bie_layers, quantize_rtn, unpack)
-from helpers import REL_TOL, make_x, np_pack_rows, np_unpack_rows, ref_dequantize, rel_err
+from helpers import (REL_TOL, make_weight, make_x, np_pack_rows, np_unpack_rows, ref_dequantize,
+                     ref_matmul, rel_err)
 
 
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
@@ -221,6 +222,37 @@ def test_from_linear_close_to_float(w_bit, tol):
     W = ref_dequantize(layer.qweight, layer.scales, layer.zeros, w_bit, 64)
     ref = x.double() @ torch.from_numpy(W).T + lin.bias.detach().double()
     assert rel_err(layer(x), ref) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("act_order,bias", ((False, False), (True, False), (False, True),
+                                             (True, True)))
+def test_layer_forward_in_every_grad_mode(act_order, bias):
+    """forward() steps below autograd itself when grad mode is off: the same
+    output as with grad on (bitwise), against float64, and no graph recorded;
+    with grad on, gradients still reach x and the scales."""
+    K, N = 128, 48
+    layer = MPQLinear(K, N, w_bit=4, group_size=32, bias=bias, dtype=torch.float32,
+                      act_order=act_order)
+    qweight, scales, zeros = make_weight(N, K, 4, 32, torch.float32)
+    perm = torch.randperm(K).to(torch.int32) if act_order else None
+    layer.load_canonical(qweight, scales, zeros, perm)
+    if bias:
+        layer.bias.copy_(torch.randn(N))
+    x = make_x((3, 5), K, torch.float32).requires_grad_()
+    ref = ref_matmul(x, qweight, scales, zeros, 4, 32, perm, layer.bias)
+    with torch.enable_grad():
+        y_grad = layer(x)
+    assert y_grad.grad_fn is not None
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = layer(x)
+        assert y.grad_fn is None and not y.requires_grad, mode
+        assert torch.equal(y, y_grad.detach()), mode
+    assert rel_err(y_grad, ref) < REL_TOL[torch.float32]
+    layer.scales.requires_grad_()
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.scales.grad is not None
+    assert x.grad.abs().sum() > 0 and layer.scales.grad.abs().sum() > 0
 
 
 def test_layer_state_dict_roundtrip():
