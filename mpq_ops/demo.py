@@ -97,17 +97,23 @@ def sync(device):
 
 
 @torch.no_grad()
-def tokens_per_second(model, tok, ids, new_tokens=32, repeats=3):
-    """Greedy decode speed (KV cache, batch 1), best of a few runs after a warm-up.
-    Generation may stop at EOS, so tokens are counted, not assumed."""
-    greedy(model, tok, ids, 4)
-    best = 0.0
-    for _ in range(repeats):
-        sync(ids.device)
-        t = time.perf_counter()
-        n = greedy(model, tok, ids, new_tokens).shape[1]
-        sync(ids.device)
-        best = max(best, n / (time.perf_counter() - t))
+def tokens_per_second(models, tok, ids, new_tokens=32, rounds=3):
+    """Greedy decode speed (KV cache, batch 1) of each model, the best of a few
+    rounds in which the models take turns after a warm-up each, so that a host
+    whose speed drifts (small models are bound by it) does not favour the
+    model measured first. Generation may stop at EOS, so tokens are counted,
+    not assumed."""
+    for model in models:
+        greedy(model, tok, ids, 4)
+    best = [0.0] * len(models)
+    for r in range(rounds):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            sync(ids.device)
+            t = time.perf_counter()
+            n = greedy(models[i], tok, ids, new_tokens).shape[1]
+            sync(ids.device)
+            best[i] = max(best[i], n / (time.perf_counter() - t))
     return best
 
 
@@ -182,8 +188,7 @@ def main(argv=None):
     fp_ppl = perplexity(base, ids)
     from .model import _module_bytes, linear_layers
     fp_linear = sum(_module_bytes(m) for n, m in linear_layers(base) if n != "lm_head")
-    rows.append(("float", fp_ppl, fp_linear, _module_bytes(base),
-                 tokens_per_second(base, tok, prompt, args.new_tokens), float("nan")))
+    rows.append(["float", fp_ppl, fp_linear, _module_bytes(base), base, float("nan")])
     answers = {"float": tok.decode(greedy(base, tok, prompt, args.new_tokens)[0],
                                    skip_special_tokens=True)}
     quantized = {}
@@ -197,17 +202,20 @@ def main(argv=None):
                                  integer_zeros=integer_zeros,
                                  gptq_options=options, progress=False)
         tq = time.perf_counter() - t
-        rows.append((label, perplexity(model, ids), summary["linear_bytes_after"],
-                     summary["model_bytes_after"],
-                     tokens_per_second(model, tok, prompt, args.new_tokens), tq))
+        rows.append([label, perplexity(model, ids), summary["linear_bytes_after"],
+                     summary["model_bytes_after"], model, tq])
         quantized[label] = model
+    speeds = tokens_per_second([row[4] for row in rows], tok, prompt, args.new_tokens)
+    for row, tps in zip(rows, speeds):
+        row[4] = tps
     print(f"\nPerplexity on mpq_ops/data/eval.txt ({ids.shape[1]} tokens); lm_head stays "
           f"float; tied embedding counted once. GPTQ: act-order, clipped group ranges, "
           f"integer zero points at g32, layer groups in order at g64, calibrated on the "
           f"{sum(c.shape[1] for c in calibration)} tokens the float model wrote itself in "
           f"mpq_ops/data/calibration.json. RTN: float "
           f"zero points. The GGUF source is Q4_1 (4-bit, groups of "
-          f"32), so w4 g32 on the affine grid reproduces it.")
+          f"32), so w4 g32 on the affine grid reproduces it. tok/s: greedy decoding at "
+          f"batch 1 with the KV cache, the models taking turns, best of 3 rounds.")
     print(f"| {'model':<11} | {'ppl':>7} | {'vs float':>8} | {'linear MB':>9} | {'model MB':>8} "
           f"| {'tok/s':>6} | {'quantize s':>10} |")
     print(f"|{'-' * 13}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
