@@ -8,6 +8,7 @@ the caches; median of many runs, the functions interleaved; JSON + a printed
 table.
 
     python scripts/bench_cpu.py --out bench_cpu.json [--shapes 4096x4096 --ms 1,16 --bits 4]
+        [--groups 32,64]
 """
 import argparse
 import json
@@ -77,23 +78,25 @@ def main():
     ap.add_argument("--out", default="bench_cpu.json")
     add_shape_args(ap, "4096x4096")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
+    ap.add_argument("--groups", default=str(GROUP), help="group sizes, comma-separated")
     ap.add_argument("--budget", type=float, default=1.5, help="seconds per row")
     args = ap.parse_args()
     shapes, ms = chosen_shapes(args, SHAPES, MS)
     bits = [int(v) for v in args.bits.split(",")]
+    groups = [int(v) for v in args.groups.split(",")]
     cpu, avx2 = cpu_info()
 
     torch.manual_seed(0)
     rows = []
     print(f"CPU: {cpu}, threads {torch.get_num_threads()},"
-          f" torch {torch.__version__}, AVX2 {avx2}; group {GROUP}, x float32, median us")
-    head = (f"{'K':>6} {'N':>6} {'w':>2} {'M':>4} {'fp32':>9} {'deq+mm':>9} {'mpq':>9}"
+          f" torch {torch.__version__}, AVX2 {avx2}; x float32, median us")
+    head = (f"{'K':>6} {'N':>6} {'w':>2} {'g':>4} {'M':>4} {'fp32':>9} {'deq+mm':>9} {'mpq':>9}"
             f" {'mpq-base':>9} {'vs fp32':>8} {'vs deq':>7}")
     print(head)
     for K, N in shapes:
         lin = torch.randn(N, K) / K ** 0.5
-        for w_bit in bits:
-            qw, s, z = quantize_rtn(lin, w_bit, GROUP)[:3]
+        for w_bit, gs in [(w, g) for w in bits for g in groups]:
+            qw, s, z = quantize_rtn(lin, w_bit, gs)[:3]
             for M in ms:
                 x = torch.randn(M, K)
 
@@ -101,21 +104,21 @@ def main():
                     return F.linear(x, lin)
 
                 def deq_mm():
-                    w = torch.ops.mpq.dequantize(qw, s, z, w_bit, GROUP)
+                    w = torch.ops.mpq.dequantize(qw, s, z, w_bit, gs)
                     return F.linear(x, w)
 
                 def mpq():
-                    return torch.ops.mpq.matmul(x, qw, s, z, w_bit, GROUP)
+                    return torch.ops.mpq.matmul(x, qw, s, z, w_bit, gs)
 
                 fns = [fp32, deq_mm, mpq] + ([isa("baseline", mpq)] if avx2 else [])
                 with torch.inference_mode():
                     t = median_us(fns, args.budget)
-                row = {"K": K, "N": N, "w_bit": w_bit, "group_size": GROUP, "M": M,
+                row = {"K": K, "N": N, "w_bit": w_bit, "group_size": gs, "M": M,
                        "fp32_linear_us": t[0], "dequant_linear_us": t[1], "mpq_us": t[2],
                        "mpq_baseline_us": t[3] if avx2 else None}
                 rows.append(row)
                 base = f"{t[3]:9.1f}" if avx2 else f"{'-':>9}"
-                print(f"{K:>6} {N:>6} {w_bit:>2} {M:>4} {t[0]:9.1f} {t[1]:9.1f} {t[2]:9.1f}"
+                print(f"{K:>6} {N:>6} {w_bit:>2} {gs:>4} {M:>4} {t[0]:9.1f} {t[1]:9.1f} {t[2]:9.1f}"
                       f" {base} {t[0] / t[2]:7.2f}x {t[1] / t[2]:6.2f}x", flush=True)
     meta = {"cpu": cpu, "avx2": avx2,
             "threads": torch.get_num_threads(), "torch": torch.__version__}

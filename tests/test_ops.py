@@ -83,12 +83,13 @@ def test_matmul_output_fully_written():
 @pytest.mark.parametrize("isa", ("native", "baseline"))
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("K,group_size", [(32, -1), (96, 32), (160, 32), (224, -1), (384, 128),
-                                          (2048, 64)])
+                                          (576, 32), (320, 64), (192, 96), (2048, 64)])
 def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
     """The CPU kernels' corners: rows of x in every tile mix (8, 4, 2, 1) up to
     the fused kernel's limit (24 rows with AVX2, 8 without) and past it
     (blocked dequantize + BLAS, its last block short), words past the last
-    block of eight (K = 32 .. 224), blocks that straddle groups (groups of 32),
+    block of eight (K = 32 .. 224), blocks that straddle groups (groups of 96)
+    or hold two or four of them (groups of 32, 2-bit groups of 64),
     float32 so that the tolerance is tight; the fused kernel's AVX2 build where
     the CPU has it and its baseline build."""
     if isa == "baseline":

@@ -141,6 +141,13 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
   // Groups that are whole blocks: one scale and zero per block, looped by group.
   const bool whole_groups = words_per_group % kLanes == 0;
   const int64_t blocks_per_group = whole_groups ? words_per_group / kLanes : 0;
+  // Groups that divide a block (groups of 32 for 2- and 4-bit codes, 64 for
+  // 2-bit): 2 or 4 consecutive groups per block, each over a run of lanes,
+  // so the lane vectors come from that many scales and zeros, not from a
+  // group index per lane (gw), which cost 2- to 3-word blocks as much as
+  // their decode (576 x 576 at M = 1: g32 took 1.2x the time of g64).
+  const int64_t groups_per_block =
+      !whole_groups && kLanes % words_per_group == 0 ? kLanes / words_per_group : 0;
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* qr = q + n * words;
     const float* sr = s + n * G;
@@ -161,11 +168,34 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
         for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + (jj * MR + m) * kLanes);
       });
     };
+    // Lane vectors for GPB groups per block, from groups g0 .. g0 + GPB - 1.
+    const auto group_runs = [&](auto gpb, int64_t g0) MPQ_LAMBDA_INLINE {
+      constexpr int GPB = decltype(gpb)::value, RUN = kLanes / GPB;
+      float sv[kLanes], zv[kLanes];
+      for (int g = 0; g < GPB; ++g) {
+        const float sc = sr[g0 + g], zc = -zr[g0 + g] * sc;
+        for (int l = 0; l < RUN; ++l) {
+          sv[g * RUN + l] = sc;
+          zv[g * RUN + l] = zc;
+        }
+      }
+      return std::make_pair(load8(sv), load8(zv));
+    };
     if (whole_groups) {
       for (int64_t g = 0; g < G; ++g) {
         const F8 sl = splat8(sr[g]), zl = splat8(-zr[g] * sr[g]);
         for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
           block(b, sl, zl);
+      }
+    } else if (groups_per_block == 2) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const auto [sl, zl] = group_runs(std::integral_constant<int, 2>{}, 2 * b);
+        block(b, sl, zl);
+      }
+    } else if (groups_per_block == 4) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const auto [sl, zl] = group_runs(std::integral_constant<int, 4>{}, 4 * b);
+        block(b, sl, zl);
       }
     } else {
       for (int64_t b = 0; b < blocks; ++b) {
