@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, launched_kernels, make_weight, make_x, ref_dequantize, ref_matmul,
-                     rel_err)
+from helpers import (REL_TOL, launched_kernels, make_weight, make_x, ref_dequantize,
+                     ref_dequantize_t, ref_matmul, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -434,3 +434,65 @@ def test_raw_cuda_graph_capture_and_replay(N, K, M, monkeypatch):
         g.replay()
         ref = ref_matmul(static_x, qweight, scales, zeros, 4, 128)
         assert rel_err(static_y, ref) < REL_TOL[torch.float16]
+
+
+def unit_gain_weight(N, K, w_bit, group_size, seed):
+    """make_weight's codes with scales shrunk so that y = x @ W^T keeps x's
+    size (a chain of such layers neither grows nor vanishes)."""
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, torch.float16, "cuda", seed)
+    W = ref_dequantize_t(qweight, scales, zeros, w_bit, group_size)
+    scales = (scales.double() / (W.std() * K ** 0.5)).to(torch.float16)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("w_bit,K,group_size", [(4, 1024, 128), (4, 576, 32), (2, 1024, 64),
+                                                (8, 1024, 64), (4, 8192, 128)])
+@pytest.mark.parametrize("graph", (False, True), ids=("eager", "graph"))
+def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypatch):
+    """The fused kernels start while the kernel before them ends (programmatic
+    dependent launch) and wait for it before reading x or writing. A chain of
+    one-row calls, each reading the one before's output (which the staged
+    kernel lets start at once) and writing into memory the allocator took
+    back from an input two calls earlier: the same bits as in plain stream
+    order (MPQ_OPS_CUDA_PDL=0), close to float64, eagerly and replayed from a
+    CUDA graph with new x."""
+    layers = [unit_gain_weight(K, K, w_bit, group_size, seed) for seed in range(6)]
+
+    def chain(x):
+        for qweight, scales, zeros in layers:
+            x = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
+        return x
+
+    def reference(x):
+        y = x.double()
+        for qweight, scales, zeros in layers:
+            y = y @ ref_dequantize_t(qweight, scales, zeros, w_bit, group_size).T
+        return y
+
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(x)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = chain(x)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            g.replay()
+            monkeypatch.setenv("MPQ_OPS_CUDA_PDL", "0")
+            plain = chain(x)
+            monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
+            assert torch.equal(y, plain)
+            assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]
+        return
+    for _ in range(3):
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        y = chain(x)
+        monkeypatch.setenv("MPQ_OPS_CUDA_PDL", "0")
+        plain = chain(x)
+        monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
+        assert torch.equal(y, plain)
+        assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]

@@ -495,6 +495,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     if constexpr (LATE) Rows::template apply<N_TILES>(st, part, xsum, acc);
   };
 
+  // Launched to overlap the kernel before (programmatic dependent launch,
+  // tile::launch), this block has come this far while that one ends; all
+  // its reads and writes wait for it (y may take memory it still reads).
+  tile::wait_prerequisites();
+
   // Prologue: STAGES - 1 steps of x in flight (RESIDENT: all of them), U
   // steps of weights in registers.
   if constexpr (COLS) {
@@ -715,11 +720,25 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   }
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // Launches that overlap the kernel before (gemm_cuda_kernel's
+  // wait_prerequisites) where the device and the build allow: the next
+  // call's blocks start while this one's end (it calls launch_dependents
+  // first thing). H200, SmolLM2's layers at M = 1 replayed from a CUDA graph
+  // (bench_overhead.py's graph column; scripts/results/ab_h200_pdl.log), on /
+  // off (us): w4 g32 576 x 576 2.9 / 3.5, 576 x 1536 3.0 / 3.5, 1536 x 576
+  // 3.0 / 3.5; w8 g64 1536 x 576 2.3 / 2.7 (fp16 F.linear 3.0, 3.6, 4.8).
+  // Single calls after an L2 flush, where the kernel before is not ours,
+  // level (8192 x 28672 w4 43.1 / 43.0). Not taken: asking L2 for the first
+  // steps' codes before the wait (prefetch.global.L2), which gained nothing
+  // more in graphs and cost single calls up to 1.3 us (4096 x 4096 w4 9.2 ->
+  // 10.5). The wgmma kernel and the GEMV are launched in plain stream order.
+  static const bool programmatic = tile::cluster_launchable(kernel);
   // One launch of `launched` over `grid` (in clusters of `cluster` blocks),
   // then the sum of its partial products where they went to the workspace ws.
   const auto run = [&](auto launched, dim3 grid, int smem, dim3 cluster, const at::Tensor& ws,
                        int per_split, bool cluster_sum) {
     tile::launch(launched, grid, WARPS * 32, smem, stream, cluster,
+                 programmatic && tile::programmatic_launches(),
                  reinterpret_cast<const T*>(x.data_ptr()),
                  reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                  reinterpret_cast<const T*>(scales.data_ptr()),

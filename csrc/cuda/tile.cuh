@@ -424,11 +424,11 @@ bool built_for_sm90(Kernel kernel) {
   return attr.binaryVersion >= 90 && attr.ptxVersion >= 90;
 }
 
-// A launch configuration with one attribute (cudaLaunchKernelEx,
+// A launch configuration with one or two attributes (cudaLaunchKernelEx,
 // cudaOccupancyMaxActiveClusters).
 struct LaunchEx {
   cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   LaunchEx(dim3 grid, int threads, int smem, cudaStream_t stream, cudaLaunchAttribute a) {
     config.gridDim = grid;
     config.blockDim = dim3(threads);
@@ -438,6 +438,7 @@ struct LaunchEx {
     config.attrs = attr;
     config.numAttrs = 1;
   }
+  void add(cudaLaunchAttribute a) { attr[config.numAttrs++] = a; }
 };
 
 // In clusters of `cluster` blocks.
@@ -544,17 +545,30 @@ bool clusters_fit_one_wave(void (*kernel)(Params...), dim3 grid, int threads, in
   return static_cast<long>(fit) * size >= static_cast<long>(grid.x) * grid.y * grid.z;
 }
 
+// MPQ_OPS_CUDA_PDL=0 launches the fused kernels in plain stream order, not
+// overlapping the kernel before (A/B runs; tools that serialize launches).
+inline bool programmatic_launches() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_PDL");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // kernel<<<grid, threads, smem, stream>>>(args...), in clusters of `cluster`
-// blocks unless that is a single block.
+// blocks unless that is a single block; with `programmatic` (sm_90+ code on
+// such a device) in programmatic stream serialization, so that it may start
+// while the kernel before it ends: it must call wait_prerequisites before
+// reading anything that kernel may write and before writing anything.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
-            dim3 cluster, Args&&... args) {
-  if (cluster.x * cluster.y * cluster.z <= 1) {
+            dim3 cluster, bool programmatic, Args&&... args) {
+  const bool clustered = cluster.x * cluster.y * cluster.z > 1;
+  if (!clustered && !programmatic) {
     kernel<<<grid, threads, smem, stream>>>(std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  LaunchEx launch(grid, threads, smem, stream, cluster_attr(cluster));
+  LaunchEx launch(grid, threads, smem, stream,
+                  clustered ? cluster_attr(cluster) : programmatic_attr());
+  if (clustered && programmatic) launch.add(programmatic_attr());
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...));
 }
 
