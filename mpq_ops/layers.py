@@ -15,12 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from .formats import codes_from_gptq, from_gptq
+from .ops import matmul
 from .pack import W_BITS, unpack
 from .quantize import quantize_rtn, resolve_group_size
-
-# The overload itself: calling the packet (torch.ops.mpq.matmul) resolves it on
-# every call.
-_matmul = torch.ops.mpq.matmul.default
 
 
 class MPQLinear(nn.Module):
@@ -84,26 +81,13 @@ class MPQLinear(nn.Module):
         return -1 if self.group_size == self.in_features else self.group_size
 
     def forward(self, x: Tensor) -> Tensor:
-        # Read from the module's own dicts rather than through attribute access,
-        # which for parameters and buffers falls through to nn.Module.__getattr__
-        # (about 0.5 us a name); perm and bias are passed only when present (a
-        # None argument costs the dispatcher's argument parsing as much again).
-        # On small layers at batch 1 the host's time is the call's time.
+        # The tensors come from the module's own dicts: attribute access falls
+        # through to nn.Module.__getattr__ for parameters and buffers, about
+        # 0.5 us a name, and on small layers at batch 1 the host's time is
+        # the call's time (ops.matmul steps below autograd without grad mode).
         buffers = self._buffers
-        perm, bias = buffers["perm"], buffers["bias"]
-        args = (x, self._parameters["qweight"], buffers["scales"], buffers["zeros"],
-                self.w_bit, self.group_size_arg())
-        if perm is not None or bias is not None:
-            args += (perm, bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return _matmul(*args)
-        # Without grad mode there is no graph to record, yet the op's autograd
-        # kernel (Python, torch.library.register_autograd) still runs on every
-        # call under no_grad (inference_mode skips it) only to step below
-        # autograd: ~5 us a call on the host. This steps below it directly, as
-        # that kernel does. Traced code keeps the plain call.
-        with torch._C._AutoDispatchBelowAutograd():
-            return _matmul(*args)
+        return matmul(x, self._parameters["qweight"], buffers["scales"], buffers["zeros"],
+                      self.w_bit, self.group_size_arg(), buffers["perm"], buffers["bias"])
 
     def dequantize(self) -> Tensor:
         """The float weight [N, K] in nn.Linear's column order (perm undone)."""

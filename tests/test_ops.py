@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import mpq_ops
 from conftest import devices
 from helpers import (REL_TOL, make_weight, make_x, ref_dequantize, ref_matmul, rel_err)
 
@@ -173,6 +174,25 @@ def test_fake_kernel_shapes_under_symbolic_shapes():
 
 
 # --- autograd -----------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("with_perm,with_bias", ((False, False), (True, True), (False, True)))
+def test_typed_wrapper_in_every_grad_mode(device, with_perm, with_bias):
+    """mpq_ops.matmul calls the op below autograd when grad mode is off: the
+    op's output bit for bit, no graph; with grad on, the op's autograd."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    args = sample(device, 4, dtype, 64, 5, with_perm, with_bias, False)
+    args[0].requires_grad_(True)
+    with torch.enable_grad():
+        y_op = torch.ops.mpq.matmul(*args)
+        y = mpq_ops.matmul(*args)
+    assert y.grad_fn is not None and torch.equal(y, y_op)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = mpq_ops.matmul(*args)
+        assert y.grad_fn is None and not y.requires_grad and torch.equal(y, y_op.detach()), mode
+    assert rel_err(y, ref_matmul(*args)) < REL_TOL[dtype]
+
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("with_perm", (False, True))
