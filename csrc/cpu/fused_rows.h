@@ -93,6 +93,13 @@ MPQ_ALWAYS_INLINE float sum8(F8 v) {
   for (int l = 0; l < kLanes; ++l) t += v[l];
   return t;
 }
+// Codes H * 8 .. H * 8 + 7 of one word, one per lane (a variable shift per lane).
+template <int W, int H>
+MPQ_ALWAYS_INLINE F8 word_codes8(uint32_t word, uint32_t mask) {
+  constexpr uint32_t b = 8 * H * W;
+  const U8 shifts = {b, b + W, b + 2 * W, b + 3 * W, b + 4 * W, b + 5 * W, b + 6 * W, b + 7 * W};
+  return __builtin_convertvector((I8)(((U8{} + word) >> shifts) & mask), F8);
+}
 #else
 struct F8 {
   float v[kLanes];
@@ -116,6 +123,13 @@ inline F8 code8(U8 w, uint32_t mask) {
   return v;
 }
 inline float sum8(F8 v) { float t = 0.f; for (int l = 0; l < kLanes; ++l) t += v.v[l]; return t; }
+template <int W, int H>
+inline F8 word_codes8(uint32_t word, uint32_t mask) {
+  F8 v;
+  for (int l = 0; l < kLanes; ++l)
+    v.v[l] = static_cast<float>(static_cast<int32_t>((word >> ((8 * H + l) * W)) & mask));
+  return v;
+}
 #endif
 
 // f(integral_constant<int, j>) for j = 0 .. N-1, unrolled.
@@ -213,15 +227,38 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
       for (int a = 1; a < A; ++a) t += acc[m][a];
       out[m] = sum8(t);
     }
-    // Words past the last whole block, in order.
-    for (int64_t w = blocks * kLanes; w < words; ++w) {
-      const uint32_t word = qr[w];
-      const float sc = sr[gw[w]], zc = -zr[gw[w]] * sc;
-      const float* xt = xb + blocks * kLanes * P * MR + (w - blocks * kLanes) * P;
-      for (int j = 0; j < P; ++j) {
-        const auto code = static_cast<int32_t>((word >> (j * W)) & mask);
-        const float wv = static_cast<float>(code) * sc + zc;
-        for (int m = 0; m < MR; ++m) out[m] += wv * xt[m * (K - blocks * kLanes * P) + j];
+    // Words past the last whole block (4-bit codes where K % 64 != 0, 2-bit
+    // where K % 128 != 0), in order, each row's x for them contiguous: a
+    // word's codes eight at a time across the lanes (8-bit codes have no
+    // such words: K is a multiple of 32). Code by code, these few words of
+    // 2-bit codes at K = 576 (4 of 36 per row) took as long as the blocks.
+    const int64_t tail_k = K - blocks * kLanes * P;
+    const float* xt0 = xb + blocks * kLanes * P * MR;
+    if constexpr (P >= kLanes) {
+      F8 tacc[MR];
+      for (int m = 0; m < MR; ++m) tacc[m] = splat8(0.f);
+      for (int64_t w = blocks * kLanes; w < words; ++w) {
+        const uint32_t word = qr[w];
+        const float sc = sr[gw[w]];
+        const F8 sl = splat8(sc), zl = splat8(-zr[gw[w]] * sc);
+        const float* xt = xt0 + (w - blocks * kLanes) * P;
+        unroll(std::make_integer_sequence<int, P / kLanes>{}, [&](auto h) MPQ_LAMBDA_INLINE {
+          constexpr int hh = decltype(h)::value;
+          const F8 wv = word_codes8<W, hh>(word, mask) * sl + zl;
+          for (int m = 0; m < MR; ++m) tacc[m] += wv * load8(xt + m * tail_k + hh * kLanes);
+        });
+      }
+      for (int m = 0; m < MR; ++m) out[m] += sum8(tacc[m]);
+    } else {
+      for (int64_t w = blocks * kLanes; w < words; ++w) {
+        const uint32_t word = qr[w];
+        const float sc = sr[gw[w]], zc = -zr[gw[w]] * sc;
+        const float* xt = xt0 + (w - blocks * kLanes) * P;
+        for (int j = 0; j < P; ++j) {
+          const auto code = static_cast<int32_t>((word >> (j * W)) & mask);
+          const float wv = static_cast<float>(code) * sc + zc;
+          for (int m = 0; m < MR; ++m) out[m] += wv * xt[m * tail_k + j];
+        }
       }
     }
     for (int m = 0; m < MR; ++m) y[m * N + n] = out[m];
