@@ -158,8 +158,8 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
   // Groups that divide a block (groups of 32 for 2- and 4-bit codes, 64 for
   // 2-bit): 2 or 4 consecutive groups per block, each over a run of lanes,
   // so the lane vectors come from that many scales and zeros, not from a
-  // group index per lane (gw), which cost 2- to 3-word blocks as much as
-  // their decode (576 x 576 at M = 1: g32 took 1.2x the time of g64).
+  // group index per lane (gw): eight scalar lookups and products per block,
+  // with which g32 took 1.2x the time of g64 (576 x 576, M = 1).
   const int64_t groups_per_block =
       !whole_groups && kLanes % words_per_group == 0 ? kLanes / words_per_group : 0;
   for (int64_t n = n0; n < n1; ++n) {
