@@ -12,8 +12,8 @@ namespace mpq::cuda {
 
 // Inputs per step of the fused kernels (4 lanes of 16 bytes of codes per row)
 // and per lane (16 bytes).
-static int64_t super_k(int64_t w_bit) { return 4 * 4 * (32 / w_bit); }
 static int64_t lane_k(int64_t w_bit) { return 4 * (32 / w_bit); }
+static int64_t super_k(int64_t w_bit) { return 4 * lane_k(w_bit); }
 
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
   const int64_t K = x.size(1);

@@ -732,13 +732,14 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // steps' codes before the wait (prefetch.global.L2), which gained nothing
   // more in graphs and cost single calls up to 1.3 us (4096 x 4096 w4 9.2 ->
   // 10.5). The wgmma kernel and the GEMV are launched in plain stream order.
-  static const bool programmatic = tile::cluster_launchable(kernel);
+  // (The same check allows clusters, below.)
+  static const bool sm90 = tile::sm90_launchable(kernel);
   // One launch of `launched` over `grid` (in clusters of `cluster` blocks),
   // then the sum of its partial products where they went to the workspace ws.
   const auto run = [&](auto launched, dim3 grid, int smem, dim3 cluster, const at::Tensor& ws,
                        int per_split, bool cluster_sum) {
     tile::launch(launched, grid, WARPS * 32, smem, stream, cluster,
-                 programmatic && tile::programmatic_launches(),
+                 sm90 && tile::programmatic_launches(),
                  reinterpret_cast<const T*>(x.data_ptr()),
                  reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                  reinterpret_cast<const T*>(scales.data_ptr()),
@@ -845,13 +846,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // fitting, 2-bit codes (M = 1 at (28672, 8192): 52.2 / 45.7, for reasons not
   // established); the 16-row kernel where it fits gained at most 4% (w8 at
   // (4096, 14336)), and the wgmma kernel's splits (M = 48..64) nothing.
-  static const bool clusters = tile::cluster_launchable(kernel);
   const dim3 grid(m_chunks, row_blocks, splits);
   const int x_smem = resident ? resident_smem : SMEM;
   // sum_in_cluster's partial sums, over the memory x took
   const int cluster_smem = std::max(x_smem, x_rows * w_rows * 4);
   const bool cluster_sum =
-      N_TILES == 1 && W != 2 && clusters && splits > 1 && splits <= tile::kMaxCluster &&
+      N_TILES == 1 && W != 2 && sm90 && splits > 1 && splits <= tile::kMaxCluster &&
       blocks * splits <= slots && tile::split_sum_in_cluster() &&
       tile::clusters_fit_one_wave(launched, grid, WARPS * 32, cluster_smem, dim3(1, 1, splits));
   const int smem = cluster_sum ? cluster_smem : x_smem;

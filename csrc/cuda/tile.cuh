@@ -502,10 +502,11 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
 // sum_in_cluster (gemm.cuh) adds up, the portable cluster size.
 constexpr int kMaxCluster = 8;
 
-// Whether `kernel` may be launched in clusters: a device of compute
-// capability 9.0+ running code built for it.
+// Whether `kernel` may be launched in clusters or programmatically (after
+// the kernel before it, launch_dependents / wait_prerequisites): a device of
+// compute capability 9.0+ running code built for it.
 template <typename Kernel>
-bool cluster_launchable(Kernel kernel) {
+bool sm90_launchable(Kernel kernel) {
   return device_sm90() && built_for_sm90(kernel);
 }
 
