@@ -188,7 +188,7 @@ def main(argv=None):
     fp_ppl = perplexity(base, ids)
     from .model import _module_bytes, linear_layers
     fp_linear = sum(_module_bytes(m) for n, m in linear_layers(base) if n != "lm_head")
-    rows.append(["float", fp_ppl, fp_linear, _module_bytes(base), base, float("nan")])
+    rows.append(("float", fp_ppl, fp_linear, _module_bytes(base), float("nan")))
     answers = {"float": tok.decode(greedy(base, tok, prompt, args.new_tokens)[0],
                                    skip_special_tokens=True)}
     quantized = {}
@@ -202,12 +202,11 @@ def main(argv=None):
                                  integer_zeros=integer_zeros,
                                  gptq_options=options, progress=False)
         tq = time.perf_counter() - t
-        rows.append([label, perplexity(model, ids), summary["linear_bytes_after"],
-                     summary["model_bytes_after"], model, tq])
+        rows.append((label, perplexity(model, ids), summary["linear_bytes_after"],
+                     summary["model_bytes_after"], tq))
         quantized[label] = model
-    speeds = tokens_per_second([row[4] for row in rows], tok, prompt, args.new_tokens)
-    for row, tps in zip(rows, speeds):
-        row[4] = tps
+    # (in the rows' order: float, then the configurations as quantized)
+    speeds = tokens_per_second([base, *quantized.values()], tok, prompt, args.new_tokens)
     print(f"\nPerplexity on mpq_ops/data/eval.txt ({ids.shape[1]} tokens); lm_head stays "
           f"float; tied embedding counted once. GPTQ: act-order, clipped group ranges, "
           f"integer zero points at g32, layer groups in order at g64, calibrated on the "
@@ -219,7 +218,7 @@ def main(argv=None):
     print(f"| {'model':<11} | {'ppl':>7} | {'vs float':>8} | {'linear MB':>9} | {'model MB':>8} "
           f"| {'tok/s':>6} | {'quantize s':>10} |")
     print(f"|{'-' * 13}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
-    for label, ppl, lb, mb, tps, tq in rows:
+    for (label, ppl, lb, mb, tq), tps in zip(rows, speeds):
         print(f"| {label:<11} | {ppl:7.3f} | {100 * (ppl / fp_ppl - 1):+7.2f}% | {lb / 2**20:9.1f} "
               f"| {mb / 2**20:8.1f} | {tps:6.1f} | {'' if math.isnan(tq) else f'{tq:.2f}':>10} |")
 
