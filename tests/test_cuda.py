@@ -469,6 +469,13 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypat
             y = y @ ref_dequantize_t(qweight, scales, zeros, w_bit, group_size).T
         return y
 
+    def check(y, x):
+        monkeypatch.setenv("MPQ_OPS_CUDA_PDL", "0")
+        plain = chain(x)
+        monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
+        assert torch.equal(y, plain)
+        assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]
+
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
     if graph:
         side = torch.cuda.Stream()
@@ -479,20 +486,11 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypat
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             y = chain(x)
-        for _ in range(3):
+    for _ in range(3):
+        if graph:
             x.copy_(torch.randn_like(x))
             g.replay()
-            monkeypatch.setenv("MPQ_OPS_CUDA_PDL", "0")
-            plain = chain(x)
-            monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
-            assert torch.equal(y, plain)
-            assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]
-        return
-    for _ in range(3):
-        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-        y = chain(x)
-        monkeypatch.setenv("MPQ_OPS_CUDA_PDL", "0")
-        plain = chain(x)
-        monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
-        assert torch.equal(y, plain)
-        assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]
+        else:
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            y = chain(x)
+        check(y, x)
