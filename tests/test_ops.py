@@ -192,6 +192,10 @@ def test_typed_wrapper_in_every_grad_mode(device, with_perm, with_bias):
             y = mpq_ops.matmul(*args)
         assert y.grad_fn is None and not y.requires_grad and torch.equal(y, y_op.detach()), mode
     assert rel_err(y, ref_matmul(*args)) < REL_TOL[dtype]
+    # Below autograd the op's own checks still answer bad input.
+    other = torch.bfloat16 if dtype != torch.bfloat16 else torch.float16
+    with torch.no_grad(), pytest.raises(RuntimeError, match="scales must have the dtype of x"):
+        mpq_ops.matmul(args[0], args[1], args[2].to(other), *args[3:])
 
 
 @pytest.mark.parametrize("device", devices())
