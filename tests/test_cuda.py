@@ -436,27 +436,52 @@ def test_raw_cuda_graph_capture_and_replay(N, K, M, monkeypatch):
         assert rel_err(static_y, ref) < REL_TOL[torch.float16]
 
 
-def unit_gain_weight(N, K, w_bit, group_size, seed):
+def unit_gain_weight(N, K, w_bit, group_size, seed, dtype=torch.float16):
     """make_weight's codes with scales shrunk so that y = x @ W^T keeps x's
     size (a chain of such layers neither grows nor vanishes)."""
-    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, torch.float16, "cuda", seed)
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype, "cuda", seed)
     W = ref_dequantize_t(qweight, scales, zeros, w_bit, group_size)
-    scales = (scales.double() / (W.std() * K ** 0.5)).to(torch.float16)
+    scales = (scales.double() / (W.std() * K ** 0.5)).to(dtype)
     return qweight, scales, zeros
 
 
-@pytest.mark.parametrize("w_bit,K,group_size", [(4, 1024, 128), (4, 576, 32), (2, 1024, 64),
-                                                (8, 1024, 64), (4, 8192, 128)])
+# (w_bit, K, group_size, rows of x, dtype, the kernel's name):
+# one row through the staged kernel; many through the wgmma kernel, whole
+# (K = 128: one pair of steps, nothing to split; y stored by the kernel) or
+# split over K (partial sums added by a second kernel), with its permuting
+# warps (bfloat16 4-bit codes, 16 rows) and each code width and group kind.
+CHAIN_CASES = [
+    (4, 1024, 128, 1, torch.float16, "gemm_cuda_kernel"),
+    (4, 576, 32, 1, torch.float16, "gemm_cuda_kernel"),
+    (2, 1024, 64, 1, torch.float16, "gemm_cuda_kernel"),
+    (8, 1024, 64, 1, torch.float16, "gemm_cuda_kernel"),
+    (4, 8192, 128, 1, torch.float16, "gemm_cuda_kernel"),
+    (4, 1024, 128, 16, torch.float16, "gemm_sm90_kernel"),
+    (4, 1024, 32, 16, torch.bfloat16, "gemm_sm90_kernel"),
+    (4, 4096, 128, 64, torch.float16, "gemm_sm90_kernel"),
+    (2, 128, 64, 48, torch.float16, "gemm_sm90_kernel"),
+    (8, 1024, 128, 48, torch.bfloat16, "gemm_sm90_kernel"),
+]
+
+
+@pytest.mark.parametrize("w_bit,K,group_size,M,dtype,kernel", CHAIN_CASES)
 @pytest.mark.parametrize("graph", (False, True), ids=("eager", "graph"))
-def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypatch):
+def test_programmatic_launches_in_a_chain(w_bit, K, group_size, M, dtype, kernel, graph,
+                                          monkeypatch):
     """The fused kernels start while the kernel before them ends (programmatic
-    dependent launch) and wait for it before reading x or writing. A chain of
-    one-row calls, each reading the one before's output (which the staged
-    kernel lets start at once) and writing into memory the allocator took
+    dependent launch) and wait for it before reading anything or writing. A
+    chain of calls, each reading the one before's output (which the kernels
+    let start before they end) and writing into memory the allocator took
     back from an input two calls earlier: the same bits as in plain stream
     order (MPQ_OPS_CUDA_PDL=0), close to float64, eagerly and replayed from a
-    CUDA graph with new x."""
-    layers = [unit_gain_weight(K, K, w_bit, group_size, seed) for seed in range(6)]
+    CUDA graph with new x. Rows past 16 of x take the wgmma kernel on Hopper
+    (forced for 16 rows), the others the staged kernel."""
+    sm90 = kernel == "gemm_sm90_kernel"
+    if sm90 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    if sm90:
+        monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "sm90")
+    layers = [unit_gain_weight(K, K, w_bit, group_size, seed, dtype) for seed in range(6)]
 
     def chain(x):
         for qweight, scales, zeros in layers:
@@ -474,9 +499,10 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypat
         plain = chain(x)
         monkeypatch.delenv("MPQ_OPS_CUDA_PDL")
         assert torch.equal(y, plain)
-        assert rel_err(y, reference(x)) < 6 * REL_TOL[torch.float16]
+        assert rel_err(y, reference(x)) < 6 * REL_TOL[dtype]
 
-    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    assert any(kernel in name for name in launched_kernels(lambda: chain(x)))
     if graph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -491,6 +517,6 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, graph, monkeypat
             x.copy_(torch.randn_like(x))
             g.replay()
         else:
-            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = chain(x)
         check(y, x)

@@ -224,7 +224,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // Chunks between consecutive steps of x in shared memory.
   constexpr int X_STEP = COLS ? 4 * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
-  tile::launch_dependents();  // the split sums' kernel may start (and wait)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -611,6 +610,18 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       stage = stage + 1 == STAGES ? 0 : stage + 1;
     }
   }
+  // The kernel after this one (the split sums', the next layer's) may start
+  // once every block has come here (or ended), its blocks waiting for this
+  // grid's end. Not from the block's start, which was slower than no overlap
+  // at all where a layer's weights stream from memory (the next grid's
+  // blocks then take SMs as ours free them, likely unevenly): a graph of
+  // back-to-back layers at M = 1,
+  // H200, w4 g128 (4096, 14336) and (14336, 4096) in turn, 14.8 us per
+  // layer, against 13.3 in plain stream order and 12.9 from here; w8 19.0,
+  // 18.6 and 18.7; SmolLM2's (576, 1536) and (1536, 576) w4 g32 3.6 from
+  // here, 4.0 in plain order (scripts/bench_chain.py,
+  // scripts/results/ab_h200_pdl_trigger.log).
+  tile::launch_dependents();
   cp_async_wait<0>();
   if (cluster_sum) {
     sum_in_cluster<T, X_ROWS, W_ROWS>(rows, acc, x_stages, m0, blockIdx.y * W_ROWS, M, N, bias,
@@ -723,15 +734,14 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // Launches that overlap the kernel before (gemm_cuda_kernel's
   // wait_prerequisites) where the device and the build allow: the next
   // call's blocks start while this one's end (it calls launch_dependents
-  // first thing). H200, SmolLM2's layers at M = 1 replayed from a CUDA graph
-  // (bench_overhead.py's graph column; scripts/results/ab_h200_pdl.log), on /
-  // off (us): w4 g32 576 x 576 2.9 / 3.5, 576 x 1536 3.0 / 3.5, 1536 x 576
-  // 3.0 / 3.5; w8 g64 1536 x 576 2.3 / 2.7 (fp16 F.linear 3.0, 3.6, 4.8).
-  // Single calls after an L2 flush, where the kernel before is not ours,
-  // level (8192 x 28672 w4 43.1 / 43.0). Not taken: asking L2 for the first
-  // steps' codes before the wait (prefetch.global.L2), which gained nothing
-  // more in graphs and cost single calls up to 1.3 us (4096 x 4096 w4 9.2 ->
-  // 10.5). The wgmma kernel and the GEMV are launched in plain stream order.
+  // once past its main loop). Single calls after an L2 flush, where the
+  // kernel before is not ours, level (8192 x 28672 w4 43.1 / 43.0 us with
+  // the trigger at the kernel's start, scripts/results/ab_h200_pdl.log).
+  // Not taken: asking L2 for the first steps' codes before the wait
+  // (prefetch.global.L2), which gained nothing more in graphs and cost
+  // single calls up to 1.3 us (4096 x 4096 w4 9.2 -> 10.5). The wgmma
+  // kernel is launched so as well; the GEMV (only ever forced) in plain
+  // stream order.
   // (The same check allows clusters, below.)
   static const bool sm90 = tile::sm90_launchable(kernel);
   // One launch of `launched` over `grid` (in clusters of `cluster` blocks),

@@ -395,6 +395,12 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // Launched to overlap the kernel before (programmatic dependent launch,
+  // launch()), the block has come this far while that one ends. Every read
+  // waits for it, the weights' too (the kernel before may have written
+  // them: a checkpoint loaded, an optimizer's step), and so does every
+  // write (y may take memory it still reads).
+  tile::wait_prerequisites();
 
   // The copy warpgroup's first thread runs the whole ring ahead of the
   // consumers, refilling a stage as soon as all eight consumer warps released
@@ -417,6 +423,11 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
           load_stage(i, k_first + i);
         }
       }
+      // The block's last copies are on their way: the kernel after it may
+      // start once every block has come here (or ended). Not earlier: in a
+      // grid of several waves its waiting blocks would hold SMs that this
+      // grid's later blocks need.
+      tile::launch_dependents();
     } else if (PERM && tid >= kConsumers + 32) {
       // The other three warps permute each landed stage's x in place, two
       // tasks (halves) per row, then hand it to the consumers: their stores
@@ -1089,12 +1100,21 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     ws = at::empty({tail_splits, tail, BM * kRowsW}, x.options().dtype(at::kFloat));
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<dim3(stream_k ? sms : sched.blocks(), splits), kThreads, L::kBytes, stream>>>(
-      x_map, w_map, reinterpret_cast<const T*>(scales.data_ptr()),
-      reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr, reinterpret_cast<T*>(y.data_ptr()),
-      ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K, tile::Groups::of(group_size),
-      sched);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Launched to overlap the end of the kernel before (programmatic dependent
+  // launch: gemm_sm90_kernel waits before its first read), as the staged
+  // kernel is; MPQ_OPS_CUDA_PDL=0 turns it off. (sm90_supported: a
+  // compute capability 9.0 device and sm_90a code.) H200, layers (4096,
+  // 14336) and (14336, 4096) in turn replayed from a CUDA graph, M = 64, g128,
+  // on / off (us per layer): w4 23.9 / 24.7, w2 23.1 / 24.0, w8 24.4 / 25.3
+  // (scripts/bench_chain.py, scripts/results/bench_chain_h200.log); single
+  // calls after an L2 flush level, (8192, 28672) w4 M = 16 64.3 / 64.1, M =
+  // 64 83.6 / 84.4, (4096, 4096) M = 64 15.8 / 15.8.
+  tile::launch(kernel, dim3(stream_k ? sms : sched.blocks(), splits), kThreads, L::kBytes, stream,
+               dim3(1), tile::programmatic_launches(), x_map, w_map,
+               reinterpret_cast<const T*>(scales.data_ptr()),
+               reinterpret_cast<const T*>(zeros.data_ptr()), bias_ptr,
+               reinterpret_cast<T*>(y.data_ptr()), ws.defined() ? ws.data_ptr<float>() : nullptr,
+               M, N, K, tile::Groups::of(group_size), sched);
   if (stream_k) {
     tile::finish_split<T>(ws, bias_ptr, y, 3, stream);
   } else if (splits > 1) {
