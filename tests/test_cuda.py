@@ -474,8 +474,8 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, M, dtype, kernel
     let start before they end) and writing into memory the allocator took
     back from an input two calls earlier: the same bits as in plain stream
     order (MPQ_OPS_CUDA_PDL=0), close to float64, eagerly and replayed from a
-    CUDA graph with new x. Rows past 16 of x take the wgmma kernel on Hopper
-    (forced for 16 rows), the others the staged kernel."""
+    CUDA graph with new x. The wgmma kernel's cases force it
+    (MPQ_OPS_CUDA_KERNEL=sm90; Hopper only); one row takes the staged kernel."""
     sm90 = kernel == "gemm_sm90_kernel"
     if sm90 and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel runs on compute capability 9.0")

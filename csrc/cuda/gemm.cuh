@@ -614,12 +614,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // once every block has come here (or ended), its blocks waiting for this
   // grid's end. Not from the block's start, which was slower than no overlap
   // at all where a layer's weights stream from memory (the next grid's
-  // blocks then take SMs as ours free them, likely unevenly): a graph of
-  // back-to-back layers at M = 1,
-  // H200, w4 g128 (4096, 14336) and (14336, 4096) in turn, 14.8 us per
-  // layer, against 13.3 in plain stream order and 12.9 from here; w8 19.0,
-  // 18.6 and 18.7; SmolLM2's (576, 1536) and (1536, 576) w4 g32 3.6 from
-  // here, 4.0 in plain order (scripts/bench_chain.py,
+  // blocks then take SMs as ours free them, likely unevenly). A graph of
+  // back-to-back layers at M = 1, H200, w4 g128 (4096, 14336) and (14336,
+  // 4096) in turn: 14.8 us per layer, against 13.3 in plain stream order and
+  // 12.9 from here; w8 19.0, 18.6 and 18.7; SmolLM2's (576, 1536) and (1536,
+  // 576) w4 g32 3.6 from here, 4.0 in plain order (scripts/bench_chain.py,
   // scripts/results/ab_h200_pdl_trigger.log).
   tile::launch_dependents();
   cp_async_wait<0>();
