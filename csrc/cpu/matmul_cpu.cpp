@@ -103,7 +103,12 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     // Each tile of rows of x decodes the weights once; the tiles take turns
     // over a few weight rows at a time, so that a later tile finds those
-    // rows in cache rather than in memory.
+    // rows in cache rather than in memory. (Measured and not taken: each
+    // weight row dequantized once into a buffer in x's block order that
+    // every tile reads, one load per vector in place of the decode's four
+    // operations: slower in all but two of 54 cells at M = 9 .. 24, e.g.
+    // 4096 x 4096 w4 g64 M = 16 5574 -> 6872 us, 576 x 1536 w4 g64 417 ->
+    // 471; scripts/results/ab_cpu_decode_once.log.)
     for (int64_t nb = n0; nb < n1; nb += kWeightRowsPerTurn) {
       const int64_t ne = std::min(n1, nb + kWeightRowsPerTurn);
       for (int64_t m0 = 0; m0 < M;) {
