@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,33 +24,10 @@ import torch.nn.functional as F
 import mpq_ops  # noqa: F401  (registers the ops)
 from mpq_ops.quantize import quantize_rtn
 from shape_args import add_shape_args, chosen_shapes
+from timing import graph_of, replay_us
 
 SHAPES = [(4096, 14336)]
 MS = [1, 16, 64]
-
-
-def graph_of(fn):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
-def replay_us(g, replays):
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(replays):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / replays * 1e6
 
 
 def with_env(env, fn):

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mpq_ops  # noqa: E402,F401  (registers the ops)
 from helpers import launched_kernels  # noqa: E402
 from mpq_ops import MPQLinear  # noqa: E402
+from timing import graph_of, replay_us  # noqa: E402
 
 # SmolLM2-135M: q/o, k/v, gate/up, down.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -46,23 +47,10 @@ def per_call(fn, calls, device):
 
 
 def graph_per_call(fn, calls, replays=20):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    def many():
         for _ in range(calls):
             fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(replays):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / (replays * calls) * 1e6
+    return replay_us(graph_of(many), replays) / calls
 
 
 def main():

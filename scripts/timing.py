@@ -1,5 +1,8 @@
-"""The timing loop the CPU benchmarks share (bench_cpu.py, bench_mlx.py)."""
+"""The timing loops the benchmarks share: rounds of CPU calls (bench_cpu.py,
+bench_mlx.py) and CUDA graph replays (bench_chain.py, bench_overhead.py)."""
 import time
+
+import torch
 
 
 def timed_rounds(fns, budget_s, max_rounds, before=None):
@@ -28,3 +31,28 @@ def timed_rounds(fns, budget_s, max_rounds, before=None):
             fn()
             ts.append(time.perf_counter() - t)
     return times
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (after three warm-up calls on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def replay_us(g, replays):
+    """Mean time (us) of one replay of graph g over `replays` back to back."""
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(replays):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / replays * 1e6
