@@ -4,14 +4,16 @@ layers whose weights, 235 MB at 4 bits, do not fit in L2) replayed from a CUDA
 graph, each layer reading the one before's output. Per layer (us): float16
 F.linear, and mpq::matmul at each code width with its kernels launched to
 overlap the end of the kernel before (programmatic dependent launch, on by
-default) and in plain stream order (MPQ_OPS_CUDA_PDL=0, a graph captured
-under each). Unlike bench.py's single calls after an L2 flush, nothing but
-the chain's own kernels runs between them. Times: the mean over --replays
-replays of the graph, the median of --rounds rounds in which the settings
+default) and in plain stream order (MPQ_OPS_CUDA_PDL=0), a graph captured
+under each; or under the environments that --settings names. Unlike
+bench.py's single calls after an L2 flush, nothing but the chain's own
+kernels runs between them. Times: the mean over --replays replays of the
+graph, the median of --rounds rounds in which the settings
 take turns (the order alternating). JSON + a printed table.
 
     python scripts/bench_chain.py [--shapes 4096x14336] [--ms 1,16,64] [--pairs 4] \\
-        [--bits 4] [--group-size 128] [--out chain.json]
+        [--bits 4] [--group-size 128] [--settings 'pdl:;plain:MPQ_OPS_CUDA_PDL=0'] \\
+        [--out chain.json]
 """
 import argparse
 import json
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 import mpq_ops  # noqa: F401  (registers the ops)
 from mpq_ops.quantize import quantize_rtn
-from shape_args import add_shape_args, chosen_shapes
+from shape_args import add_shape_args, chosen_shapes, parse_settings
 from timing import graph_of, replay_us
 
 SHAPES = [(4096, 14336)]
@@ -56,6 +58,8 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--settings", default="pdl:;plain:MPQ_OPS_CUDA_PDL=0",
+                    help="name:VAR=value,...;name:... (each a graph captured under it)")
     ap.add_argument("--out", default="chain.json")
     args = ap.parse_args()
     shapes, ms = chosen_shapes(args, SHAPES, MS)
@@ -65,7 +69,7 @@ def main():
     dt = torch.float16
     print(f"device: {torch.cuda.get_device_name()}; {args.pairs} pairs of layers K -> N -> K, "
           f"float16 x, g{gs}; us per layer, replayed from a CUDA graph")
-    settings = [("pdl", {"MPQ_OPS_CUDA_PDL": None}), ("plain", {"MPQ_OPS_CUDA_PDL": "0"})]
+    settings = parse_settings(args.settings)
     cols = ["fp16"] + [f"w{b} {name}" for b in bits for name, _ in settings]
     print(f"| {'K x N':>12} | {'M':>4} | " + " | ".join(f"{c:>9}" for c in cols) + " |")
     print(f"|{'-' * 14}|{'-' * 6}|" + "|".join("-" * 11 for _ in cols) + "|")

@@ -27,15 +27,8 @@ import mpq_ops  # noqa: E402,F401  (registers the ops)
 from bench import bench, bench_clean_l2  # noqa: E402
 from cells import make_cell  # noqa: E402
 from helpers import ref_matmul, rel_err  # noqa: E402
+from shape_args import parse_settings  # noqa: E402
 
-
-def parse_settings(text):
-    settings = []
-    for item in text.split(";"):
-        name, _, assignments = item.partition(":")
-        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
-        settings.append((name, env))
-    return settings
 
 
 def main():

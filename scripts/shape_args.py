@@ -1,5 +1,5 @@
-"""The --shapes / --ms options the benchmarks share: which (K, N) weights and
-how many rows of x to time."""
+"""The options the benchmarks share: --shapes / --ms (which (K, N) weights and
+how many rows of x to time) and --settings (environments to time side by side)."""
 
 
 def add_shape_args(ap, example):
@@ -15,3 +15,13 @@ def chosen_shapes(args, shapes, ms):
     if args.ms:
         ms = [int(m) for m in args.ms.split(",")]
     return shapes, ms
+
+
+def parse_settings(text):
+    """'name:VAR=v,VAR2=w;other:' -> [(name, {VAR: v, VAR2: w}), (other, {})]."""
+    settings = []
+    for item in text.split(";"):
+        name, _, assignments = item.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        settings.append((name, env))
+    return settings
