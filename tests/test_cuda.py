@@ -186,6 +186,37 @@ def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
             check_matmul(x, weight, w_bit, group_size, bias, (N, K, M))
 
 
+@pytest.mark.parametrize("small_grid", (True, False), ids=("small_grid", "128_row_tiles"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (4, 8))
+def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
+    """9 to 16 rows of x against few weight rows, through the staged kernel
+    (forced, so that 8-bit codes take it too): 64-row tiles with K split down
+    to single steps and the splits added up in a thread block cluster (on
+    Hopper no second kernel runs), or with MPQ_OPS_CUDA_SMALL_GRID=0 the
+    128-row tiles. SmolLM2's shapes (K = 576: a partial last step for 4-bit
+    codes), ragged N, steps that do not divide evenly among the splits, more
+    steps than a cluster has blocks (K = 8192), groups within a step, of whole
+    steps and per row, with and without bias; odd M from a non-contiguous x."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
+    if not small_grid:
+        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "0")
+    for N, K, group_size, with_bias in ((1536, 576, 32, False), (576, 1536, 64, True),
+                                        (192, 576, 64, True), (1000, 2048, 128, False),
+                                        (200, 8192, -1, True), (4096, 1024, 128, False)):
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+        for M in (9, 12, 16):
+            x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+            check_matmul(x, weight, w_bit, group_size, bias, (N, K, M))
+    if small_grid and torch.cuda.get_device_capability() == (9, 0):
+        weight = make_weight(1536, 576, w_bit, 32, dtype, "cuda")
+        x = make_x((16,), 576, dtype, "cuda")
+        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, w_bit, 32))
+        assert any("gemm_cuda_kernel" in n for n in names), names
+        assert not any("finish_split" in n for n in names), names
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (4, 8))
 def test_one_row_k_ranges(w_bit, dtype):
@@ -446,15 +477,20 @@ def unit_gain_weight(N, K, w_bit, group_size, seed, dtype=torch.float16):
 
 
 # (w_bit, K, group_size, rows of x, dtype, the kernel's name):
-# one row through the staged kernel; many through the wgmma kernel, whole
-# (K = 128: one pair of steps, nothing to split; y stored by the kernel) or
-# split over K (partial sums added by a second kernel), with its permuting
-# warps (bfloat16 4-bit codes, 16 rows) and each code width and group kind.
+# one row through the staged kernel, and 12 or 16 rows of x against weights as
+# small as SmolLM2's (its small grids: K split into single steps added up in a
+# cluster, a partial last step for 4-bit codes); many through the wgmma
+# kernel, whole (K = 128: one pair of steps, nothing to split; y stored by the
+# kernel) or split over K (partial sums added by a second kernel), with its
+# permuting warps (bfloat16 4-bit codes, 16 rows) and each code width and
+# group kind.
 CHAIN_CASES = [
     (4, 1024, 128, 1, torch.float16, "gemm_cuda_kernel"),
     (4, 576, 32, 1, torch.float16, "gemm_cuda_kernel"),
     (2, 1024, 64, 1, torch.float16, "gemm_cuda_kernel"),
     (8, 1024, 64, 1, torch.float16, "gemm_cuda_kernel"),
+    (4, 576, 32, 16, torch.float16, "gemm_cuda_kernel"),
+    (8, 576, 64, 12, torch.bfloat16, "gemm_cuda_kernel"),
     (4, 8192, 128, 1, torch.float16, "gemm_cuda_kernel"),
     (4, 1024, 128, 16, torch.float16, "gemm_sm90_kernel"),
     (4, 1024, 32, 16, torch.bfloat16, "gemm_sm90_kernel"),
@@ -475,7 +511,7 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, M, dtype, kernel
     back from an input two calls earlier: the same bits as in plain stream
     order (MPQ_OPS_CUDA_PDL=0), close to float64, eagerly and replayed from a
     CUDA graph with new x. The wgmma kernel's cases force it
-    (MPQ_OPS_CUDA_KERNEL=sm90; Hopper only); one row takes the staged kernel."""
+    (MPQ_OPS_CUDA_KERNEL=sm90; Hopper only); the others take the staged kernel."""
     sm90 = kernel == "gemm_sm90_kernel"
     if sm90 and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel runs on compute capability 9.0")

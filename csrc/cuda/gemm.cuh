@@ -657,6 +657,19 @@ inline int x_tiles(int64_t M, int w_bit) {
   return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
+// Whether 9 to 16 rows of x (two x tiles) against an [N, K] weight of W-bit
+// codes take the small-grid kernel (gemm_bits): where the grid of 128-row
+// tiles, split by launch_kernel's rule for several x tiles, would fill at
+// most half the SMs.
+template <int W>
+bool small_grid(int64_t K, int64_t N) {
+  constexpr int SUPER_K = 16 * (32 / W);
+  const long sms = tile::sm_count();
+  const long row_blocks = (N + 127) / 128, steps = (K + SUPER_K - 1) / SUPER_K;
+  const long splits = std::max(1L, std::min(2 * sms / row_blocks, std::max(1L, steps / 4)));
+  return tile::small_grids() && 2 * row_blocks * splits <= sms;
+}
+
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
           bool LATE, int KR = 1>
 void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -679,6 +692,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // A partial last step (gemm_cuda_kernel's TAIL) where K is not a whole number of them.
   const bool tail = K % Rows::STEP_K != 0;
   const int steps = (K + Rows::STEP_K - 1) / Rows::STEP_K;
+  // Several x tiles with one W tile per warp: the small-grid kernel (gemm_bits).
+  constexpr bool kSmallGrid = N_TILES > 1 && RT == 1;
   // Split K until the grid has about two blocks per SM. More (up to the three
   // that fit) only adds workspace traffic and pipeline fills: measured at M=64
   // on (8192, 28672) / (28672, 8192) / (4096, 14336) / (4096, 4096) the best
@@ -803,6 +818,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       cols ? std::max(one_tile_splits, (steps + cols_steps - 1) / cols_steps)
       : N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
       : N_TILES == 1 ? one_tile_splits
+      : kSmallGrid ? [&] {
+          // K split until the grid has about two blocks per SM, down to single
+          // steps, into no more parts than a cluster adds up (kMaxCluster), and
+          // no more than its steps per part need.
+          const long most = std::min<long>({2L * tile::sm_count() / blocks, steps,
+                                            tile::kMaxCluster});
+          const int per = (steps + std::max(1L, most) - 1) / std::max(1L, most);
+          return (steps + per - 1) / per;
+        }()
                      : (int)std::max<long>(1, std::min<long>(2 * tile::sm_count() / blocks,
                                                              std::max(1, steps / 4)));
   const int per_split = (steps + splits - 1) / splits;
@@ -860,7 +884,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // sum_in_cluster's partial sums, over the memory x took
   const int cluster_smem = std::max(x_smem, x_rows * w_rows * 4);
   const bool cluster_sum =
-      N_TILES == 1 && W != 2 && sm90 && splits > 1 && splits <= tile::kMaxCluster &&
+      (N_TILES == 1 || kSmallGrid) && W != 2 && sm90 && splits > 1 &&
+      splits <= tile::kMaxCluster &&
       blocks * splits <= slots && tile::split_sum_in_cluster() &&
       tile::clusters_fit_one_wave(launched, grid, WARPS * 32, cluster_smem, dim3(1, 1, splits));
   const int smem = cluster_sum ? cluster_smem : x_smem;
@@ -973,7 +998,27 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     case 2:
       if constexpr (W == 2)
         return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);
-      return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+      else {
+        // Few weight rows: 64-row tiles (one W tile per warp) and K split
+        // down to single steps (launch_kernel's kSmallGrid), the splits added
+        // up in a thread block cluster, where 128-row tiles would leave more
+        // than half the SMs idle. H200, float16, 128-row tiles / these (us;
+        // scripts/results/ab_h200_small_grids.log): layers back to back from
+        // a CUDA graph (scripts/bench_chain.py, 8 pairs K -> N -> K, us per
+        // layer, fp16 F.linear in brackets), M = 16, g64: w4 (576, 1536) 5.4
+        // / 4.2 (3.8), (576, 576) 4.5 / 3.3 (3.2), (576, 192) 3.6 / 3.2 (2.9);
+        // w8 (576, 1536) 5.2 / 4.2, (576, 576) 5.1 / 3.4; M = 9 w4 (576,
+        // 1536) 5.3 / 3.7 (3.8); 4 pairs, g128, w4 (1024, 4096) 5.9 / 5.3
+        // (6.7), (2048, 2048) 5.8 / 5.4 (6.3). Single calls, L2 flushed, w4
+        // g128: (1024, 1024) 13.4 / 6.6, (2048, 2048) 9.4 / 8.6, (4096, 1024)
+        // 9.5 / 8.9; g64 (1536, 576) 8.9 / 7.8. Not taken (an earlier run):
+        // more splits than a cluster holds, through the workspace ((4096,
+        // 1024) 14.9 against 9.4), and the rule at a quarter of the SMs,
+        // which left (2048, 2048) and (1024, 4096) on the 128-row tiles.
+        if (small_grid<W>(x.size(1), qweight.size(0)))
+          return launch<T, W, 2, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
+        return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+      }
     case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:
       // 4-bit: three blocks per SM (registers capped at 168, no spills) measured

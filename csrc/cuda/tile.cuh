@@ -517,6 +517,14 @@ inline bool split_sum_in_cluster() {
   return v == nullptr || std::strcmp(v, "workspace") != 0;
 }
 
+// MPQ_OPS_CUDA_SMALL_GRID=0 keeps 9 to 16 rows of x against few weight rows
+// on the staged kernel's 128-row tiles instead of its small-grid kernel
+// (gemm.cuh's small_grid; A/B runs).
+inline bool small_grids() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_SMALL_GRID");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Whether all of `grid` runs at once in clusters of `cluster` blocks: a
 // cluster starts only where one GPC has room for all its blocks, so clusters
 // may fit fewer blocks than the plain occupancy does. Cached per kernel,
