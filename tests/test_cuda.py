@@ -188,16 +188,18 @@ def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
 
 @pytest.mark.parametrize("small_grid", (True, False), ids=("small_grid", "128_row_tiles"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("w_bit", (4, 8))
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
 def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
-    """9 to 16 rows of x against few weight rows, through the staged kernel
-    (forced, so that 8-bit codes take it too): 64-row tiles with K split down
-    to single steps and the splits added up in a thread block cluster (on
-    Hopper no second kernel runs), or with MPQ_OPS_CUDA_SMALL_GRID=0 the
-    128-row tiles. SmolLM2's shapes (K = 576: a partial last step for 4-bit
-    codes), ragged N, steps that do not divide evenly among the splits, more
-    steps than a cluster has blocks (K = 8192), groups within a step, of whole
-    steps and per row, with and without bias; odd M from a non-contiguous x."""
+    """9 to 128 rows of x against few weight rows, through the staged kernel
+    (forced, so that every width takes it): 64-row tiles with K split down to
+    single steps, the splits added up in a thread block cluster (4- and 8-bit
+    codes; on Hopper no second kernel runs) or through the workspace (2-bit),
+    or with MPQ_OPS_CUDA_SMALL_GRID=0 the 128-row tiles. SmolLM2's shapes
+    (K = 576: a partial last step for 2- and 4-bit codes), ragged N, steps
+    that do not divide evenly among the splits, more steps than a cluster has
+    blocks (K = 8192), groups within a step, of whole steps and per row, with
+    and without bias; every x tile count, partial tiles, odd M from a
+    non-contiguous x."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     if not small_grid:
         monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "0")
@@ -206,15 +208,16 @@ def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
                                         (200, 8192, -1, True), (4096, 1024, 128, False)):
         weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
-        for M in (9, 12, 16):
+        for M in (9, 16, 17, 32, 33, 64, 65, 128):
             x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
             check_matmul(x, weight, w_bit, group_size, bias, (N, K, M))
-    if small_grid and torch.cuda.get_device_capability() == (9, 0):
+    if small_grid and w_bit != 2 and torch.cuda.get_device_capability() == (9, 0):
         weight = make_weight(1536, 576, w_bit, 32, dtype, "cuda")
-        x = make_x((16,), 576, dtype, "cuda")
-        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, w_bit, 32))
-        assert any("gemm_cuda_kernel" in n for n in names), names
-        assert not any("finish_split" in n for n in names), names
+        for M in (16, 32, 64):
+            x = make_x((M,), 576, dtype, "cuda")
+            names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, w_bit, 32))
+            assert any("gemm_cuda_kernel" in n for n in names), (M, names)
+            assert not any("finish_split" in n for n in names), (M, names)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -477,13 +480,13 @@ def unit_gain_weight(N, K, w_bit, group_size, seed, dtype=torch.float16):
 
 
 # (w_bit, K, group_size, rows of x, dtype, the kernel's name):
-# one row through the staged kernel, and 12 or 16 rows of x against weights as
+# one row through the staged kernel, and 12 to 64 rows of x against weights as
 # small as SmolLM2's (its small grids: K split into single steps added up in a
-# cluster, a partial last step for 4-bit codes); many through the wgmma
-# kernel, whole (K = 128: one pair of steps, nothing to split; y stored by the
-# kernel) or split over K (partial sums added by a second kernel), with its
-# permuting warps (bfloat16 4-bit codes, 16 rows) and each code width and
-# group kind.
+# cluster or, 2-bit codes, by a second kernel; a partial last step for 2- and
+# 4-bit codes); many through the wgmma kernel, whole (K = 128: one pair of
+# steps, nothing to split; y stored by the kernel) or split over K (partial
+# sums added by a second kernel), with its permuting warps (bfloat16 4-bit
+# codes, 16 rows) and each code width and group kind.
 CHAIN_CASES = [
     (4, 1024, 128, 1, torch.float16, "gemm_cuda_kernel"),
     (4, 576, 32, 1, torch.float16, "gemm_cuda_kernel"),
@@ -491,6 +494,8 @@ CHAIN_CASES = [
     (8, 1024, 64, 1, torch.float16, "gemm_cuda_kernel"),
     (4, 576, 32, 16, torch.float16, "gemm_cuda_kernel"),
     (8, 576, 64, 12, torch.bfloat16, "gemm_cuda_kernel"),
+    (4, 576, 64, 64, torch.bfloat16, "gemm_cuda_kernel"),
+    (2, 576, 64, 32, torch.float16, "gemm_cuda_kernel"),
     (4, 8192, 128, 1, torch.float16, "gemm_cuda_kernel"),
     (4, 1024, 128, 16, torch.float16, "gemm_sm90_kernel"),
     (4, 1024, 32, 16, torch.bfloat16, "gemm_sm90_kernel"),

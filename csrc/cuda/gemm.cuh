@@ -657,17 +657,37 @@ inline int x_tiles(int64_t M, int w_bit) {
   return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
-// Whether 9 to 16 rows of x (two x tiles) against an [N, K] weight of W-bit
-// codes take the small-grid kernel (gemm_bits): where the grid of 128-row
-// tiles, split by launch_kernel's rule for several x tiles, would fill at
-// most half the SMs.
+// Whether M rows of x in tiles of 8 * N_TILES rows (N_TILES > 1) against an
+// [N, K] weight of W-bit codes take the small-grid kernel (gemm_bits): where
+// the grid of 128-row tiles, split by launch_kernel's rule for several x
+// tiles, would fill at most half the SMs. That kernel takes 64-row tiles (one
+// W tile per warp) and splits K down to single steps (launch_kernel's
+// kSmallGrid), the splits added up in a thread block cluster (4- and 8-bit
+// codes; 2-bit codes through the workspace, which ran faster for them: 576 x
+// 576, M = 32, 3.6 against 4.7 us). Such weights are a small model's (the
+// 128-row tiles gave SmolLM2's up projection, K = 576, 12 blocks and no split)
+// or those whose K the wgmma kernel does not take. H200, float16, layers back to
+// back from a CUDA graph (scripts/bench_chain.py, 8 pairs K -> N -> K, g64, us
+// per layer), 128-row tiles / small grids (fp16 F.linear in brackets;
+// scripts/results/ab_h200_small_grids.log): w4 (576, 1536) M = 16 5.3 / 4.1
+// (3.9), M = 64 8.1 / 6.1 (4.1); (576, 576) M = 16 4.5 / 3.2 (3.2), M = 32
+// 6.0 / 4.2, M = 64 10.0 / 6.0; (960, 2560) M = 16 6.1 / 4.9 (5.8); w8 (576,
+// 576) M = 16 5.1 / 3.5, M = 64 8.5 / 6.1; w2 (576, 576) M = 32 6.4 / 3.7
+// (3.2), (960, 2560) M = 16 7.0 / 4.4. Level where the 128-row tiles already
+// fill half the GPU ((960, 2560) M = 128: 9.9 / 9.9). Single calls, L2
+// flushed, w4 g128 (1024, 1024) M = 16 13.4 / 6.6 us, (2048, 2048) 9.4 / 8.6.
+// Not taken (an earlier run): more splits than a cluster holds, through the
+// workspace ((4096, 1024) M = 16 14.9 against 9.4 us), and the rule at a
+// quarter of the SMs, which left (2048, 2048) and (1024, 4096) M = 16 on the
+// 128-row tiles (21.2 and 18.8 us in that run against 13.5 and 10.4).
 template <int W>
-bool small_grid(int64_t K, int64_t N) {
+bool small_grid(int64_t M, int64_t K, int64_t N, int n_tiles) {
   constexpr int SUPER_K = 16 * (32 / W);
   const long sms = tile::sm_count();
-  const long row_blocks = (N + 127) / 128, steps = (K + SUPER_K - 1) / SUPER_K;
-  const long splits = std::max(1L, std::min(2 * sms / row_blocks, std::max(1L, steps / 4)));
-  return tile::small_grids() && 2 * row_blocks * splits <= sms;
+  const long blocks = (M + 8 * n_tiles - 1) / (8 * n_tiles) * ((N + 127) / 128);
+  const long steps = (K + SUPER_K - 1) / SUPER_K;
+  const long splits = std::max(1L, std::min(2 * sms / blocks, std::max(1L, steps / 4)));
+  return tile::small_grids() && 2 * blocks * splits <= sms;
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
@@ -820,8 +840,9 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       : N_TILES == 1 ? one_tile_splits
       : kSmallGrid ? [&] {
           // K split until the grid has about two blocks per SM, down to single
-          // steps, into no more parts than a cluster adds up (kMaxCluster), and
-          // no more than its steps per part need.
+          // steps, into no more parts than a cluster adds up (kMaxCluster; for
+          // 2-bit codes too, whose parts go through the workspace), and no
+          // more than its steps per part need.
           const long most = std::min<long>({2L * tile::sm_count() / blocks, steps,
                                             tile::kMaxCluster});
           const int per = (steps + std::max(1L, most) - 1) / std::max(1L, most);
@@ -996,37 +1017,29 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // 74.5), their splits summed in clusters no better; three or four steps in
     // flight at two blocks, 72.2 -> 74.4 / 79.3.
     case 2:
-      if constexpr (W == 2)
+      if constexpr (W == 2) {
+        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 2))
+          return launch<T, W, 2, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);
-      else {
-        // Few weight rows: 64-row tiles (one W tile per warp) and K split
-        // down to single steps (launch_kernel's kSmallGrid), the splits added
-        // up in a thread block cluster, where 128-row tiles would leave more
-        // than half the SMs idle. H200, float16, 128-row tiles / these (us;
-        // scripts/results/ab_h200_small_grids.log): layers back to back from
-        // a CUDA graph (scripts/bench_chain.py, 8 pairs K -> N -> K, us per
-        // layer, fp16 F.linear in brackets), M = 16, g64: w4 (576, 1536) 5.4
-        // / 4.2 (3.8), (576, 576) 4.5 / 3.3 (3.2), (576, 192) 3.6 / 3.2 (2.9);
-        // w8 (576, 1536) 5.2 / 4.2, (576, 576) 5.1 / 3.4; M = 9 w4 (576,
-        // 1536) 5.3 / 3.7 (3.8); 4 pairs, g128, w4 (1024, 4096) 5.9 / 5.3
-        // (6.7), (2048, 2048) 5.8 / 5.4 (6.3). Single calls, L2 flushed, w4
-        // g128: (1024, 1024) 13.4 / 6.6, (2048, 2048) 9.4 / 8.6, (4096, 1024)
-        // 9.5 / 8.9; g64 (1536, 576) 8.9 / 7.8. Not taken (an earlier run):
-        // more splits than a cluster holds, through the workspace ((4096,
-        // 1024) 14.9 against 9.4), and the rule at a quarter of the SMs,
-        // which left (2048, 2048) and (1024, 4096) on the 128-row tiles.
-        if (small_grid<W>(x.size(1), qweight.size(0)))
+      } else {
+        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 2))
           return launch<T, W, 2, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
       }
-    case 4: return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
+    case 4:
+      if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 4))
+        return launch<T, W, 4, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
+      return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:
       // 4-bit: three blocks per SM (registers capped at 168, no spills) measured
       // faster than two (M=64: 165 -> 157 us at (8192, 28672), 198 -> 136 us at
       // (28672, 8192)); 8-bit codes would spill under that cap.
-      if constexpr (W != 2)
+      if constexpr (W != 2) {
+        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 8))
+          return launch<T, W, 8, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 8, 2, 1, 4, W == 4 ? 3 : 1>(x, qweight, scales, zeros, bias, y,
                                                           group_size);
+      }
   }
 }
 

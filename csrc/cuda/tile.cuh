@@ -517,7 +517,7 @@ inline bool split_sum_in_cluster() {
   return v == nullptr || std::strcmp(v, "workspace") != 0;
 }
 
-// MPQ_OPS_CUDA_SMALL_GRID=0 keeps 9 to 16 rows of x against few weight rows
+// MPQ_OPS_CUDA_SMALL_GRID=0 keeps 9 to 128 rows of x against few weight rows
 // on the staged kernel's 128-row tiles instead of its small-grid kernel
 // (gemm.cuh's small_grid; A/B runs).
 inline bool small_grids() {
