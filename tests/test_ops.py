@@ -61,6 +61,25 @@ def test_matmul_leading_dims(device, lead):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("w_bit", W_BITS)
+def test_matmul_without_inputs(device, w_bit):
+    """K = 0: y is exactly the bias, or zeros, for any number of rows (those
+    that every CUDA path takes among them)."""
+    for dtype, M, group_size, with_bias in itertools.product(
+            dtypes_for(device), (0, 1, 16, 40, 200), (32, -1), (False, True)):
+        qweight = torch.zeros(N, 0, dtype=torch.int32, device=device)
+        scales = torch.zeros(N, 0, dtype=dtype, device=device)
+        bias = torch.randn(N, device=device).to(dtype) if with_bias else None
+        x = torch.randn(M, 0, dtype=dtype, device=device)
+        y = torch.ops.mpq.matmul(x, qweight, scales, scales.clone(), w_bit, group_size, None,
+                                 bias)
+        expected = torch.zeros(M, N, dtype=dtype, device=device)
+        if with_bias:
+            expected += bias
+        assert torch.equal(y, expected), (dtype, M, group_size, with_bias)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_dequantize_matches_float64_reference(device, w_bit, group_size):
     for dtype in dtypes_for(device):

@@ -845,8 +845,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
           // more than its steps per part need.
           const long most = std::min<long>({2L * tile::sm_count() / blocks, steps,
                                             tile::kMaxCluster});
-          const int per = (steps + std::max(1L, most) - 1) / std::max(1L, most);
-          return (steps + per - 1) / per;
+          const int per = std::max(1L, (steps + std::max(1L, most) - 1) / std::max(1L, most));
+          return std::max(1, (steps + per - 1) / per);
         }()
                      : (int)std::max<long>(1, std::min<long>(2 * tile::sm_count() / blocks,
                                                              std::max(1, steps / 4)));

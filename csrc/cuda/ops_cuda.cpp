@@ -28,6 +28,13 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   auto [x2, out_sizes] = as_rows(x, K, N);
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return at::zeros(out_sizes, x.options());
+  // No inputs (K = 0): y is the bias, or zeros, as on the CPU; no kernel
+  // needs to handle a K without a single step.
+  if (K == 0) {
+    auto y = at::zeros(out_sizes, x.options());
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
   // perm values are not range-checked here: that would need a host sync.
   // index_select raises a device-side error for an out-of-range index.
   if (perm.has_value()) x2 = x2.index_select(1, *perm);
