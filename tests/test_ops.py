@@ -62,8 +62,8 @@ def test_matmul_leading_dims(device, lead):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("w_bit", W_BITS)
 def test_matmul_without_inputs(device, w_bit):
-    """K = 0: y is exactly the bias, or zeros, for any number of rows (those
-    that every CUDA path takes among them)."""
+    """K = 0: y is exactly the bias, or zeros, for row counts that each of
+    the CUDA paths would take (1, 16, 40, 200) and for none."""
     for dtype, M, group_size, with_bias in itertools.product(
             dtypes_for(device), (0, 1, 16, 40, 200), (32, -1), (False, True)):
         qweight = torch.zeros(N, 0, dtype=torch.int32, device=device)
