@@ -17,7 +17,6 @@ take turns (the order alternating). JSON + a printed table.
 """
 import argparse
 import json
-import os
 import statistics
 
 import torch
@@ -25,29 +24,11 @@ import torch.nn.functional as F
 
 import mpq_ops  # noqa: F401  (registers the ops)
 from mpq_ops.quantize import quantize_rtn
-from shape_args import add_shape_args, chosen_shapes, parse_settings
+from shape_args import add_shape_args, chosen_shapes, parse_settings, with_env
 from timing import graph_of, replay_us
 
 SHAPES = [(4096, 14336)]
 MS = [1, 16, 64]
-
-
-def with_env(env, fn):
-    """fn() with the environment variables in env set (None: unset)."""
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main():

@@ -27,8 +27,7 @@ import mpq_ops  # noqa: E402,F401  (registers the ops)
 from bench import bench, bench_clean_l2  # noqa: E402
 from cells import make_cell  # noqa: E402
 from helpers import ref_matmul, rel_err  # noqa: E402
-from shape_args import parse_settings  # noqa: E402
-
+from shape_args import parse_settings, with_env  # noqa: E402
 
 
 def main():
@@ -41,17 +40,6 @@ def main():
                     help="L2 emptied by a read before each run instead of do_bench's zero-fill")
     args = ap.parse_args()
     settings = parse_settings(args.settings)
-    names = sorted({k for _, env in settings for k in env})
-    saved = {k: os.environ.get(k) for k in names}
-
-    def apply(env):
-        for k in names:
-            if saved[k] is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = saved[k]
-        os.environ.update(env)
-
     timer = bench_clean_l2 if args.clean_l2 else bench
     rows = []
     flush = "L2 emptied by a read" if args.clean_l2 else "do_bench, L2 flushed by a write"
@@ -67,13 +55,13 @@ def main():
         errors = {}
         for r in range(args.rounds):
             for name, env in settings if r % 2 == 0 else settings[::-1]:
-                apply(env)
-                if name not in errors:
-                    out = call()
-                    finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
-                    errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
-                times[name].append(timer(call))
-        apply({})
+                def run(name=name):
+                    if name not in errors:
+                        out = call()
+                        finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
+                        errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
+                    times[name].append(timer(call))
+                with_env(env, run)
         dt, _, _, K, N, M = cell.split(",")
         row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}
         for name, _ in settings:

@@ -1,5 +1,6 @@
 """The options the benchmarks share: --shapes / --ms (which (K, N) weights and
 how many rows of x to time) and --settings (environments to time side by side)."""
+import os
 
 
 def add_shape_args(ap, example):
@@ -25,3 +26,22 @@ def parse_settings(text):
         env = dict(a.split("=", 1) for a in assignments.split(",") if a)
         settings.append((name, env))
     return settings
+
+
+def with_env(env, fn):
+    """fn() with the environment variables in env set (None: unset), then
+    the environment as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
