@@ -657,6 +657,14 @@ inline int x_tiles(int64_t M, int w_bit) {
   return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 || w_bit == 2 ? 4 : 8;
 }
 
+// K splits of a grid of `blocks` blocks over several x tiles, each walking
+// `steps` steps (launch_kernel's rule, which small_grid applies to the
+// 128-row tiles): until the grid has about two blocks per SM, at least four
+// steps per split.
+inline long tiles_splits(long blocks, long steps) {
+  return std::max(1L, std::min(2L * tile::sm_count() / blocks, std::max(1L, steps / 4)));
+}
+
 // Whether M rows of x in tiles of 8 * N_TILES rows (N_TILES > 1) against an
 // [N, K] weight of W-bit codes take the small-grid kernel (gemm_bits): where
 // the grid of 128-row tiles, split by launch_kernel's rule for several x
@@ -683,11 +691,9 @@ inline int x_tiles(int64_t M, int w_bit) {
 template <int W>
 bool small_grid(int64_t M, int64_t K, int64_t N, int n_tiles) {
   constexpr int SUPER_K = 16 * (32 / W);
-  const long sms = tile::sm_count();
   const long blocks = (M + 8 * n_tiles - 1) / (8 * n_tiles) * ((N + 127) / 128);
   const long steps = (K + SUPER_K - 1) / SUPER_K;
-  const long splits = std::max(1L, std::min(2 * sms / blocks, std::max(1L, steps / 4)));
-  return tile::small_grids() && 2 * blocks * splits <= sms;
+  return tile::small_grids() && 2 * blocks * tiles_splits(blocks, steps) <= tile::sm_count();
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
@@ -843,13 +849,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
           // steps, into no more parts than a cluster adds up (kMaxCluster; for
           // 2-bit codes too, whose parts go through the workspace), and no
           // more than its steps per part need.
-          const long most = std::min<long>({2L * tile::sm_count() / blocks, steps,
-                                            tile::kMaxCluster});
-          const int per = std::max(1L, (steps + std::max(1L, most) - 1) / std::max(1L, most));
+          const long most = std::max<long>(
+              1, std::min<long>({2L * tile::sm_count() / blocks, steps, tile::kMaxCluster}));
+          const int per = std::max(1L, (steps + most - 1) / most);
           return std::max(1, (steps + per - 1) / per);
         }()
-                     : (int)std::max<long>(1, std::min<long>(2 * tile::sm_count() / blocks,
-                                                             std::max(1, steps / 4)));
+                     : (int)tiles_splits(blocks, steps);
   const int per_split = (steps + splits - 1) / splits;
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most kResidentXBytes.
