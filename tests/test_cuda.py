@@ -221,6 +221,30 @@ def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_two_bit_codes_policy(dtype, monkeypatch):
+    """The default policy on Hopper for 2-bit codes from 17 to 64 rows: the
+    staged kernel's small grids against few weight rows, the wgmma kernel
+    against many, and the wgmma kernel again with the small grids turned off
+    (MPQ_OPS_CUDA_SMALL_GRID=0); each against float64."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    monkeypatch.delenv("MPQ_OPS_CUDA_KERNEL", raising=False)
+    cases = (((1024, 1024), 24, True, "gemm_cuda_kernel"),
+             ((1024, 1024), 64, True, "gemm_cuda_kernel"),
+             ((1000, 2048), 33, True, "gemm_cuda_kernel"),
+             ((1024, 1024), 48, False, "gemm_sm90_kernel"),
+             ((14336, 4096), 48, True, "gemm_sm90_kernel"),
+             ((1024, 1024), 65, True, "gemm_sm90_kernel"))
+    for (N, K), M, small_grid, kernel in cases:
+        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "1" if small_grid else "0")
+        weight = make_weight(N, K, 2, 64, dtype, "cuda")
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, 2, 64, None, (N, K, M, small_grid))
+        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, 2, 64))
+        assert any(kernel in n for n in names), (N, K, M, small_grid, names)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (4, 8))
 def test_one_row_k_ranges(w_bit, dtype):
     """One row of x, 4- and 8-bit codes: each weight row as eight k ranges

@@ -46,7 +46,21 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
     if (std::strcmp(forced, "sm90") == 0 && sm90()) return MatmulKernel::Sm90;
     if (std::strcmp(forced, "dequantize") == 0) return MatmulKernel::Dequantize;
   }
-  if (sm90_preferred(M, qweight.size(0), x.size(1), w_bit) && sm90()) return MatmulKernel::Sm90;
+  if (sm90_preferred(M, qweight.size(0), x.size(1), w_bit) && sm90()) {
+    // 2-bit codes up to 64 rows against few weight rows (where the staged
+    // kernel's 128-row tiles would leave half the SMs idle): its small grids,
+    // not the wgmma kernel. H200, float16, layers back to back
+    // (scripts/bench_chain.py, 8 pairs, g64, us per layer), this policy / the
+    // wgmma kernel (scripts/results/ab_h200_small_grids.log, run 9): 1024 x
+    // 1024 M = 24 3.7 / 4.1, M = 48 3.9 / 4.4, M = 64 4.1 / 5.1; 576 x 1536
+    // M = 64 4.7 / 5.4 (its down projection); 2048 x 2048 M = 24 4.9 / 5.5,
+    // M = 64 6.3 / 6.4, but M = 48 6.2 / 5.9. 4- and 8-bit codes were slower
+    // so in most cells (run 7).
+    if (w_bit == 2 && M <= 64 &&
+        gemm_detail::small_grid<2>(M, x.size(1), qweight.size(0), gemm_detail::x_tiles(M, 2)))
+      return MatmulKernel::Gemm;
+    return MatmulKernel::Sm90;
+  }
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
   return MatmulKernel::Dequantize;
 }
