@@ -150,13 +150,45 @@ __device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc,
   cluster.sync();
   const int splits = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
-  for (int i = rank * blockDim.x + threadIdx.x; i < X_ROWS * W_ROWS; i += splits * blockDim.x) {
-    const int m = m0 + i / W_ROWS, n = n0 + i % W_ROWS;
-    if (m >= M || n >= N) continue;
-    float v = 0.f;
-    for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(part, r)[i];
-    if (bias != nullptr) v += float(bias[n]);
-    y[(size_t)m * N + n] = T(v);
+  // Four outputs of one x row per thread and pass (W_ROWS is a multiple of
+  // 4), every block's part of them loaded (one 16-byte load each) before any
+  // is added, so that the remote loads' latencies overlap; the parts are
+  // added in rank order, so y is bit for bit what one output and one part at
+  // a time gave, in about a quarter of the rounds of remote loads. H200,
+  // float16, layers back to back from a CUDA graph (scripts/bench_chain.py,
+  // 8 pairs, g64, us per layer), one at a time / four at a time (workspace
+  // sums in brackets; scripts/results/ab_h200_small_grids.log, run 8): w4
+  // (576, 576) M = 16 3.2 / 2.8 (3.2), M = 32 4.2 / 3.2 (3.4), M = 64 5.9 /
+  // 4.1 (4.0); (576, 1536) M = 64 6.1 / 5.2 (5.2); (960, 2560) M = 16 4.9 /
+  // 4.5 (4.7); w8 (576, 576) M = 64 6.1 / 4.4 (4.3). At or under the
+  // workspace's time in 34 of 36 cells (32- and 64-row tiles), 0.1 over in two.
+  static_assert(W_ROWS % 4 == 0, "four outputs of one x row per load");
+  constexpr int kMax = tile::kMaxCluster;
+  for (int i4 = rank * blockDim.x + threadIdx.x; i4 < X_ROWS * W_ROWS / 4;
+       i4 += splits * blockDim.x) {
+    float4 parts[kMax];
+#pragma unroll
+    for (int r = 0; r < kMax; ++r)
+      if (r < splits)
+        parts[r] = reinterpret_cast<const float4*>(cluster.map_shared_rank(part, r))[i4];
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < kMax; ++r) {
+      if (r < splits) {
+        v[0] += parts[r].x;
+        v[1] += parts[r].y;
+        v[2] += parts[r].z;
+        v[3] += parts[r].w;
+      }
+    }
+    const int m = m0 + 4 * i4 / W_ROWS;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = n0 + (4 * i4 + e) % W_ROWS;
+      if (m >= M || n >= N) continue;
+      const float b = bias != nullptr ? float(bias[n]) : 0.f;
+      y[(size_t)m * N + n] = T(v[e] + b);
+    }
   }
   cluster.sync();
 #else
