@@ -1072,8 +1072,18 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
       // faster than two (M=64: 165 -> 157 us at (8192, 28672), 198 -> 136 us at
       // (28672, 8192)); 8-bit codes would spill under that cap.
       if constexpr (W != 2) {
+        // Small grids past 32 rows keep x tiles of 32 rows (as 2-bit codes
+        // do): twice the blocks or more of 64-row x tiles for the same weight
+        // tiles and splits. H200, float16, layers back to back
+        // (scripts/bench_chain.py, 8 pairs, g64, us per layer), x tiles of 64
+        // / 32 rows (fp16 F.linear in brackets;
+        // scripts/results/ab_h200_small_grids.log, runs 8 and 10): M = 64 w4
+        // (576, 576) 4.1 / 3.5 (3.2), (576, 1536) 5.2 / 4.9 (4.1), (960,
+        // 2560) 6.4 / 6.3 (5.9); w8 4.4 / 3.7, 5.3 / 5.1, but (960, 2560) 6.4
+        // / 6.7; M = 128 w4 (576, 576) 4.4 / 3.9 (3.2), (576, 1536) 6.7 / 6.3
+        // (4.0), w8 4.5 / 4.2, 6.8 / 6.7; M = 80 and 96 alike.
         if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 8))
-          return launch<T, W, 8, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
+          return launch<T, W, 4, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 8, 2, 1, 4, W == 4 ? 3 : 1>(x, qweight, scales, zeros, bias, y,
                                                           group_size);
       }
