@@ -48,8 +48,8 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
   }
   if (sm90_preferred(M, qweight.size(0), x.size(1), w_bit) && sm90()) {
     // 2-bit codes up to 64 rows against few weight rows (where the staged
-    // kernel's 128-row tiles would leave half the SMs idle): its small grids,
-    // not the wgmma kernel. H200, float16, layers back to back
+    // kernel's 128-row tiles would not fill one wave: gemm_detail::small_grid):
+    // its small grids, not the wgmma kernel. H200, float16, layers back to back
     // (scripts/bench_chain.py, 8 pairs, g64, us per layer), this policy / the
     // wgmma kernel (scripts/results/ab_h200_small_grids.log, run 9): 1024 x
     // 1024 M = 24 3.7 / 4.1, M = 48 3.9 / 4.4, M = 64 4.1 / 5.1; 576 x 1536

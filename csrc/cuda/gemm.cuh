@@ -700,9 +700,10 @@ inline long tiles_splits(long blocks, long steps) {
 // Whether M rows of x in tiles of 8 * N_TILES rows (N_TILES > 1) against an
 // [N, K] weight of W-bit codes take the small-grid kernel (gemm_bits): where
 // the grid of 128-row tiles, split by launch_kernel's rule for several x
-// tiles, would fill at most half the SMs. That kernel takes 64-row tiles (one
-// W tile per warp) and splits K down to single steps (launch_kernel's
-// kSmallGrid), the splits added up in a thread block cluster (4- and 8-bit
+// tiles, would fill at most one wave of the SMs (2- and 4-bit codes) or half
+// of one (8-bit codes). That kernel takes 64-row weight tiles (one W tile per
+// warp), x tiles of 16 or 32 rows, and splits K down to single steps
+// (launch_kernel's kSmallGrid), the splits added up in a thread block cluster (4- and 8-bit
 // codes; 2-bit codes through the workspace, which ran faster for them: 576 x
 // 576, M = 32, 3.6 against 4.7 us). Such weights are a small model's (the
 // 128-row tiles gave SmolLM2's up projection, K = 576, 12 blocks and no split)
@@ -720,12 +721,21 @@ inline long tiles_splits(long blocks, long steps) {
 // workspace ((4096, 1024) M = 16 14.9 against 9.4 us), and the rule at a
 // quarter of the SMs, which left (2048, 2048) and (1024, 4096) M = 16 on the
 // 128-row tiles (21.2 and 18.8 us in that run against 13.5 and 10.4).
+// One wave rather than half of one, same chain (run 12; the rules part only
+// where the 128-row grid with its splits fills between half a wave and one):
+// w4 (960, 2560) M = 96 9.4 -> 7.3, M = 128 9.9 -> 8.3 (fp16 6.0); (960,
+// 5120) M = 16 6.5 -> 5.3 (6.8), M = 64 9.4 -> 7.8 (7.1); w2 (960, 2560) M =
+// 128 8.4 -> 8.0, (960, 5120) M = 96 9.0 -> 8.6 but M = 48 7.5 -> 7.8; the
+// other 63 of 72 cells of 2- and 4-bit codes within 0.1 us.
+// 8-bit codes: (960, 2560) M = 96 9.2 -> 8.4 but M = 128 9.7 -> 10.4 (run 11),
+// so they keep half a wave.
 template <int W>
 bool small_grid(int64_t M, int64_t K, int64_t N, int n_tiles) {
   constexpr int SUPER_K = 16 * (32 / W);
   const long blocks = (M + 8 * n_tiles - 1) / (8 * n_tiles) * ((N + 127) / 128);
   const long steps = (K + SUPER_K - 1) / SUPER_K;
-  return tile::small_grids() && 2 * blocks * tiles_splits(blocks, steps) <= tile::sm_count();
+  const long fill = W == 8 ? 2 : 1;  // one wave, or half of one (above)
+  return tile::small_grids() && fill * blocks * tiles_splits(blocks, steps) <= tile::sm_count();
 }
 
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOCKS, bool PAIRED,
