@@ -192,14 +192,14 @@ def test_split_k_sums(w_bit, dtype, split_sum, monkeypatch):
 def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
     """9 to 128 rows of x against few weight rows, through the staged kernel
     (forced, so that every width takes it): 64-row weight tiles, x tiles of 16
-    or 32 rows, K split down to single steps, the splits added up in a thread block cluster (4- and 8-bit
-    codes; on Hopper no second kernel runs) or through the workspace (2-bit),
-    or with MPQ_OPS_CUDA_SMALL_GRID=0 the 128-row tiles. SmolLM2's shapes
-    (K = 576: a partial last step for 2- and 4-bit codes), ragged N, steps
-    that do not divide evenly among the splits, more steps than a cluster has
-    blocks (K = 8192), groups within a step, of whole steps and per row, with
-    and without bias; every x tile count, partial tiles, odd M from a
-    non-contiguous x."""
+    or 32 rows, K split down to single steps, the splits added up in a thread
+    block cluster (4- and 8-bit codes; on Hopper no second kernel runs) or
+    through the workspace (2-bit), or with MPQ_OPS_CUDA_SMALL_GRID=0 the
+    128-row tiles. SmolLM2's shapes (K = 576: a partial last step for 2- and
+    4-bit codes), ragged N, steps that do not divide evenly among the splits,
+    more steps than a cluster has blocks (K = 8192), groups within a step, of
+    whole steps and per row, with and without bias; every x tile count, partial
+    tiles, odd M from a non-contiguous x."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     if not small_grid:
         monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "0")

@@ -703,11 +703,12 @@ inline long tiles_splits(long blocks, long steps) {
 // tiles, would fill at most one wave of the SMs (2- and 4-bit codes) or half
 // of one (8-bit codes). That kernel takes 64-row weight tiles (one W tile per
 // warp), x tiles of 16 or 32 rows, and splits K down to single steps
-// (launch_kernel's kSmallGrid), the splits added up in a thread block cluster (4- and 8-bit
-// codes; 2-bit codes through the workspace, which ran faster for them: 576 x
-// 576, M = 32, 3.6 against 4.7 us). Such weights are a small model's (the
-// 128-row tiles gave SmolLM2's up projection, K = 576, 12 blocks and no split)
-// or those whose K the wgmma kernel does not take. H200, float16, layers back to
+// (launch_kernel's kSmallGrid), the splits added up in a thread block cluster
+// (4- and 8-bit codes; 2-bit codes through the workspace, which ran faster
+// for them: 576 x 576, M = 32, 3.6 against 4.7 us; run 10 mixed). Such
+// weights are a small model's (the 128-row tiles gave SmolLM2's up
+// projection, K = 576, 12 blocks and no split) or those whose K the wgmma
+// kernel does not take. H200, float16, layers back to
 // back from a CUDA graph (scripts/bench_chain.py, 8 pairs K -> N -> K, g64, us
 // per layer), 128-row tiles / small grids (fp16 F.linear in brackets;
 // scripts/results/ab_h200_small_grids.log): w4 (576, 1536) M = 16 5.3 / 4.1
