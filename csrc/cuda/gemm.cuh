@@ -1079,9 +1079,11 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
         return launch<T, W, 4, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
       return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:
-      // 4-bit: three blocks per SM (registers capped at 168, no spills) measured
-      // faster than two (M=64: 165 -> 157 us at (8192, 28672), 198 -> 136 us at
-      // (28672, 8192)); 8-bit codes would spill under that cap.
+      // 4-bit: three blocks per SM (registers capped at 168) measured faster
+      // than two (M=64: 165 -> 157 us at (8192, 28672), 198 -> 136 us at
+      // (28672, 8192)); 8-bit codes would spill under that cap. (4-bit codes
+      // spill a little under it too: ptxas -v, sm_90a, 4-36 bytes of spill
+      // stores by dtype and a partial last step.)
       if constexpr (W != 2) {
         // Small grids past 32 rows keep x tiles of 32 rows (as 2-bit codes
         // do): twice the blocks or more of 64-row x tiles for the same weight
