@@ -56,8 +56,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
     // M = 64 4.7 / 5.4 (its down projection); 2048 x 2048 M = 24 4.9 / 5.5,
     // M = 64 6.3 / 6.4, but M = 48 6.2 / 5.9. 4- and 8-bit codes were slower
     // so in most cells (run 7).
-    if (w_bit == 2 && M <= 64 &&
-        gemm_detail::small_grid<2>(M, x.size(1), qweight.size(0), gemm_detail::x_tiles(M, 2)))
+    if (w_bit == 2 && M <= 64 && gemm_detail::small_grid<2>(M, x.size(1), qweight.size(0)))
       return MatmulKernel::Gemm;
     return MatmulKernel::Sm90;
   }

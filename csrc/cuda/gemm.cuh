@@ -697,8 +697,9 @@ inline long tiles_splits(long blocks, long steps) {
   return std::max(1L, std::min(2L * tile::sm_count() / blocks, std::max(1L, steps / 4)));
 }
 
-// Whether M rows of x in tiles of 8 * N_TILES rows (N_TILES > 1) against an
-// [N, K] weight of W-bit codes take the small-grid kernel (gemm_bits): where
+// Whether M rows of x, in the x tiles gemm_bits takes for them (x_tiles: 9
+// rows or more, so more than one tile of 8), against an [N, K] weight of
+// W-bit codes take the small-grid kernel (gemm_bits): where
 // the grid of 128-row tiles, split by launch_kernel's rule for several x
 // tiles, would fill at most one wave of the SMs (2- and 4-bit codes) or half
 // of one (8-bit codes). That kernel takes 64-row weight tiles (one W tile per
@@ -731,7 +732,9 @@ inline long tiles_splits(long blocks, long steps) {
 // 8-bit codes: (960, 2560) M = 96 9.2 -> 8.4 but M = 128 9.7 -> 10.4 (run 11),
 // so they keep half a wave.
 template <int W>
-bool small_grid(int64_t M, int64_t K, int64_t N, int n_tiles) {
+bool small_grid(int64_t M, int64_t K, int64_t N) {
+  const int n_tiles = x_tiles(M, W);
+  if (n_tiles == 1) return false;
   constexpr int SUPER_K = 16 * (32 / W);
   const long blocks = (M + 8 * n_tiles - 1) / (8 * n_tiles) * ((N + 127) / 128);
   const long steps = (K + SUPER_K - 1) / SUPER_K;
@@ -1030,6 +1033,7 @@ template <typename T, int W>
 void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t group_size) {
+  const bool small = small_grid<W>(x.size(0), x.size(1), qweight.size(0));
   switch (x_tiles(x.size(0), W)) {
     // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
     // Five blocks per SM (late scaling needs 105 registers uncapped, which
@@ -1066,16 +1070,16 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // flight at two blocks, 72.2 -> 74.4 / 79.3.
     case 2:
       if constexpr (W == 2) {
-        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 2))
+        if (small)
           return launch<T, W, 2, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 2, 2, 1, 4, 3>(x, qweight, scales, zeros, bias, y, group_size);
       } else {
-        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 2))
+        if (small)
           return launch<T, W, 2, 1, 2>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
       }
     case 4:
-      if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 4))
+      if (small)
         return launch<T, W, 4, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
       return launch<T, W, 4, 2, 1>(x, qweight, scales, zeros, bias, y, group_size);
     default:
@@ -1095,7 +1099,7 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
         // 2560) 6.4 / 6.3 (5.9); w8 4.4 / 3.7, 5.3 / 5.1, but (960, 2560) 6.4
         // / 6.7; M = 128 w4 (576, 576) 4.4 / 3.9 (3.2), (576, 1536) 6.7 / 6.3
         // (4.0), w8 4.5 / 4.2, 6.8 / 6.7; M = 80 and 96 alike.
-        if (small_grid<W>(x.size(0), x.size(1), qweight.size(0), 8))
+        if (small)
           return launch<T, W, 4, 1, 1>(x, qweight, scales, zeros, bias, y, group_size);
         return launch<T, W, 8, 2, 1, 4, W == 4 ? 3 : 1>(x, qweight, scales, zeros, bias, y,
                                                           group_size);
