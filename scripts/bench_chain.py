@@ -12,7 +12,8 @@ graph, the median of --rounds rounds in which the settings
 take turns (the order alternating). JSON + a printed table.
 
     python scripts/bench_chain.py [--shapes 4096x14336] [--ms 1,16,64] [--pairs 4] \\
-        [--bits 4] [--group-size 128] [--settings 'pdl:;plain:MPQ_OPS_CUDA_PDL=0'] \\
+        [--bits 4] [--group-size 128] \\
+        [--settings 'pdl:-MPQ_OPS_CUDA_PDL;plain:MPQ_OPS_CUDA_PDL=0'] \\
         [--out chain.json]
 """
 import argparse
@@ -39,8 +40,9 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--replays", type=int, default=20)
-    ap.add_argument("--settings", default="pdl:;plain:MPQ_OPS_CUDA_PDL=0",
-                    help="name:VAR=value,...;name:... (each a graph captured under it)")
+    ap.add_argument("--settings", default="pdl:-MPQ_OPS_CUDA_PDL;plain:MPQ_OPS_CUDA_PDL=0",
+                    help="name:VAR=value,-VAR,...;name:... (each a graph captured under "
+                         "it; -VAR unsets VAR)")
     ap.add_argument("--out", default="chain.json")
     args = ap.parse_args()
     shapes, ms = chosen_shapes(args, SHAPES, MS)

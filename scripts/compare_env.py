@@ -14,7 +14,7 @@ do_bench's zero-fill, whose dirty lines are written back inside the timed call.
         [--clean-l2]
 
 A cell is dtype (fp16 / bf16 / fp32), w_bit, group_size, K, N, M; a setting is
-name:VAR=value,VAR2=value (none: the environment as it is)."""
+name:VAR=value,-VAR2 (-VAR2 unsets VAR2; none: the environment as it is)."""
 import argparse
 import json
 import os

@@ -19,11 +19,21 @@ def chosen_shapes(args, shapes, ms):
 
 
 def parse_settings(text):
-    """'name:VAR=v,VAR2=w;other:' -> [(name, {VAR: v, VAR2: w}), (other, {})]."""
+    """'name:VAR=v,-VAR2;other:' -> [(name, {VAR: v, VAR2: None}), (other, {})]:
+    VAR=v sets a variable, -VAR unsets it (with_env's None), so that a setting
+    means the same whatever the shell it runs from has set."""
     settings = []
     for item in text.split(";"):
         name, _, assignments = item.partition(":")
-        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        env = {}
+        for a in filter(None, assignments.split(",")):
+            if a.startswith("-") and "=" not in a:
+                env[a[1:]] = None
+            elif "=" in a:
+                var, _, value = a.partition("=")
+                env[var] = value
+            else:
+                raise SystemExit(f"--settings: {a!r} in {name!r} is neither VAR=value nor -VAR")
         settings.append((name, env))
     return settings
 
