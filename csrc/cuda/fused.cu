@@ -10,11 +10,6 @@
 
 namespace mpq::cuda {
 
-// Inputs per step of the fused kernels (4 lanes of 16 bytes of codes per row)
-// and per lane (16 bytes).
-static int64_t lane_k(int64_t w_bit) { return 4 * (32 / w_bit); }
-static int64_t super_k(int64_t w_bit) { return 4 * lane_k(w_bit); }
-
 bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_bit) {
   const int64_t K = x.size(1);
   // K in whole lanes' chunks: a K that is not a whole number of steps takes
@@ -24,7 +19,7 @@ bool fused_supported(const at::Tensor& x, const at::Tensor& qweight, int64_t w_b
   // 32-bit element offsets (tile::WeightRows): qweight, and with it the
   // smaller scales and zeros, under 2^31 elements.
   return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
-         K % lane_k(w_bit) == 0 && K < (int64_t{1} << 22) &&
+         K % lane_inputs(w_bit) == 0 && K < (int64_t{1} << 22) &&
          qweight.numel() < (int64_t{1} << 31) && aligned16(x) && aligned16(qweight);
 }
 
@@ -34,7 +29,7 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
   if (!fused_supported(x, qweight, w_bit)) return MatmulKernel::Dequantize;
   const int64_t M = x.size(0);
   // Only the staged kernel takes a partial last step (sm90_supported checks its own K).
-  const bool whole_steps = x.size(1) % super_k(w_bit) == 0;
+  const bool whole_steps = x.size(1) % step_inputs(w_bit) == 0;
   const int64_t gemv_max = w_bit == 2 ? kGemvMaxRows / 2 : kGemvMaxRows;
   // MPQ_OPS_CUDA_KERNEL=gemv|gemm|dequantize forces a path wherever it can
   // serve the input: for tests of every path and benchmarks of the policy.

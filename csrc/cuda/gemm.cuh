@@ -735,7 +735,7 @@ template <int W>
 bool small_grid(int64_t M, int64_t K, int64_t N) {
   const int n_tiles = x_tiles(M, W);
   if (n_tiles == 1) return false;
-  constexpr int SUPER_K = 16 * (32 / W);
+  constexpr int SUPER_K = step_inputs(W);
   const long blocks = (M + 8 * n_tiles - 1) / (8 * n_tiles) * ((N + 127) / 128);
   const long steps = (K + SUPER_K - 1) / SUPER_K;
   const long fill = W == 8 ? 2 : 1;  // one wave, or half of one (above)
@@ -747,7 +747,8 @@ template <typename T, int W, int N_TILES, int RT, int U, int WARPS, int MIN_BLOC
 void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                    int64_t group_size) {
-  constexpr int SUPER_K = 16 * (32 / W);
+  constexpr int SUPER_K = step_inputs(W);
+  static_assert(SUPER_K == tile::WeightRows<T, W, RT>::SUPER_K, "one step width");
   constexpr int BM = 8 * N_TILES;
   constexpr int STAGE_BYTES = BM * SUPER_K * 2;
   // As many steps in flight as fit the default 48 KB of dynamic shared memory, up to 4.

@@ -132,7 +132,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
             const at::Tensor& scales, const at::Tensor& zeros,
             const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t group_size) {
   constexpr int WARPS = 4;
-  constexpr int SUPER_K = 16 * (32 / W);
+  constexpr int SUPER_K = step_inputs(W);
   const auto kernel = gemv_cuda_kernel<T, W, N_TILES, RT, WARPS, U>;
   const int M = x.size(0), K = x.size(1), N = qweight.size(0);
   const int row_blocks = (N + 16 * RT * WARPS - 1) / (16 * RT * WARPS);

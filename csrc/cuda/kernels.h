@@ -75,6 +75,12 @@ inline bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// Inputs per lane and per step of the fused kernels (gemv.cuh, gemm.cuh): a
+// lane reads 16 bytes of a row's codes per step, four lanes a row
+// (tile::WeightRows' LANE_K and SUPER_K).
+constexpr int64_t lane_inputs(int64_t w_bit) { return 4 * (32 / w_bit); }
+constexpr int64_t step_inputs(int64_t w_bit) { return 4 * lane_inputs(w_bit); }
+
 // x [M, K] contiguous fp16/bf16, K a multiple of a lane's 16 bytes of codes,
 // 16-byte aligned x and qweight: what the fused kernels need (the GEMV and the
 // staged kernel's k ranges also a whole number of steps, which choose_kernel
