@@ -8,7 +8,7 @@ the caches; median of many runs, the functions interleaved; JSON + a printed
 table.
 
     python scripts/bench_cpu.py --out bench_cpu.json [--shapes 4096x4096 --ms 1,16 --bits 4]
-        [--groups 32,64]
+        [--groups 32,64] [--threads 1]
 """
 import argparse
 import json
@@ -60,7 +60,8 @@ def isa(name, fn):
 
 
 def cpu_info():
-    """(model name, whether the CPU has AVX2 and FMA) from /proc/cpuinfo where there is one."""
+    """(model name, whether the CPU has AVX2, FMA and F16C: the AVX2 build's
+    needs) from /proc/cpuinfo where there is one."""
     name, flags = platform.processor() or platform.machine(), set()
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
@@ -70,7 +71,7 @@ def cpu_info():
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
-    return name, {"avx2", "fma"} <= flags
+    return name, {"avx2", "fma", "f16c"} <= flags
 
 
 def main():
@@ -79,8 +80,12 @@ def main():
     add_shape_args(ap, "4096x4096")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--groups", default=str(GROUP), help="group sizes, comma-separated")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's, the cores)")
     ap.add_argument("--budget", type=float, default=1.5, help="seconds per row")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes, ms = chosen_shapes(args, SHAPES, MS)
     bits = [int(v) for v in args.bits.split(",")]
     groups = [int(v) for v in args.groups.split(",")]

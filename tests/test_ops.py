@@ -9,7 +9,8 @@ from torch.library import opcheck
 
 import mpq_ops
 from conftest import devices
-from helpers import (REL_TOL, make_weight, make_x, ref_dequantize, ref_matmul, rel_err)
+from helpers import (REL_TOL, make_weight, make_x, np_unpack_rows, ref_dequantize, ref_matmul,
+                     rel_err)
 
 W_BITS = (2, 4, 8)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,6 +122,32 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
         y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
         err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size))
         assert err < REL_TOL[torch.float32], (M, err)
+
+
+@pytest.mark.parametrize("w_bit", W_BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,group_size", [(576, 64), (1056, 32), (384, 128), (288, -1)])
+def test_cpu_dequantize_rounds_once_in_both_builds(w_bit, dtype, K, group_size, monkeypatch):
+    """mpq::dequantize on the CPU gives each weight as (q - z) * s in float32,
+    each operation rounded once, then rounded to the scales' dtype: the same
+    bits from the AVX2 build (where the CPU has it) and the baseline build,
+    including weights past float16's range, float16 subnormals, and scales that
+    are infinite or not a number (NaN where the baseline gives NaN)."""
+    qweight, scales, zeros = make_weight(45, K, w_bit, group_size, dtype)
+    scales[0, 0], scales[1, 0], scales[2, 0], scales[3, 0] = float("inf"), float("nan"), 1e-6, 6e4
+    q = torch.from_numpy(np_unpack_rows(qweight.numpy(), w_bit).astype(np.float32))
+    gs = K if group_size == -1 else group_size
+    z = zeros.float().repeat_interleave(gs, dim=1)
+    s = scales.float().repeat_interleave(gs, dim=1)
+    expected = ((q - z) * s).to(dtype)  # float32 ops, then one rounding to dtype
+    W = torch.ops.mpq.dequantize(qweight, scales, zeros, w_bit, group_size)
+    monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
+    W_base = torch.ops.mpq.dequantize(qweight, scales, zeros, w_bit, group_size)
+    bits = {2: torch.int16, 4: torch.int32}[W.element_size()]
+    assert torch.equal(W.view(bits), W_base.view(bits))
+    nan = expected.isnan()
+    assert nan[1, :gs].all() and torch.equal(W.isnan(), nan)
+    assert torch.equal(W[~nan], expected[~nan])
 
 
 # --- opcheck ------------------------------------------------------------------

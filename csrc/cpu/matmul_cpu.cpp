@@ -12,12 +12,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../mpq.h"
 #include "fused_rows.h"
+#include "isa.h"
 #include "unpack.h"
 
 namespace mpq::cpu {
@@ -26,19 +25,12 @@ namespace {
 
 constexpr int64_t kWeightRowsPerTurn = 16;
 
-// The fused kernel's tiles per code width, built twice on x86-64 (AVX2 + FMA,
-// and the baseline) and picked by what this CPU runs. (Not target_clones with
-// arch=haswell: its resolver asks for that CPU model, which an AMD CPU with
-// the same features is not. Not yet an AVX-512 build: two weight rows per
-// 16-lane register, x laid out twice, measured mixed against these tiles on
-// a 2-core Sapphire Rapids VM, 0.92-1.32x by cell, e.g. 2-bit 4096 x 4096
-// M = 1 980 -> 742 us but 2-bit g32 576 x 1536 135 -> 147;
+// The fused kernel's tiles per code width, in the AVX2 build and the baseline
+// one (isa.h). (Not yet an AVX-512 build: two weight rows per 16-lane
+// register, x laid out twice, measured mixed against these tiles on a 2-core
+// Sapphire Rapids VM, 0.92-1.32x by cell, e.g. 2-bit 4096 x 4096 M = 1 980 ->
+// 742 us but 2-bit g32 576 x 1536 135 -> 147;
 // scripts/results/ab_cpu_avx512_pairs.log, branch exp/avx512-pairs.)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MPQ_X86_AVX2 1
-#define MPQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
 #define MPQ_FUSED_ROWS_W(NAME, W, TARGET)                                                     \
   TARGET void NAME(int mr, const float* xb, int64_t K, const uint32_t* q, const float* s,      \
                    const float* z, int64_t G, int64_t gs, const int32_t* gw,                   \
@@ -61,18 +53,6 @@ MPQ_FUSED_ROWS_W(fused_rows_w8_avx2, 8, MPQ_TARGET_AVX2)
 
 using Tile = void (*)(int, const float*, int64_t, const uint32_t*, const float*, const float*,
                       int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, float*);
-
-// Whether the AVX2 + FMA build serves; MPQ_OPS_CPU_ISA=baseline forces the
-// baseline build (for its tests).
-bool avx2_tiles() {
-#if defined(MPQ_X86_AVX2)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("MPQ_OPS_CPU_ISA");
-  return avx2 && !(isa != nullptr && std::strcmp(isa, "baseline") == 0);
-#else
-  return false;
-#endif
-}
 
 template <int W>
 Tile tile_for_cpu(bool avx2) {
@@ -142,9 +122,12 @@ at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
 }
 
 // x @ W^T through BLAS, W dequantized block by block into one float32
-// buffer of about 4 MB (at least 16 rows).
+// buffer of about 4 MB (at least 16 rows). (Smaller blocks, 1 MB / 256 KB,
+// measured slower on a 2-core EPYC, w4 g64, us: 4096 x 4096 M = 32 11726 ->
+// 13945 / 16294, M = 128 27871 -> 30106 / 37705, 2048 x 2048 M = 32 3138 ->
+// 3541 / 4085; level at 576 x 1536.)
 at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
-                      const at::Tensor& z, int64_t w_bit, int64_t group_size) {
+                      const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
   const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t{1} << 20) / K));
   auto yf = at::empty({M, N}, xf.options());
@@ -157,7 +140,7 @@ at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tenso
       const int64_t nb = std::min(rows, N - n0);
       at::parallel_for(0, nb, 4, [&](int64_t r0, int64_t r1) {
         dequantize_rows<scalar_t, float>(qp, sp, zp, n0 + r0, n0 + r1, K, w_bit, group_size,
-                                         buf.data_ptr<float>() + r0 * K);
+                                         buf.data_ptr<float>() + r0 * K, avx2);
       });
       auto out = yf.narrow(1, n0, nb);
       at::mm_out(out, xf, buf.narrow(0, 0, nb).t());
@@ -187,9 +170,9 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const auto q = qweight.contiguous();
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
-  const bool avx2 = avx2_tiles();
+  const bool avx2 = use_avx2();
   auto yf = M <= fused_max_rows(avx2) ? fused(xf, q, s, z, w_bit, shape.group_size, avx2)
-                                      : blocked_mm(xf, q, s, z, w_bit, shape.group_size);
+                                      : blocked_mm(xf, q, s, z, w_bit, shape.group_size, avx2);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
 }

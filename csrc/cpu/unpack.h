@@ -7,6 +7,9 @@
 
 #include <cstdint>
 
+#include "dequantize_avx2.h"
+#include "isa.h"
+
 namespace mpq::cpu {
 
 // Rows [n0, n1) of W into out (row stride K) for W-bit codes: the code width
@@ -39,11 +42,26 @@ void dequantize_rows_w(const int32_t* qweight, const scale_t* scales, const scal
 }
 
 // Writes rows [n0, n1) of W into out (row stride K). Arithmetic is float32,
-// matching the CUDA kernels, so every backend rounds the same way.
+// matching the CUDA kernels, so every backend rounds the same way; the AVX2
+// build (avx2: use_avx2(), asked once per call) gives the same bits.
 template <typename scale_t, typename out_t>
 void dequantize_rows(const int32_t* qweight, const scale_t* scales, const scale_t* zeros,
                      int64_t n0, int64_t n1, int64_t K, int64_t w_bit, int64_t group_size,
-                     out_t* out) {
+                     out_t* out, bool avx2) {
+#if defined(MPQ_X86_AVX2)
+  if (avx2) {
+    switch (w_bit) {
+      case 2:
+        return dequantize_rows_avx2<2>(qweight, scales, zeros, n0, n1, K, group_size, out);
+      case 4:
+        return dequantize_rows_avx2<4>(qweight, scales, zeros, n0, n1, K, group_size, out);
+      default:
+        return dequantize_rows_avx2<8>(qweight, scales, zeros, n0, n1, K, group_size, out);
+    }
+  }
+#else
+  (void)avx2;  // only x86-64 has a second build
+#endif
   switch (w_bit) {
     case 2:
       return dequantize_rows_w<2>(qweight, scales, zeros, n0, n1, K, group_size, out);
@@ -61,6 +79,7 @@ inline at::Tensor dequantize_tensor(const at::Tensor& q, const at::Tensor& s, co
   const int64_t N = q.size(0);
   auto out = at::empty({N, K}, as_float ? s.options().dtype(at::kFloat) : s.options());
   if (out.numel() == 0) return out;
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dequantize_tensor", [&] {
     const int32_t* qp = q.data_ptr<int32_t>();
     const scalar_t* sp = s.data_ptr<scalar_t>();
@@ -68,10 +87,10 @@ inline at::Tensor dequantize_tensor(const at::Tensor& q, const at::Tensor& s, co
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       if (as_float) {
         dequantize_rows<scalar_t, float>(qp, sp, zp, n0, n1, K, w_bit, group_size,
-                                         out.data_ptr<float>() + n0 * K);
+                                         out.data_ptr<float>() + n0 * K, avx2);
       } else {
         dequantize_rows<scalar_t, scalar_t>(qp, sp, zp, n0, n1, K, w_bit, group_size,
-                                            out.data_ptr<scalar_t>() + n0 * K);
+                                            out.data_ptr<scalar_t>() + n0 * K, avx2);
       }
     });
   });
