@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dequantize_avx2.h"
 #include "isa.h"
@@ -48,27 +49,19 @@ template <typename scale_t, typename out_t>
 void dequantize_rows(const int32_t* qweight, const scale_t* scales, const scale_t* zeros,
                      int64_t n0, int64_t n1, int64_t K, int64_t w_bit, int64_t group_size,
                      out_t* out, bool avx2) {
+  const auto rows = [&](auto width) {
+    constexpr int W = decltype(width)::value;
 #if defined(MPQ_X86_AVX2)
-  if (avx2) {
-    switch (w_bit) {
-      case 2:
-        return dequantize_rows_avx2<2>(qweight, scales, zeros, n0, n1, K, group_size, out);
-      case 4:
-        return dequantize_rows_avx2<4>(qweight, scales, zeros, n0, n1, K, group_size, out);
-      default:
-        return dequantize_rows_avx2<8>(qweight, scales, zeros, n0, n1, K, group_size, out);
-    }
-  }
+    if (avx2) return dequantize_rows_avx2<W>(qweight, scales, zeros, n0, n1, K, group_size, out);
 #else
-  (void)avx2;  // only x86-64 has a second build
+    (void)avx2;  // only x86-64 has a second build
 #endif
+    dequantize_rows_w<W>(qweight, scales, zeros, n0, n1, K, group_size, out);
+  };
   switch (w_bit) {
-    case 2:
-      return dequantize_rows_w<2>(qweight, scales, zeros, n0, n1, K, group_size, out);
-    case 4:
-      return dequantize_rows_w<4>(qweight, scales, zeros, n0, n1, K, group_size, out);
-    default:
-      return dequantize_rows_w<8>(qweight, scales, zeros, n0, n1, K, group_size, out);
+    case 2: return rows(std::integral_constant<int, 2>{});
+    case 4: return rows(std::integral_constant<int, 4>{});
+    default: return rows(std::integral_constant<int, 8>{});
   }
 }
 
