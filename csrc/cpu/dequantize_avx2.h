@@ -8,8 +8,8 @@
 // bfloat16 141-158 against 269-544, float32 127-158 against 148-199, where a
 // copy of W took 113-136 us (16-bit) and 166-198 (float32); and the blocked
 // matmul, which dequantizes into float32, on one thread 2048 x 2048 M = 32
-// 4019-4092 us against 4376-4695 (fp32 F.linear 4111; scripts/bench_cpu.py
-// --threads 1).
+// 3897-3951 us against 4316-4717 (fp32 F.linear 4030-4059;
+// scripts/bench_cpu.py --threads 1).
 #pragma once
 
 #include "isa.h"

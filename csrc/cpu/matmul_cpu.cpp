@@ -3,11 +3,11 @@
 // Two paths, both accumulating in float32:
 //  - up to fused_max_rows(...) rows (decode): fused_rows.h, the packed weights read
 //    once and each weight decoded once for all rows, no [N, K] temporary;
-//  - more rows: blocks of weight rows dequantized into one cache-sized float32
-//    buffer, each block's product by at::mm (BLAS) into its columns of y. A
-//    whole [N, K] temporary would be fresh memory on every call (page faults
-//    on every first touch: a new 64 MB float32 tensor took ten times as long
-//    to fill as a reused one here).
+//  - more rows: blocks of weight rows dequantized into cache-sized float32
+//    buffers, one per thread, each block's product by at::mm (BLAS) into its
+//    columns of y (blocked_mm). A whole [N, K] temporary would be fresh memory
+//    on every call (page faults on every first touch: a new 64 MB float32
+//    tensor took ten times as long to fill as a reused one here).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -121,30 +121,43 @@ at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
   return yf;
 }
 
-// x @ W^T through BLAS, W dequantized block by block into one float32
-// buffer of about 4 MB (at least 16 rows). (Smaller blocks, 1 MB / 256 KB,
-// measured slower on a 2-core EPYC, w4 g64, us: 4096 x 4096 M = 32 11726 ->
-// 13945 / 16294, M = 128 27871 -> 30106 / 37705, 2048 x 2048 M = 32 3138 ->
-// 3541 / 4085; level at 576 x 1536.)
+// x @ W^T through BLAS, each thread taking an even share of the weight rows and
+// dequantizing them block by block into a float32 buffer of its own (about 2
+// MB, at least 16 rows), each block multiplied by a single-threaded BLAS call
+// into its columns of y: no barrier between the threads, each block read back
+// from the cache its thread wrote it to. Against one shared 4 MB buffer
+// filled by all threads, then a multithreaded BLAS call, block after block
+// (a barrier each), on a 2-core EPYC, w4 g64, medians of interleaved calls
+// (us, fp32 F.linear in brackets): 4096 x 4096 M = 32 26392 -> 8072 (15216),
+// M = 128 46297 -> 25033 (36910); 2048 x 2048 M = 32 6448 -> 2457 (3813);
+// 576 x 1536 M = 32 1036 -> 765 (858); and in a quieter minute 4096 x 4096
+// M = 32 11675 -> 8037 (10919). One thread: level (4096 x 4096 M = 32 15487
+// -> 15611). Buffers of 4 / 1 MB per thread: within 4% of these, 4 MB slower
+// at 576 x 1536 and 2048 x 2048, 1 MB on one thread.
 at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
                       const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t{1} << 20) / K));
+  const int64_t share = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t rows = std::min<int64_t>(share, std::max<int64_t>(16, (int64_t{1} << 19) / K));
   auto yf = at::empty({M, N}, xf.options());
-  auto buf = at::empty({rows, K}, xf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "blocked_mm", [&] {
     const int32_t* qp = q.data_ptr<int32_t>();
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* zp = z.data_ptr<scalar_t>();
-    for (int64_t n0 = 0; n0 < N; n0 += rows) {
-      const int64_t nb = std::min(rows, N - n0);
-      at::parallel_for(0, nb, 4, [&](int64_t r0, int64_t r1) {
-        dequantize_rows<scalar_t, float>(qp, sp, zp, n0 + r0, n0 + r1, K, w_bit, group_size,
-                                         buf.data_ptr<float>() + r0 * K, avx2);
-      });
-      auto out = yf.narrow(1, n0, nb);
-      at::mm_out(out, xf, buf.narrow(0, 0, nb).t());
-    }
+    // Inside the parallel region at::mm_out runs on its caller's thread. A
+    // worker thread does not inherit the op's place below autograd: the guard
+    // puts it there (else mm_out refuses an x that requires grad).
+    at::parallel_for(0, N, share, [&](int64_t b0, int64_t b1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto buf = at::empty({rows, K}, xf.options());
+      for (int64_t n0 = b0; n0 < b1; n0 += rows) {
+        const int64_t nb = std::min(rows, b1 - n0);
+        dequantize_rows<scalar_t, float>(qp, sp, zp, n0, n0 + nb, K, w_bit, group_size,
+                                         buf.data_ptr<float>(), avx2);
+        auto out = yf.narrow(1, n0, nb);
+        at::mm_out(out, xf, buf.narrow(0, 0, nb).t());
+      }
+    });
   });
   return yf;
 }
