@@ -107,8 +107,8 @@ def test_matmul_output_fully_written():
                                           (576, 32), (320, 64), (192, 96), (2048, 64)])
 def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
     """The CPU kernels' corners: rows of x in every tile mix (8, 4, 2, 1) up to
-    the fused kernel's limit (24 rows with AVX2, 8 without) and past it
-    (blocked dequantize + BLAS, its last block short), words past the last
+    the fused kernel's limit (16 to 40 rows by K with AVX2, 8 without) and past
+    it (blocked dequantize + BLAS, a thread's last block short), words past the last
     block of eight (K = 32 .. 224), blocks that straddle groups (groups of 96)
     or hold two or four of them (groups of 32, 2-bit groups of 64),
     float32 so that the tolerance is tight; the fused kernel's AVX2 build where
@@ -117,7 +117,7 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
         monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
     N = 1000 if K == 2048 else 37
     qweight, scales, zeros = make_weight(N, K, w_bit, group_size, torch.float32)
-    for M in (1, 2, 3, 5, 7, 8, 9, 11, 15, 16, 17, 23, 24, 25, 40):
+    for M in (1, 2, 3, 5, 7, 8, 9, 11, 15, 16, 17, 23, 24, 25, 40, 41):
         x = make_x((M,), K, torch.float32)
         y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
         err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size))

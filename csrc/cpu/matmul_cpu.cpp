@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../mpq.h"
@@ -66,13 +68,23 @@ Tile tile_for_cpu(bool avx2) {
   return W == 2 ? fused_rows_w2 : W == 4 ? fused_rows_w4 : fused_rows_w8;
 }
 
-// Up to how many rows of x the fused kernel beats dequantize + BLAS. Measured
-// (scripts/bench_cpu.py, 2-core Xeon, w4 g64, us, fused against blocked): with
-// AVX2, 4096 x 4096 M = 17 5114 / 7083, 24 6588 / 7575, 32 8755 / 8503, 48
-// 12784 / 10331; 576 x 1536 M = 24 371 / 568, 32 521 / 625, 48 722 / 698. The
-// baseline build (eight lanes in two SSE registers, no FMA) took 14599 us at
-// 4096 x 4096 M = 16 against about 7100 blocked, 7446 at M = 8.
-int64_t fused_max_rows(bool avx2) { return avx2 ? 24 : 8; }
+// Up to how many rows of x the fused kernel beats the blocked path
+// (blocked_mm): with AVX2 about 1000 / sqrt(K) rows, from 16 to 40 (the
+// fused kernel's work grows with the rows, the blocked path's BLAS calls run
+// the faster the longer K). Measured (2-core EPYC, w4 g64, interleaved calls,
+// fused / blocked, us; scripts/results/ab_cpu_fused_rows_limit.log): 576 x 1536 M = 32 537 / 636, M = 40 664 / 713, M = 48
+// 786 / 794; 960 x 2560 M = 32 1391 / 1626, M = 48 2084 / 1794; 1024 x 4096
+// M = 28 2063 / 2313, M = 32 2311 / 2106; 1536 x 576 M = 24 499 / 589, M = 32
+// 653 / 638; 2048 x 2048 M = 20 1685 / 1940, M = 24 2005 / 1871; 2560 x 960
+// M = 20 1049 / 1083, M = 24 1241 / 1204; 4096 x 4096 M = 16 5292 / 5297,
+// M = 20 6558 / 6064, M = 24 7805 / 6652. The baseline build (eight lanes in
+// two SSE registers, no FMA) took 14599 us at 4096 x 4096 M = 16 against about
+// 7100 blocked, 7446 at M = 8 (2-core Xeon).
+int64_t fused_max_rows(bool avx2, int64_t K) {
+  if (!avx2) return 8;
+  const auto rows = static_cast<int64_t>(1000.0 / std::sqrt(static_cast<double>(K)));
+  return std::clamp<int64_t>(rows, 16, 40);
+}
 
 // y [M, N] float32 = x [M, K] float32 @ W^T; s, z float32 [N, K / group_size].
 template <int W>
@@ -184,7 +196,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const auto s = scales.contiguous();
   const auto z = zeros.contiguous();
   const bool avx2 = use_avx2();
-  auto yf = M <= fused_max_rows(avx2) ? fused(xf, q, s, z, w_bit, shape.group_size, avx2)
+  auto yf = M <= fused_max_rows(avx2, K) ? fused(xf, q, s, z, w_bit, shape.group_size, avx2)
                                       : blocked_mm(xf, q, s, z, w_bit, shape.group_size, avx2);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
