@@ -144,8 +144,9 @@ at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
 // M = 128 46297 -> 25033 (36910); 2048 x 2048 M = 32 6448 -> 2457 (3813);
 // 576 x 1536 M = 32 1036 -> 765 (858); and in a quieter minute 4096 x 4096
 // M = 32 11675 -> 8037 (10919). One thread: level (4096 x 4096 M = 32 15487
-// -> 15611). Buffers of 4 / 1 MB per thread: within 4% of these, 4 MB slower
-// at 576 x 1536 and 2048 x 2048, 1 MB on one thread.
+// -> 15611). Buffers of 4 MB per thread ran level or slower (2048 x 2048
+// M = 32 3184 against 2457), of 1 MB level on two threads and up to 5% slower
+// on one (4096 x 4096 M = 128 49481 against 47557).
 at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
                       const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
