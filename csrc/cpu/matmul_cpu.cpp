@@ -72,12 +72,13 @@ Tile tile_for_cpu(bool avx2) {
 // (blocked_mm): with AVX2 about 1000 / sqrt(K) rows, from 16 to 40 (the
 // fused kernel's work grows with the rows, the blocked path's BLAS calls run
 // the faster the longer K). Measured (2-core EPYC, w4 g64, interleaved calls,
-// fused / blocked, us; scripts/results/ab_cpu_fused_rows_limit.log): 576 x 1536 M = 32 537 / 636, M = 40 664 / 713, M = 48
-// 786 / 794; 960 x 2560 M = 32 1391 / 1626, M = 48 2084 / 1794; 1024 x 4096
-// M = 28 2063 / 2313, M = 32 2311 / 2106; 1536 x 576 M = 24 499 / 589, M = 32
-// 653 / 638; 2048 x 2048 M = 20 1685 / 1940, M = 24 2005 / 1871; 2560 x 960
-// M = 20 1049 / 1083, M = 24 1241 / 1204; 4096 x 4096 M = 16 5292 / 5297,
-// M = 20 6558 / 6064, M = 24 7805 / 6652. The baseline build (eight lanes in
+// fused / blocked, us; scripts/results/ab_cpu_fused_rows_limit.log): 576 x
+// 1536 M = 32 537 / 636, M = 40 664 / 713, M = 48 786 / 794; 960 x 2560 M =
+// 32 1391 / 1626, M = 48 2084 / 1794; 1024 x 4096 M = 28 2063 / 2313, M = 32
+// 2311 / 2106; 1536 x 576 M = 24 499 / 589, M = 32 653 / 638; 2048 x 2048
+// M = 20 1685 / 1940, M = 24 2005 / 1871; 2560 x 960 M = 20 1049 / 1083,
+// M = 24 1241 / 1204; 4096 x 4096 M = 16 5292 / 5297, M = 20 6558 / 6064,
+// M = 24 7805 / 6652. The baseline build (eight lanes in
 // two SSE registers, no FMA) took 14599 us at 4096 x 4096 M = 16 against about
 // 7100 blocked, 7446 at M = 8 (2-core Xeon).
 int64_t fused_max_rows(bool avx2, int64_t K) {
@@ -150,7 +151,8 @@ at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
 at::Tensor blocked_mm(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
                       const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  const int64_t share = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = (N + threads - 1) / threads;
   const int64_t rows = std::min<int64_t>(share, std::max<int64_t>(16, (int64_t{1} << 19) / K));
   auto yf = at::empty({M, N}, xf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "blocked_mm", [&] {
@@ -198,7 +200,7 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
   const auto z = zeros.contiguous();
   const bool avx2 = use_avx2();
   auto yf = M <= fused_max_rows(avx2, K) ? fused(xf, q, s, z, w_bit, shape.group_size, avx2)
-                                      : blocked_mm(xf, q, s, z, w_bit, shape.group_size, avx2);
+                                         : blocked_mm(xf, q, s, z, w_bit, shape.group_size, avx2);
   if (bias.has_value()) yf.add_(bias->to(at::kFloat));
   return as_output(yf.to(x.scalar_type()), out_sizes);
 }
