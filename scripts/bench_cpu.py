@@ -47,6 +47,18 @@ def median_us(fns, budget_s):
             for ts in timing.timed_rounds(fns, budget_s, max_rounds=500, before=flush)]
 
 
+def add_run_args(ap, budget_s):
+    """--threads and --budget (seconds per row), which the CPU benchmarks share."""
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's, the cores)")
+    ap.add_argument("--budget", type=float, default=budget_s, help="seconds per row")
+
+
+def set_threads(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def isa(name, fn):
     """fn run with the kernel's ISA forced (the variable is read per call)."""
     def run():
@@ -80,12 +92,9 @@ def main():
     add_shape_args(ap, "4096x4096")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--groups", default=str(GROUP), help="group sizes, comma-separated")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's, the cores)")
-    ap.add_argument("--budget", type=float, default=1.5, help="seconds per row")
+    add_run_args(ap, budget_s=1.5)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     shapes, ms = chosen_shapes(args, SHAPES, MS)
     bits = [int(v) for v in args.bits.split(",")]
     groups = [int(v) for v in args.groups.split(",")]

@@ -20,7 +20,7 @@ import mpq_ops  # noqa: F401
 from mpq_ops.pack import unpack
 from mpq_ops.quantize import quantize_rtn
 
-from bench_cpu import cpu_info, isa, median_us
+from bench_cpu import add_run_args, cpu_info, isa, median_us, set_threads
 from shape_args import add_shape_args, chosen_shapes
 
 SHAPES = [(4096, 4096), (576, 1536)]
@@ -40,12 +40,9 @@ def main():
     add_shape_args(ap, "4096x4096")
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="scales' dtype = W's")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's, the cores)")
-    ap.add_argument("--budget", type=float, default=1.0, help="seconds per row")
+    add_run_args(ap, budget_s=1.0)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     shapes, _ = chosen_shapes(args, SHAPES, [])
     bits = [int(v) for v in args.bits.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
