@@ -124,6 +124,32 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
         assert err < REL_TOL[torch.float32], (M, err)
 
 
+
+@pytest.mark.parametrize("isa", ("native", "baseline"))
+@pytest.mark.parametrize("w_bit", W_BITS)
+@pytest.mark.parametrize("K,group_size", [(576, 32), (2048, 64), (384, -1)])
+def test_cpu_one_row_tile_rows_of_any_magnitude(w_bit, K, group_size, isa, monkeypatch):
+    """The CPU kernel's one-row tile scales late, with x multiplied by up to
+    2^-28 per code and sums of codes times x: rows of x from 1e-35 (whose
+    products would be subnormal unless the row is first scaled) to 1e34 in
+    float32, a row of zeros, each alone (M = 1) and as the one-row tile after
+    a tile of four (M = 5), against float64."""
+    if isa == "baseline":
+        monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
+    qweight, scales, zeros = make_weight(53, K, w_bit, group_size, torch.float32)
+    for magnitude in (1e-35, 1e-20, 1.0, 1e20, 1e34, 0.0):
+        x = make_x((5,), K, torch.float32) * magnitude
+        ref = ref_matmul(x, qweight, scales, zeros, w_bit, group_size)
+        for rows in (slice(4, 5), slice(0, 5)):
+            y = torch.ops.mpq.matmul(x[rows], qweight, scales, zeros, w_bit, group_size)
+            if magnitude == 0.0:
+                assert torch.equal(y, torch.zeros_like(y))
+                continue
+            # rel_err's floor on the norm (1e-30) would hide the smallest rows' errors
+            assert torch.isfinite(y).all()
+            err = ((y.double() - ref[rows]).norm() / ref[rows].norm()).item()
+            assert err < REL_TOL[torch.float32], (magnitude, rows, err)
+
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,group_size", [(576, 64), (1056, 32), (384, 128), (288, -1)])

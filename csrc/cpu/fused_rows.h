@@ -8,11 +8,23 @@
 // block b of eight words holds, for each code j, the x values of the eight
 // words' code j next to each other. Scales and zeros are float32 here (the
 // caller converts them once per call); the sums are float32.
+//
+// A tile of one row of x scales late: y = sum_g s_g * sum_k c_k x_k -
+// sum_g z_g s_g X_g, with X_g the sum of x over group g, so that a code costs
+// two vector operations besides its multiply-add: code j masked where it
+// lies in the word (c * 2^(W j), exact in float32) and converted, its x
+// values multiplied by 2^-(W j) when x is reordered (the top code is shifted
+// down instead). That keeps a mask per code, which with more rows of x (one
+// load of x per row and code) made the loads the limit: on a 2-core EPYC
+// (Zen 4), one thread, 4096 x 4096, g64, us: 4-bit M = 1 1003 -> 794, but
+// M = 2 1359 -> 1476, M = 4 2673 -> 2904; so tiles of more rows scale each
+// weight before its multiply-adds (c * s - z * s), a cost they share.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -34,29 +46,74 @@ constexpr int kLanes = 8;  // words decoded side by side
 // starts with `left` rows to go.
 inline int tile_rows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
+// Whether tiles of MR rows scale late (above).
+template <int MR>
+inline constexpr bool kLateScaling = MR == 1;
+
+// x in the kernel's order, and what the one-row tiles need besides.
+struct XOrder {
+  std::vector<float> xb;       // block order (block_order)
+  std::vector<float> xg;       // [M, G]: a one-row tile's sums of x over each group's whole blocks
+  std::vector<float> unscale;  // [M]: the power of two each row of y is multiplied by
+};
+
 // x [M, K] (row-major float32) in the kernel's order: per tile of mr rows
 // (tile_rows), an mr * K region holding, for each whole block of kLanes words
 // and each code j, the tile's rows one after the other, each with the x values
 // of the block's words' code j side by side; then each row's remaining x in
 // order. A tile thus reads its x at fixed offsets from one pointer per block.
-template <int P>
-std::vector<float> block_order(const float* x, int64_t M, int64_t K) {
-  std::vector<float> out(static_cast<size_t>(M * K));
+// In a one-row tile's region the x values of code j < P - 1 are multiplied
+// by 2^-(W j); if the row's largest |x| lies outside [2^-60, 2^60], the row
+// is first scaled by a power of two to about 1 (undone on y by
+// XOrder::unscale), so that those products stay normal numbers and the late
+// sums do not overflow where the result would not: exact, but for elements
+// below the row's largest by more than float32's range.
+template <int W>
+XOrder block_order(const float* x, int64_t M, int64_t K, int64_t group_size) {
+  constexpr int P = 32 / W;
+  const int64_t G = K / group_size;
+  XOrder o{std::vector<float>(static_cast<size_t>(M * K)),
+           std::vector<float>(static_cast<size_t>(M * G)),
+           std::vector<float>(static_cast<size_t>(M), 1.f)};
   const int64_t blocks = K / P / kLanes, whole = blocks * kLanes * P;
+  float code_scale[P];
+  for (int j = 0; j < P; ++j) code_scale[j] = j == P - 1 ? 1.f : std::ldexp(1.f, -W * j);
   for (int64_t m0 = 0; m0 < M;) {
     const int mr = tile_rows(M - m0);
-    float* o = out.data() + m0 * K;
+    float* out = o.xb.data() + m0 * K;
     for (int m = 0; m < mr; ++m) {
       const float* xr = x + (m0 + m) * K;
+      float f = 1.f;  // the row's scale
+      float c[P];     // each code's factor
+      std::fill(c, c + P, 1.f);
+      if (kLateScaling<1> && mr == 1) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+        if (std::isfinite(amax) && amax > 0.f && (amax < 0x1p-60f || amax > 0x1p60f)) {
+          const int e = std::max(std::ilogb(amax), -100);
+          f = std::ldexp(1.f, -e);
+          o.unscale[m0 + m] = std::ldexp(1.f, e);
+        }
+        for (int j = 0; j < P; ++j) c[j] = f * code_scale[j];
+        double sum = 0.0;
+        for (int64_t k = 0; k < whole; ++k) {
+          sum += static_cast<double>(xr[k] * f);
+          if ((k + 1) % group_size == 0 || k + 1 == whole) {
+            o.xg[(m0 + m) * G + k / group_size] = static_cast<float>(sum);
+            sum = 0.0;
+          }
+        }
+      }
       for (int64_t b = 0; b < blocks; ++b)
         for (int j = 0; j < P; ++j)
           for (int l = 0; l < kLanes; ++l)
-            o[((b * P + j) * mr + m) * kLanes + l] = xr[(b * kLanes + l) * P + j];
-      std::copy(xr + whole, xr + K, o + whole * mr + m * (K - whole));
+            out[((b * P + j) * mr + m) * kLanes + l] = xr[(b * kLanes + l) * P + j] * c[j];
+      float* tail = out + whole * mr + m * (K - whole);
+      for (int64_t k = whole; k < K; ++k) tail[k - whole] = xr[k] * f;
     }
     m0 += mr;
   }
-  return out;
+  return o;
 }
 
 #if defined(__GNUC__)
@@ -93,6 +150,15 @@ MPQ_ALWAYS_INLINE float sum8(F8 v) {
   for (int l = 0; l < kLanes; ++l) t += v[l];
   return t;
 }
+// Code J of eight words times 2^(W J) (the top code: the code), as floats.
+template <int W, int J>
+MPQ_ALWAYS_INLINE F8 field8(U8 w) {
+  if constexpr (J == 32 / W - 1) {
+    return __builtin_convertvector((I8)(w >> (32 - W)), F8);
+  } else {
+    return __builtin_convertvector((I8)(w & (((1u << W) - 1u) << (W * J))), F8);
+  }
+}
 // Codes H * 8 .. H * 8 + 7 of one word, one per lane (a variable shift per lane).
 template <int W, int H>
 MPQ_ALWAYS_INLINE F8 word_codes8(uint32_t word, uint32_t mask) {
@@ -123,6 +189,15 @@ inline F8 code8(U8 w, uint32_t mask) {
   return v;
 }
 inline float sum8(F8 v) { float t = 0.f; for (int l = 0; l < kLanes; ++l) t += v.v[l]; return t; }
+template <int W, int J>
+inline F8 field8(U8 w) {
+  F8 v;
+  for (int l = 0; l < kLanes; ++l) {
+    const uint32_t f = J == 32 / W - 1 ? w.v[l] >> (32 - W) : w.v[l] & (((1u << W) - 1u) << (W * J));
+    v.v[l] = static_cast<float>(static_cast<int32_t>(f));
+  }
+  return v;
+}
 template <int W, int H>
 inline F8 word_codes8(uint32_t word, uint32_t mask) {
   F8 v;
@@ -139,17 +214,22 @@ MPQ_ALWAYS_INLINE void unroll(std::integer_sequence<int, J...>, F&& f) {
 }
 
 // Rows [n0, n1) of y for MR rows of x (xb: their region of block_order's
-// output; y: row stride N). s, z: float32 [N, G].
-// gw[w]: the group of word w, read only where a block straddles groups and
-// for the last words.
+// output; xg: their rows of XOrder::xg; y: row stride N). s, z: float32
+// [N, G]. gw[w]: the group of word w, read only where a block straddles
+// groups and for the last words.
 template <int W, int MR>
-MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_t* q,
-                                       const float* s, const float* z, int64_t G,
-                                       int64_t group_size, const int32_t* gw,
+MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, const float* xg, int64_t K,
+                                       const uint32_t* q, const float* s, const float* z, 
+                                       int64_t G, int64_t group_size, const int32_t* gw,
                                        int64_t n0, int64_t n1, int64_t N, float* y) {
   constexpr int P = 32 / W;
   constexpr uint32_t mask = (1u << W) - 1u;
-  constexpr int A = MR >= 4 ? 1 : std::min(P, 4 / MR);
+  constexpr bool late = kLateScaling<MR>;
+  // A sums per row, code j adding to sum j % A: with fewer than four rows
+  // one sum per row would chain every multiply-add on the one before it. The
+  // late tile's chains end at each group (or block), so consecutive ones
+  // overlap, and its vector registers hold the masks as well.
+  constexpr int A = late ? 2 : MR >= 4 ? 1 : std::min(P, 4 / MR);
   const int64_t words = K / P, blocks = words / kLanes;
   const int64_t words_per_group = group_size / P;
   // Groups that are whole blocks: one scale and zero per block, looped by group.
@@ -166,11 +246,11 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
     const uint32_t* qr = q + n * words;
     const float* sr = s + n * G;
     const float* zr = z + n * G;
-    // A sums per row, code j adding to sum j % A: with fewer than four rows
-    // one sum per row would chain every multiply-add on the one before it.
-    F8 acc[MR][A];
+    // acc: the row's sums; the late tile adds each group's (or block's) codes
+    // times x into part first, then part times the lanes' scales into acc.
+    F8 acc[MR][A], part[MR][A];
     for (int m = 0; m < MR; ++m)
-      for (int a = 0; a < A; ++a) acc[m][a] = splat8(0.f);
+      for (int a = 0; a < A; ++a) acc[m][a] = part[m][a] = splat8(0.f);
     // Block b (kLanes words), lane l's scale in sl[l] and -zero * scale in
     // zl[l] (a weight is then one multiply-add from its code).
     const auto block = [&](int64_t b, F8 sl, F8 zl) MPQ_LAMBDA_INLINE {
@@ -178,38 +258,60 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
       const float* xk = xb + b * kLanes * P * MR;
       unroll(std::make_integer_sequence<int, P>{}, [&](auto j) MPQ_LAMBDA_INLINE {
         constexpr int jj = decltype(j)::value;
-        const F8 wv = code8<jj * W>(wq, mask) * sl + zl;
-        for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + (jj * MR + m) * kLanes);
+        if constexpr (late) {
+          const F8 cv = field8<W, jj>(wq);
+          for (int m = 0; m < MR; ++m) part[m][jj % A] += cv * load8(xk + (jj * MR + m) * kLanes);
+        } else {
+          const F8 wv = code8<jj * W>(wq, mask) * sl + zl;
+          for (int m = 0; m < MR; ++m) acc[m][jj % A] += wv * load8(xk + (jj * MR + m) * kLanes);
+        }
       });
+    };
+    // After the blocks that sl covers: their sums times the scales.
+    const auto scale = [&](F8 sl) MPQ_LAMBDA_INLINE {
+      if constexpr (late) {
+        for (int m = 0; m < MR; ++m)
+          for (int a = 0; a < A; ++a) {
+            acc[m][a] += sl * part[m][a];
+            part[m][a] = splat8(0.f);
+          }
+      }
     };
     // Lane vectors for GPB groups per block, from groups g0 .. g0 + GPB - 1.
     const auto group_runs = [&](auto gpb, int64_t g0) MPQ_LAMBDA_INLINE {
       constexpr int GPB = decltype(gpb)::value, RUN = kLanes / GPB;
       float sv[kLanes], zv[kLanes];
-      for (int g = 0; g < GPB; ++g) {
-        const float sc = sr[g0 + g], zc = -zr[g0 + g] * sc;
+      for (int g = 0; g < GPB; ++g)
         for (int l = 0; l < RUN; ++l) {
-          sv[g * RUN + l] = sc;
-          zv[g * RUN + l] = zc;
+          sv[g * RUN + l] = sr[g0 + g];
+          zv[g * RUN + l] = -zr[g0 + g] * sr[g0 + g];
         }
-      }
       return std::make_pair(load8(sv), load8(zv));
     };
-    if (whole_groups) {
+    if (blocks_per_group == 1) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const F8 sl = splat8(sr[b]);
+        block(b, sl, splat8(-zr[b] * sr[b]));
+        scale(sl);
+      }
+    } else if (whole_groups) {
       for (int64_t g = 0; g < G; ++g) {
         const F8 sl = splat8(sr[g]), zl = splat8(-zr[g] * sr[g]);
         for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
           block(b, sl, zl);
+        scale(sl);
       }
     } else if (groups_per_block == 2) {
       for (int64_t b = 0; b < blocks; ++b) {
         const auto [sl, zl] = group_runs(std::integral_constant<int, 2>{}, 2 * b);
         block(b, sl, zl);
+        scale(sl);
       }
     } else if (groups_per_block == 4) {
       for (int64_t b = 0; b < blocks; ++b) {
         const auto [sl, zl] = group_runs(std::integral_constant<int, 4>{}, 4 * b);
         block(b, sl, zl);
+        scale(sl);
       }
     } else {
       for (int64_t b = 0; b < blocks; ++b) {
@@ -219,6 +321,7 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
           zv[l] = -zr[gw[b * kLanes + l]] * sv[l];
         }
         block(b, load8(sv), load8(zv));
+        scale(load8(sv));
       }
     }
     float out[MR];
@@ -226,6 +329,19 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, int64_t K, const uint32_
       F8 t = acc[m][0];
       for (int a = 1; a < A; ++a) t += acc[m][a];
       out[m] = sum8(t);
+    }
+    // The late tile's zero points: -sum_g z_g s_g X_g.
+    if constexpr (late) {
+      const int64_t G8 = G / kLanes * kLanes;
+      for (int m = 0; m < MR; ++m) {
+        const float* xgm = xg + m * G;
+        F8 t = splat8(0.f);
+        for (int64_t g = 0; g < G8; g += kLanes)
+          t += load8(zr + g) * load8(sr + g) * load8(xgm + g);
+        float zsum = sum8(t);
+        for (int64_t g = G8; g < G; ++g) zsum += zr[g] * sr[g] * xgm[g];
+        out[m] -= zsum;
+      }
     }
     // Words past the last whole block (4-bit codes where K % 64 != 0, 2-bit
     // where K % 128 != 0), in order, each row's x for them contiguous: a

@@ -34,14 +34,14 @@ constexpr int64_t kWeightRowsPerTurn = 16;
 // 742 us but 2-bit g32 576 x 1536 135 -> 147;
 // scripts/results/ab_cpu_avx512_pairs.log, branch exp/avx512-pairs.)
 #define MPQ_FUSED_ROWS_W(NAME, W, TARGET)                                                     \
-  TARGET void NAME(int mr, const float* xb, int64_t K, const uint32_t* q, const float* s,      \
-                   const float* z, int64_t G, int64_t gs, const int32_t* gw,                   \
+  TARGET void NAME(int mr, const float* xb, const float* xg, int64_t K, const uint32_t* q,   \
+                   const float* s, const float* z, int64_t G, int64_t gs, const int32_t* gw,   \
                    int64_t n0, int64_t n1, int64_t N, float* y) {                              \
     switch (mr) {                                                                              \
-      case 8: return fused_rows_tile<W, 8>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
-      case 4: return fused_rows_tile<W, 4>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
-      case 2: return fused_rows_tile<W, 2>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);           \
-      default: return fused_rows_tile<W, 1>(xb, K, q, s, z, G, gs, gw, n0, n1, N, y);          \
+      case 8: return fused_rows_tile<W, 8>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
+      case 4: return fused_rows_tile<W, 4>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
+      case 2: return fused_rows_tile<W, 2>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
+      default: return fused_rows_tile<W, 1>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);      \
     }                                                                                          \
   }
 MPQ_FUSED_ROWS_W(fused_rows_w2, 2, )
@@ -53,8 +53,9 @@ MPQ_FUSED_ROWS_W(fused_rows_w4_avx2, 4, MPQ_TARGET_AVX2)
 MPQ_FUSED_ROWS_W(fused_rows_w8_avx2, 8, MPQ_TARGET_AVX2)
 #endif
 
-using Tile = void (*)(int, const float*, int64_t, const uint32_t*, const float*, const float*,
-                      int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t, float*);
+using Tile = void (*)(int, const float*, const float*, int64_t, const uint32_t*, const float*,
+                      const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t,
+                      float*);
 
 template <int W>
 Tile tile_for_cpu(bool avx2) {
@@ -93,7 +94,7 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
                 const float* z, int64_t N, int64_t group_size, float* y, bool avx2) {
   constexpr int P = 32 / W;
   const int64_t G = K / group_size, words = K / P;
-  const std::vector<float> xb = block_order<P>(x, M, K);
+  const XOrder xo = block_order<W>(x, M, K, group_size);
   std::vector<int32_t> gw(static_cast<size_t>(words));
   for (int64_t w = 0; w < words; ++w) gw[w] = static_cast<int32_t>(w * P / group_size);
   const Tile tile = tile_for_cpu<W>(avx2);
@@ -110,12 +111,15 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
       const int64_t ne = std::min(n1, nb + kWeightRowsPerTurn);
       for (int64_t m0 = 0; m0 < M;) {
         const int mr = tile_rows(M - m0);
-        tile(mr, xb.data() + m0 * K, K, q, s, z, G, group_size, gw.data(), nb, ne, N,
-             y + m0 * N);
+        tile(mr, xo.xb.data() + m0 * K, xo.xg.data() + m0 * G, K, q, s, z, G, group_size,
+             gw.data(), nb, ne, N, y + m0 * N);
         m0 += mr;
       }
     }
   });
+  for (int64_t m = 0; m < M; ++m)
+    if (xo.unscale[m] != 1.f)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] *= xo.unscale[m];
 }
 
 at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
