@@ -109,7 +109,8 @@ def main():
     print(head)
     for K, N in shapes:
         lin = torch.randn(N, K) / K ** 0.5
-        for w_bit, gs in [(w, g) for w in bits for g in groups]:
+        # group sizes that do not divide K are left out for that shape
+        for w_bit, gs in [(w, g) for w in bits for g in groups if g == -1 or K % g == 0]:
             qw, s, z = quantize_rtn(lin, w_bit, gs)[:3]
             for M in ms:
                 x = torch.randn(M, K)
