@@ -126,6 +126,41 @@ def test_true_sequential_groups_follow_the_inputs():
     linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
     groups = _input_groups(block, linears, ((torch.randn(1, 5, 32),), {}))
     assert groups == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"], ["unused"]]
+    groups, calls = _input_groups(block, linears, ((torch.randn(1, 5, 32),), {}), counts=True)
+    assert calls == {n: 1 for n in ("q", "k", "v", "o", "gate", "up", "down")}
+
+
+def test_true_sequential_passes_end_after_their_group(monkeypatch):
+    """A group's calibration pass stops once the group has its inputs: the
+    same quantized model as with whole passes, and fewer calls of the layers
+    after the group."""
+    import copy
+
+    import mpq_ops.gptq as gptq
+    torch.manual_seed(2)
+    model = nn.Sequential()
+    model.emb = nn.Embedding(50, 32)
+    model.layers = nn.ModuleList(Attn() for _ in range(2))
+    calib = [torch.randint(0, 50, (1, 24)) for _ in range(3)]
+    results = {}
+    for early in (True, False):
+        monkeypatch.setattr(gptq, "_STOP_AFTER_GROUP", early)
+        m = copy.deepcopy(model)
+        m.forward = lambda input_ids, m=m: m.layers[1](m.layers[0](m.emb(input_ids)))
+        downs = []
+        for layer in m.layers:
+            layer.down.register_forward_hook(lambda *_: downs.append(1))
+        with torch.no_grad():
+            gptq_quantize_model(m, calib, w_bit=4, group_size=32, true_sequential=True,
+                                progress=False)
+        results[early] = ([(q.qweight, q.scales, q.zeros) for q in m.modules()
+                           if isinstance(q, MPQLinear)], len(downs))
+    (early_q, early_downs), (whole_q, whole_downs) = results[True], results[False]
+    assert len(early_q) == len(whole_q) == 14
+    for a, b in zip(early_q, whole_q):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # down runs in each pass of the q/k/v, o and gate/up groups only when passes are whole
+    assert whole_downs - early_downs == 2 * 3 * len(calib)
 
 
 @pytest.mark.parametrize("true_sequential", (True, False))
