@@ -89,7 +89,8 @@ class GPTQ:
         G = K // gs
         scales = torch.empty(N, G, dtype=dtype, device=W.device)
         zeros = torch.empty(N, G, dtype=dtype, device=W.device)
-        scale = zero = None
+        sf = zf = None
+        maxq = 2**w_bit - 1
         params = clipped_group_params if clip else group_params
         if static_groups:
             s_all, z_all = params(W.reshape(N, G, gs), w_bit, symmetric, dtype, integer_zeros)
@@ -108,11 +109,16 @@ class GPTQ:
                         span = torch.cat([W1[:, i:], W[:, i2:col + gs]], dim=1)[:, :gs]
                         scale, zero = params(span, w_bit, symmetric, dtype, integer_zeros)
                     scales[:, g], zeros[:, g] = scale, zero
+                    # the stored (rounded) scale and zero point, as quantize_codes uses them
+                    sf, zf = scale.float(), zero.float()
+                # One column: quantize_codes and the dequantization written out
+                # with the group's float32 scale and zero point taken once, the
+                # same operations in the same order (this loop runs K times per
+                # layer, each operation a separate call).
                 w = W1[:, i]
-                q = quantize_codes(w.unsqueeze(1), scale, zero, w_bit)[:, 0]
+                q = torch.round(w / sf + zf).clamp_(0, maxq)
                 codes[:, col] = q
-                deq = (q.float() - zero.float()) * scale.float()
-                err = (w - deq) / Hinv1[i, i]
+                err = (w - (q - zf) * sf) / Hinv1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
