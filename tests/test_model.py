@@ -148,8 +148,10 @@ def test_self_generated_samples_start_with_the_prompts(smollm2):
 # machine the targets were first measured on, the same order as the spread
 # between calibration samples (mpq_ops.gptq); on that EPYC +9.8% / +13.2% once
 # the CPU matmul's blocked path split its BLAS calls by thread (the demo, whose
-# calibration passes run through it). The bounds leave room for that
-# spread; the per-run figures are printed.
+# calibration passes run through it), and +7.2% / +8.2% once the CPU kernel's
+# one-row tile scaled late (the last row of a short calibration sample goes
+# through it). The bounds leave room for that spread; the per-run figures are
+# printed.
 GPTQ_CASES = [(32, True, {"clip": True}, 0.11),
               (64, False, {"clip": True, "true_sequential": True}, 0.16)]
 
