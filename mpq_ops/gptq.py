@@ -176,11 +176,11 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
     gate/up, then down in a decoder layer), each group calibrated on inputs
     computed with the groups before it already quantized, so that it also
     corrects their error (each of its passes stops once the group has its
-    inputs: SmolLM2, the demo's w4 g64 on 2 CPU cores, 216 and 227 s against 295
-    s with whole passes, the same perplexity). Off by default: on SmolLM2 (w4, act-order, 16 x 128
-    self-generated tokens, calibration seeds 0/1/2) it moved g64 from
-    +14.6/+13.1/+18.4% to +14.4/+9.2/+14.6% perplexity but g32 with integer
-    zeros from +9.8/+12.8/+14.4% to +12.7/+10.9/+13.2%: within the spread
+    inputs: SmolLM2, the demo's w4 g64 on 2 CPU cores, 216 and 227 s against
+    295 s with whole passes, the same perplexity). Off by default: on SmolLM2
+    (w4, act-order, 16 x 128 self-generated tokens, calibration seeds 0/1/2) it
+    moved g64 from +14.6/+13.1/+18.4% to +14.4/+9.2/+14.6% perplexity but g32
+    with integer zeros from +9.8/+12.8/+14.4% to +12.7/+10.9/+13.2%: within the spread
     between calibration samples. With the ~25k shipped tokens
     (mpq_ops.calibration.shipped) and clip, g64 measured +8.4% with it and
     +11.2..12.3% without, so the demo uses it at g64 (not at g32)."""

@@ -192,7 +192,8 @@ template <int W, int J>
 inline F8 field8(U8 w) {
   F8 v;
   for (int l = 0; l < kLanes; ++l) {
-    const uint32_t f = J == 32 / W - 1 ? w.v[l] >> (32 - W) : w.v[l] & (((1u << W) - 1u) << (W * J));
+    const uint32_t f =
+        J == 32 / W - 1 ? w.v[l] >> (32 - W) : w.v[l] & (((1u << W) - 1u) << (W * J));
     v.v[l] = static_cast<float>(static_cast<int32_t>(f));
   }
   return v;
