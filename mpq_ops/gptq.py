@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .layers import MPQLinear
 from .pack import W_BITS, pack
-from .quantize import clipped_group_params, group_params, quantize_codes, resolve_group_size
+from .quantize import clipped_group_params, group_params, resolve_group_size
 
 
 class GPTQ:

@@ -1,5 +1,4 @@
 """torch.compile, torch.export and AOTInductor over a small model of MPQ layers."""
-import os
 import subprocess
 import sys
 import textwrap

@@ -11,7 +11,7 @@ from torch import nn
 import mpq_ops
 from mpq_ops import (MPQLinear, MPQLinearCuda, MPQLinearMlx, from_gptq, pack,
                      prepare_bie_layers, quantize_rtn, unpack)
-from helpers import (REL_TOL, make_weight, make_x, np_pack_rows, np_unpack_rows, ref_dequantize,
+from helpers import (REL_TOL, make_weight, make_x, np_pack_rows, ref_dequantize,
                      ref_matmul, rel_err)
 
 
