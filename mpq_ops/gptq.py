@@ -226,13 +226,6 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
             # same tensor (q/k/v, gate/up) share one product. The tensor is held
             # with its product until the forward ends, so its id is not reused.
             products: Dict[int, Tuple[Tensor, Tensor]] = {}
-            # A group's pass ends once each of its layers has run as often as in
-            # the first sample: what the block computes after that is not used
-            # (in a decoder layer after q/k/v, o and gate/up: about 85%, 75%
-            # and 25% of its Linear layers' work). A group with a layer that
-            # did not run in the first sample keeps its passes whole.
-            expected = {n: calls.get(n, 0) for n in group}
-            stop = _STOP_AFTER_GROUP and true_sequential and all(expected.values())
             seen: Dict[str, int] = {}
 
             def record(inp, st, n):
@@ -243,7 +236,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
                     hit = products[id(x)] = (x, xf.t() @ xf)
                 st.add_batch(x, hit[1])
                 seen[n] = seen.get(n, 0) + 1
-                if stop and all(seen.get(m, 0) >= c for m, c in expected.items() if m in stats):
+                if stop and all(seen.get(m, 0) >= c for m, c in expected.items()):
                     raise _Stop
 
             for n in group:
@@ -256,6 +249,13 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
                     lambda _m, inp, _out, s=stats[n], n=n: record(inp, s, n)))
             if not stats:
                 continue
+            # A group's pass ends once each of its layers has run as often as in
+            # the first sample: what the block computes after that is not used
+            # (in a decoder layer after q/k/v, o and gate/up: about 85%, 75%
+            # and 25% of its Linear layers' work). A group with a layer that
+            # did not run in the first sample keeps its passes whole.
+            expected = {n: calls.get(n, 0) for n in stats}
+            stop = _STOP_AFTER_GROUP and true_sequential and all(expected.values())
             try:
                 for args, kwargs in captured:
                     seen.clear()

@@ -124,7 +124,6 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
         assert err < REL_TOL[torch.float32], (M, err)
 
 
-
 @pytest.mark.parametrize("isa", ("native", "baseline"))
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("K,group_size", [(576, 32), (2048, 64), (384, -1)])
@@ -149,6 +148,7 @@ def test_cpu_one_row_tile_rows_of_any_magnitude(w_bit, K, group_size, isa, monke
             assert torch.isfinite(y).all()
             err = ((y.double() - ref[rows]).norm() / ref[rows].norm()).item()
             assert err < REL_TOL[torch.float32], (magnitude, rows, err)
+
 
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -94,13 +94,11 @@ XOrder block_order(const float* x, int64_t M, int64_t K, int64_t group_size) {
           o.unscale[m0 + m] = std::ldexp(1.f, e);
         }
         for (int j = 0; j < P; ++j) c[j] = f * code_scale[j];
-        double sum = 0.0;
-        for (int64_t k = 0; k < whole; ++k) {
-          sum += static_cast<double>(xr[k] * f);
-          if ((k + 1) % group_size == 0 || k + 1 == whole) {
-            o.xg[(m0 + m) * G + k / group_size] = static_cast<float>(sum);
-            sum = 0.0;
-          }
+        for (int64_t g = 0; g * group_size < whole; ++g) {
+          double sum = 0.0;
+          for (int64_t k = g * group_size; k < std::min(whole, (g + 1) * group_size); ++k)
+            sum += static_cast<double>(xr[k] * f);
+          o.xg[(m0 + m) * G + g] = static_cast<float>(sum);
         }
       }
       for (int64_t b = 0; b < blocks; ++b)
