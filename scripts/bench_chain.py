@@ -58,6 +58,9 @@ def main():
     print(f"|{'-' * 14}|{'-' * 6}|" + "|".join("-" * 11 for _ in cols) + "|")
     rows = []
     for K, N in shapes:
+        if gs != -1 and (K % gs or N % gs):  # both are a layer's K in the chain
+            print(f"| {f'{K} x {N}':>12} | left out: g{gs} does not divide both", flush=True)
+            continue
         # Weights of unit gain (a chain neither grows nor vanishes), each
         # quantized from its float16 original.
         dense = []

@@ -245,6 +245,31 @@ def test_two_bit_codes_policy(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_four_bit_codes_policy(dtype, monkeypatch):
+    """The default policy on Hopper for 4-bit codes from 65 to 96 rows: the
+    staged kernel's small grids against weights of at most 1536 inputs and
+    outputs, the wgmma kernel at 64 rows or fewer, past 96, against larger
+    weights and with the small grids turned off; each against float64."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    monkeypatch.delenv("MPQ_OPS_CUDA_KERNEL", raising=False)
+    cases = (((1536, 576), 65, True, "gemm_cuda_kernel"),
+             ((576, 1536), 96, True, "gemm_cuda_kernel"),
+             ((1000, 1024), 77, True, "gemm_cuda_kernel"),
+             ((1024, 1024), 64, True, "gemm_sm90_kernel"),
+             ((1024, 1024), 97, True, "gemm_sm90_kernel"),
+             ((2048, 1024), 72, True, "gemm_sm90_kernel"),
+             ((1024, 1024), 72, False, "gemm_sm90_kernel"))
+    for (N, K), M, small_grid, kernel in cases:
+        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "1" if small_grid else "0")
+        weight = make_weight(N, K, 4, 64, dtype, "cuda")
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, 4, 64, None, (N, K, M, small_grid))
+        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, 4, 64))
+        assert any(kernel in n for n in names), (N, K, M, small_grid, names)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (4, 8))
 def test_one_row_k_ranges(w_bit, dtype):
     """One row of x, 4- and 8-bit codes: each weight row as eight k ranges

@@ -53,6 +53,20 @@ MatmulKernel choose_kernel(const at::Tensor& x, const at::Tensor& qweight,
     // so in most cells (run 7).
     if (w_bit == 2 && M <= 64 && gemm_detail::small_grid<2>(M, x.size(1), qweight.size(0)))
       return MatmulKernel::Gemm;
+    // 4-bit codes from 65 to 96 rows (two 64-row tiles of the wgmma kernel,
+    // three 32-row x tiles of the small grids) against weights of at most
+    // 1536 inputs and outputs: the small grids too. Same chains, g64, this
+    // policy / the wgmma kernel forced (fp16 F.linear in brackets;
+    // scripts/results/ab_h200_w4_small_grid_policy.log, run 2), M = 65..96:
+    // 576 x 1536 4.9 / 5.7 (3.9-4.0), 1024 x 1024 4.8 / 5.8-6.3 (4.7), 1280 x
+    // 1280 5.6-5.7 / 6.8-7.2 (4.8-5.1), 1536 x 1536 6.5-6.6 / 7.5-7.9 (5.5-5.6).
+    // Not at 64 rows or fewer (one wgmma tile; run 1, 1024 x 1024 M = 48 5.6
+    // against 4.6), nor against larger weights (1024 x 2048 M = 72 7.4
+    // against 6.9, 2048 x 2048 10.7 against 8.1), nor for 8-bit codes (level
+    // or slower in every cell of run 1).
+    if (w_bit == 4 && M > 64 && M <= 96 && x.size(1) <= 1536 && qweight.size(0) <= 1536 &&
+        gemm_detail::small_grid<4>(M, x.size(1), qweight.size(0)))
+      return MatmulKernel::Gemm;
     return MatmulKernel::Sm90;
   }
   if (M <= kGemmMaxRows) return MatmulKernel::Gemm;
