@@ -125,6 +125,29 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ("native", "baseline"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", W_BITS)
+@pytest.mark.parametrize("K,group_size", [(96, 32), (160, 32), (576, 64), (384, -1)])
+def test_cpu_half_scales_as_their_float32_values(w_bit, K, group_size, dtype, isa, monkeypatch):
+    """float16 / bfloat16 x, scales and zeros on the CPU give bit for bit the
+    float32 op's y on the same values, rounded to dtype: the kernel converts
+    the scales and zeros a few weight rows at a time (eight at a time in the
+    AVX2 build, the rest one by one), which must neither lose nor shift a
+    row. Ragged N (37: a last turn of 5 rows), groups per row from 1 to 9,
+    row counts of each tile and past the fused kernel's limit."""
+    if isa == "baseline":
+        monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
+    N = 37
+    qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype)
+    for M in (1, 3, 8, 13, 41):
+        x = make_x((M,), K, dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
+        y32 = torch.ops.mpq.matmul(x.float(), qweight, scales.float(), zeros.float(), w_bit,
+                                   group_size)
+        assert y.dtype == dtype and torch.equal(y, y32.to(dtype)), M
+
+
+@pytest.mark.parametrize("isa", ("native", "baseline"))
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("K,group_size", [(576, 32), (2048, 64), (384, -1)])
 def test_cpu_one_row_tile_rows_of_any_magnitude(w_bit, K, group_size, isa, monkeypatch):

@@ -14,11 +14,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../mpq.h"
 #include "fused_rows.h"
 #include "isa.h"
+#include "to_float.h"
 #include "unpack.h"
 
 namespace mpq::cpu {
@@ -88,10 +90,12 @@ int64_t fused_max_rows(bool avx2, int64_t K) {
   return std::clamp<int64_t>(rows, 16, 40);
 }
 
-// y [M, N] float32 = x [M, K] float32 @ W^T; s, z float32 [N, K / group_size].
+// y [M, N] float32 = x [M, K] float32 @ W^T; s, z [N, K / group_size], float32
+// where to_s / to_z are nullptr, else what they convert (to_float.h).
 template <int W>
-void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const float* s,
-                const float* z, int64_t N, int64_t group_size, float* y, bool avx2) {
+void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const void* s,
+                const void* z, ToFloat to_s, ToFloat to_z, int64_t N, int64_t group_size,
+                float* y, bool avx2) {
   constexpr int P = 32 / W;
   const int64_t G = K / group_size, words = K / P;
   const XOrder xo = block_order<W>(x, M, K, group_size);
@@ -99,6 +103,27 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
   for (int64_t w = 0; w < words; ++w) gw[w] = static_cast<int32_t>(w * P / group_size);
   const Tile tile = tile_for_cpu<W>(avx2);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    // This thread's rows of scales and zeros as float32, where they are not,
+    // converted in one pass: two ops fewer per call than converting the whole
+    // tensors before the kernel. 2-core EPYC, M = 1, caches flushed, builds
+    // alternating (scripts/results/ab_cpu_half_scales.log): a float16 call's
+    // time over the float32 call's at 576 x 1536 g64, two runs, w4 25.2 /
+    // 26.4 -> 12.1 / 20.2 us, w2 26.1 / 26.7 -> 12.4 / 15.9, w8 25.3 / 29.4
+    // -> 12.4 / 17.3; 4096 x 4096 level (w4 g64 one thread 1106-1120 ->
+    // 1027-1091 us). (Measured and not taken: a turn's rows at a time into
+    // a buffer that stays in L1, the next turn's asked for ahead: at 4096 x
+    // 4096 on one thread 1180-1278 us against 1066-1200.)
+    const int64_t rows = n1 - n0;
+    // (not a std::vector: its zero fill would be one more pass over the buffer)
+    const std::unique_ptr<float[]> sz(
+        to_s != nullptr || to_z != nullptr ? new float[2 * rows * G] : nullptr);
+    const auto converted = [&](const void* t, ToFloat to, float* buf) {
+      if (to == nullptr) return static_cast<const float*>(t) + n0 * G;
+      to(t, n0 * G, rows * G, buf);
+      return static_cast<const float*>(buf);
+    };
+    const float* s0 = converted(s, to_s, sz.get());
+    const float* z0 = converted(z, to_z, sz.get() + rows * G);
     // Each tile of rows of x decodes the weights once; the tiles take turns
     // over a few weight rows at a time, so that a later tile finds those
     // rows in cache rather than in memory. (Measured and not taken: each
@@ -109,10 +134,14 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
     // 471; scripts/results/ab_cpu_decode_once.log.)
     for (int64_t nb = n0; nb < n1; nb += kWeightRowsPerTurn) {
       const int64_t ne = std::min(n1, nb + kWeightRowsPerTurn);
+      // The tile takes the turn's rows from 0: its codes, scales, zeros and
+      // columns of y from row nb on.
+      const float* st = s0 + (nb - n0) * G;
+      const float* zt = z0 + (nb - n0) * G;
       for (int64_t m0 = 0; m0 < M;) {
         const int mr = tile_rows(M - m0);
-        tile(mr, xo.xb.data() + m0 * K, xo.xg.data() + m0 * G, K, q, s, z, G, group_size,
-             gw.data(), nb, ne, N, y + m0 * N);
+        tile(mr, xo.xb.data() + m0 * K, xo.xg.data() + m0 * G, K, q + nb * words, st, zt, G,
+             group_size, gw.data(), 0, ne - nb, N, y + m0 * N + nb);
         m0 += mr;
       }
     }
@@ -122,18 +151,29 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const f
       for (int64_t n = 0; n < N; ++n) y[m * N + n] *= xo.unscale[m];
 }
 
+bool kernel_reads_dtype(const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
+}
+
 at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
                  const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
   auto yf = at::empty({M, N}, xf.options());
-  const auto sf = s.to(at::kFloat).contiguous(), zf = z.to(at::kFloat).contiguous();
+  // float16 / bfloat16 scales and zeros are converted a turn at a time inside
+  // the kernel (to_float.h); any other dtype whole, here.
+  const auto sf = kernel_reads_dtype(s) ? s : s.to(at::kFloat);
+  const auto zf = kernel_reads_dtype(z) ? z : z.to(at::kFloat);
+  const ToFloat to_s = to_float_for(sf.scalar_type(), avx2);
+  const ToFloat to_z = to_float_for(zf.scalar_type(), avx2);
   const auto* qp = reinterpret_cast<const uint32_t*>(q.data_ptr<int32_t>());
-  const float *xp = xf.data_ptr<float>(), *sp = sf.data_ptr<float>(), *zp = zf.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  const void *sp = sf.const_data_ptr(), *zp = zf.const_data_ptr();
   float* yp = yf.data_ptr<float>();
   switch (w_bit) {
-    case 2: fused_rows<2>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
-    case 4: fused_rows<4>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
-    default: fused_rows<8>(xp, M, K, qp, sp, zp, N, group_size, yp, avx2); break;
+    case 2: fused_rows<2>(xp, M, K, qp, sp, zp, to_s, to_z, N, group_size, yp, avx2); break;
+    case 4: fused_rows<4>(xp, M, K, qp, sp, zp, to_s, to_z, N, group_size, yp, avx2); break;
+    default: fused_rows<8>(xp, M, K, qp, sp, zp, to_s, to_z, N, group_size, yp, avx2); break;
   }
   return yf;
 }
