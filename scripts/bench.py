@@ -11,7 +11,7 @@ format's bytes are also read by a plain streaming kernel under the same flush
 dirty lines lands inside every timed run (a reference, not a strict bound:
 where the bytes fit L2 a kernel may come in under it).
 --clean-l2 adds, for M <= 16, times with L2 emptied by a read instead
-(bench_clean_l2). For each (K, N) mpq::dequantize is timed too (w2/w4/w8
+(bench_clean_l2), and at M = 1 the plain read so timed. For each (K, N) mpq::dequantize is timed too (w2/w4/w8
 g128 to fp16, or --deq-dtype bf16/fp32): its bytes (codes, scales and zeros
 read, the weight written) over the copy bandwidth, against its time.
 
@@ -82,15 +82,15 @@ def _read_kernel(src, out, n, BLOCK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(v, axis=0))
 
 
-def read_us(nbytes):
-    """do_bench time (us) of a plain streaming read of nbytes (one int32
-    buffer of that size, read once per run)."""
+def read_us(nbytes, timer=bench):
+    """Time (us; by `timer`, do_bench's by default) of a plain streaming read
+    of nbytes (one int32 buffer of that size, read once per run)."""
     n = (nbytes + 3) // 4
     src = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
     block = 1024
     grid = (triton.cdiv(n, block),)
     out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-    return bench(lambda: _read_kernel[grid](src, out, n, BLOCK=block, num_warps=4))
+    return timer(lambda: _read_kernel[grid](src, out, n, BLOCK=block, num_warps=4))
 
 
 def copy_bandwidth():
@@ -235,6 +235,8 @@ def main():
                     qw = weights[b]
                     row[f"mpq_w{b}_clean_us"] = bench_clean_l2(
                         lambda: torch.ops.mpq.matmul(x, qw.qweight, qw.scales, qw.zeros, b, 128))
+                    if M == 1:
+                        row[f"read_w{b}_clean_us"] = read_us(packed_bytes(qw), bench_clean_l2)
                 if packed is not None:
                     row["int4pack_clean_us"] = bench_clean_l2(
                         lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
@@ -268,18 +270,22 @@ def print_kernels(rows, kernels):
                       + " ".join(f"{r[f'mpq_w{b}_{k}_us']:10.1f}" for k in kernels))
 
 
-def print_read(rows):
-    rows = [r for r in rows if "read_w4_us" in r]
+def print_read(rows, clean=False):
+    """M = 1 against a plain read of the same bytes, under do_bench's flush or
+    (clean) with L2 emptied by a read."""
+    sfx = "_clean_us" if clean else "_us"
+    rows = [r for r in rows if f"read_w4{sfx}" in r]
     if not rows:
         return
-    print("\nM = 1 against a plain read of the same bytes under the same flush (us; "
+    flush = "L2 emptied by a read" if clean else "under the same flush"
+    print(f"\nM = 1 against a plain read of the same bytes, {flush} (us; "
           "%read = read / time; read TB/s = the read's bytes / its time)")
     print(f"{'K':>6} {'N':>6} | " + " | ".join(f"{'w' + str(b):>7} {'read':>7} {'%read':>5} "
                                                  f"{'TB/s':>5}" for b in (2, 4, 8)))
     for r in rows:
         cells = []
         for b in (2, 4, 8):
-            t, rd = r[f"mpq_w{b}_us"], r[f"read_w{b}_us"]
+            t, rd = r[f"mpq_w{b}{sfx}"], r[f"read_w{b}{sfx}"]
             tbs = r[f"read_w{b}_bytes"] / rd * 1e-6
             cells.append(f"{t:7.1f} {rd:7.1f} {100 * rd / t:5.0f} {tbs:5.2f}")
         print(f"{r['K']:>6} {r['N']:>6} | " + " | ".join(cells))
@@ -299,6 +305,7 @@ def print_clean(rows):
                          f"{r['fp16_clean_us'] / t:5.2f}")
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} | {r['fp16_clean_us']:8.1f} | "
               f"{r.get('int4pack_clean_us', float('nan')):8.1f} | " + " | ".join(cells))
+    print_read(rows, clean=True)
 
 
 def print_table(rows):
