@@ -151,24 +151,17 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const v
       for (int64_t n = 0; n < N; ++n) y[m * N + n] *= xo.unscale[m];
 }
 
-bool kernel_reads_dtype(const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16;
-}
-
 at::Tensor fused(const at::Tensor& xf, const at::Tensor& q, const at::Tensor& s,
                  const at::Tensor& z, int64_t w_bit, int64_t group_size, bool avx2) {
   const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
   auto yf = at::empty({M, N}, xf.options());
-  // float16 / bfloat16 scales and zeros are converted a turn at a time inside
-  // the kernel (to_float.h); any other dtype whole, here.
-  const auto sf = kernel_reads_dtype(s) ? s : s.to(at::kFloat);
-  const auto zf = kernel_reads_dtype(z) ? z : z.to(at::kFloat);
-  const ToFloat to_s = to_float_for(sf.scalar_type(), avx2);
-  const ToFloat to_z = to_float_for(zf.scalar_type(), avx2);
+  // float16 / bfloat16 scales and zeros are converted by each thread for its
+  // rows inside the kernel (to_float.h; they have x's dtype, check_matmul).
+  const ToFloat to_s = to_float_for(s.scalar_type(), avx2);
+  const ToFloat to_z = to_float_for(z.scalar_type(), avx2);
   const auto* qp = reinterpret_cast<const uint32_t*>(q.data_ptr<int32_t>());
   const float* xp = xf.data_ptr<float>();
-  const void *sp = sf.const_data_ptr(), *zp = zf.const_data_ptr();
+  const void *sp = s.const_data_ptr(), *zp = z.const_data_ptr();
   float* yp = yf.data_ptr<float>();
   switch (w_bit) {
     case 2: fused_rows<2>(xp, M, K, qp, sp, zp, to_s, to_z, N, group_size, yp, avx2); break;

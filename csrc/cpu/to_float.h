@@ -52,11 +52,11 @@ MPQ_TARGET_AVX2 inline void bfloat16_to_float_avx2(const void* src, int64_t firs
 }
 #endif
 
-// The conversion for scales or zeros of dtype t; nullptr for float32, which
-// the kernel reads in place. Only float16 and bfloat16 are asked for: other
-// dtypes are converted whole before the kernel.
+// The conversion for scales or zeros of dtype t (x's: float32, float16 or
+// bfloat16); nullptr for float32, which the kernel reads in place.
 inline ToFloat to_float_for(at::ScalarType t, bool avx2) {
   if (t == at::kFloat) return nullptr;
+  TORCH_INTERNAL_ASSERT(t == at::kHalf || t == at::kBFloat16, "scales of dtype ", t);
 #if defined(MPQ_X86_AVX2)
   if (avx2) return t == at::kHalf ? half_to_float_avx2 : bfloat16_to_float_avx2;
 #else
