@@ -130,11 +130,12 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
 @pytest.mark.parametrize("K,group_size", [(96, 32), (160, 32), (576, 64), (384, -1)])
 def test_cpu_half_scales_as_their_float32_values(w_bit, K, group_size, dtype, isa, monkeypatch):
     """float16 / bfloat16 x, scales and zeros on the CPU give bit for bit the
-    float32 op's y on the same values, rounded to dtype: the kernel converts
-    the scales and zeros a few weight rows at a time (eight at a time in the
-    AVX2 build, the rest one by one), which must neither lose nor shift a
-    row. Ragged N (37: a last turn of 5 rows), groups per row from 1 to 9,
-    row counts of each tile and past the fused kernel's limit."""
+    float32 op's y on the same values, rounded to dtype: each thread converts
+    the scales and zeros of its weight rows (eight at a time in the AVX2
+    build, the rest one by one) and its tiles take them a turn of rows at a
+    time, which must neither lose nor shift a row. Ragged N (37: a last turn
+    of 5 rows), groups per row from 1 to 9, row counts of each tile and past
+    the fused kernel's limit."""
     if isa == "baseline":
         monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
     N = 37

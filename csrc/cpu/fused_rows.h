@@ -7,7 +7,8 @@
 // For that, x is reordered once per call into the same order (block_order):
 // block b of eight words holds, for each code j, the x values of the eight
 // words' code j next to each other. Scales and zeros are float32 here (the
-// caller converts them once per call); the sums are float32.
+// caller converts float16 / bfloat16 ones, each thread for its weight rows);
+// the sums are float32.
 //
 // A tile of one row of x scales late: y = sum_g s_g * sum_k c_k x_k -
 // sum_g z_g s_g X_g, with X_g the sum of x over group g, so that a code costs
@@ -211,15 +212,16 @@ MPQ_ALWAYS_INLINE void unroll(std::integer_sequence<int, J...>, F&& f) {
   (f(std::integral_constant<int, J>{}), ...);
 }
 
-// Rows [n0, n1) of y for MR rows of x (xb: their region of block_order's
-// output; xg: their rows of XOrder::xg; y: row stride N). s, z: float32
-// [N, G]. gw[w]: the group of word w, read only where a block straddles
+// Columns [0, rows) of y for MR rows of x and `rows` weight rows (xb: their
+// region of block_order's output; xg: their rows of XOrder::xg; q, s, z, y:
+// from the first of those weight rows on, y with row stride N). s, z: float32
+// [rows, G]. gw[w]: the group of word w, read only where a block straddles
 // groups and for the last words.
 template <int W, int MR>
 MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, const float* xg, int64_t K,
                                        const uint32_t* q, const float* s, const float* z,
                                        int64_t G, int64_t group_size, const int32_t* gw,
-                                       int64_t n0, int64_t n1, int64_t N, float* y) {
+                                       int64_t rows, int64_t N, float* y) {
   constexpr int P = 32 / W;
   constexpr uint32_t mask = (1u << W) - 1u;
   constexpr bool late = late_scaling(MR);
@@ -240,7 +242,7 @@ MPQ_ALWAYS_INLINE void fused_rows_tile(const float* xb, const float* xg, int64_t
   // with which g32 took 1.2x the time of g64 (576 x 576, M = 1).
   const int64_t groups_per_block =
       !whole_groups && kLanes % words_per_group == 0 ? kLanes / words_per_group : 0;
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = 0; n < rows; ++n) {
     const uint32_t* qr = q + n * words;
     const float* sr = s + n * G;
     const float* zr = z + n * G;

@@ -36,15 +36,15 @@ constexpr int64_t kWeightRowsPerTurn = 16;
 // 742 us but 2-bit g32 576 x 1536 135 -> 147;
 // scripts/results/ab_cpu_avx512_pairs.log, branch exp/avx512-pairs.)
 #define MPQ_FUSED_ROWS_W(NAME, W, TARGET)                                                     \
-  TARGET void NAME(int mr, const float* xb, const float* xg, int64_t K, const uint32_t* q,   \
-                   const float* s, const float* z, int64_t G, int64_t gs, const int32_t* gw,   \
-                   int64_t n0, int64_t n1, int64_t N, float* y) {                              \
-    switch (mr) {                                                                              \
-      case 8: return fused_rows_tile<W, 8>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
-      case 4: return fused_rows_tile<W, 4>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
-      case 2: return fused_rows_tile<W, 2>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);       \
-      default: return fused_rows_tile<W, 1>(xb, xg, K, q, s, z, G, gs, gw, n0, n1, N, y);      \
-    }                                                                                          \
+  TARGET void NAME(int mr, const float* xb, const float* xg, int64_t K, const uint32_t* q,    \
+                   const float* s, const float* z, int64_t G, int64_t gs, const int32_t* gw,  \
+                   int64_t rows, int64_t N, float* y) {                                       \
+    switch (mr) {                                                                             \
+      case 8: return fused_rows_tile<W, 8>(xb, xg, K, q, s, z, G, gs, gw, rows, N, y);        \
+      case 4: return fused_rows_tile<W, 4>(xb, xg, K, q, s, z, G, gs, gw, rows, N, y);        \
+      case 2: return fused_rows_tile<W, 2>(xb, xg, K, q, s, z, G, gs, gw, rows, N, y);        \
+      default: return fused_rows_tile<W, 1>(xb, xg, K, q, s, z, G, gs, gw, rows, N, y);       \
+    }                                                                                         \
   }
 MPQ_FUSED_ROWS_W(fused_rows_w2, 2, )
 MPQ_FUSED_ROWS_W(fused_rows_w4, 4, )
@@ -56,8 +56,7 @@ MPQ_FUSED_ROWS_W(fused_rows_w8_avx2, 8, MPQ_TARGET_AVX2)
 #endif
 
 using Tile = void (*)(int, const float*, const float*, int64_t, const uint32_t*, const float*,
-                      const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t, int64_t,
-                      float*);
+                      const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t, float*);
 
 template <int W>
 Tile tile_for_cpu(bool avx2) {
@@ -134,14 +133,14 @@ void fused_rows(const float* x, int64_t M, int64_t K, const uint32_t* q, const v
     // 471; scripts/results/ab_cpu_decode_once.log.)
     for (int64_t nb = n0; nb < n1; nb += kWeightRowsPerTurn) {
       const int64_t ne = std::min(n1, nb + kWeightRowsPerTurn);
-      // The tile takes the turn's rows from 0: its codes, scales, zeros and
-      // columns of y from row nb on.
+      // The tile takes the turn's codes, scales, zeros and columns of y from
+      // row nb on.
       const float* st = s0 + (nb - n0) * G;
       const float* zt = z0 + (nb - n0) * G;
       for (int64_t m0 = 0; m0 < M;) {
         const int mr = tile_rows(M - m0);
         tile(mr, xo.xb.data() + m0 * K, xo.xg.data() + m0 * G, K, q + nb * words, st, zt, G,
-             group_size, gw.data(), 0, ne - nb, N, y + m0 * N + nb);
+             group_size, gw.data(), ne - nb, N, y + m0 * N + nb);
         m0 += mr;
       }
     }
