@@ -220,6 +220,18 @@ def test_small_grids(w_bit, dtype, small_grid, monkeypatch):
             assert not any("finish_split" in n for n in names), (M, names)
 
 
+def check_policy(cases, w_bit, dtype, monkeypatch):
+    """Each case ((N, K), M, small grids on, kernel): the result against
+    float64 and that the default policy launched that kernel, g64."""
+    for (N, K), M, small_grid, kernel in cases:
+        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "1" if small_grid else "0")
+        weight = make_weight(N, K, w_bit, 64, dtype, "cuda")
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, w_bit, 64, None, (N, K, M, small_grid))
+        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, w_bit, 64))
+        assert any(kernel in n for n in names), (N, K, M, small_grid, names)
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_two_bit_codes_policy(dtype, monkeypatch):
     """The default policy on Hopper for 2-bit codes from 17 to 64 rows: the
@@ -235,13 +247,7 @@ def test_two_bit_codes_policy(dtype, monkeypatch):
              ((1024, 1024), 48, False, "gemm_sm90_kernel"),
              ((14336, 4096), 48, True, "gemm_sm90_kernel"),
              ((1024, 1024), 65, True, "gemm_sm90_kernel"))
-    for (N, K), M, small_grid, kernel in cases:
-        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "1" if small_grid else "0")
-        weight = make_weight(N, K, 2, 64, dtype, "cuda")
-        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
-        check_matmul(x, weight, 2, 64, None, (N, K, M, small_grid))
-        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, 2, 64))
-        assert any(kernel in n for n in names), (N, K, M, small_grid, names)
+    check_policy(cases, 2, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -260,13 +266,7 @@ def test_four_bit_codes_policy(dtype, monkeypatch):
              ((1024, 1024), 97, True, "gemm_sm90_kernel"),
              ((2048, 1024), 72, True, "gemm_sm90_kernel"),
              ((1024, 1024), 72, False, "gemm_sm90_kernel"))
-    for (N, K), M, small_grid, kernel in cases:
-        monkeypatch.setenv("MPQ_OPS_CUDA_SMALL_GRID", "1" if small_grid else "0")
-        weight = make_weight(N, K, 4, 64, dtype, "cuda")
-        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
-        check_matmul(x, weight, 4, 64, None, (N, K, M, small_grid))
-        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, 4, 64))
-        assert any(kernel in n for n in names), (N, K, M, small_grid, names)
+    check_policy(cases, 4, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
