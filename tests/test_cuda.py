@@ -262,6 +262,7 @@ def test_four_bit_codes_policy(dtype, monkeypatch):
     cases = (((1536, 576), 65, True, "gemm_cuda_kernel"),
              ((576, 1536), 96, True, "gemm_cuda_kernel"),
              ((1000, 1024), 77, True, "gemm_cuda_kernel"),
+             ((1536, 1536), 65, True, "gemm_cuda_kernel"),
              ((1024, 1024), 64, True, "gemm_sm90_kernel"),
              ((1024, 1024), 97, True, "gemm_sm90_kernel"),
              ((2048, 1024), 72, True, "gemm_sm90_kernel"),
