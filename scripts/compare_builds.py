@@ -2,11 +2,13 @@
 build is a copy of mpq_ops/_C.abi3.so (e.g. one compiled with another -D in
 NVCC_APPEND_FLAGS). A round puts each build in place in turn, alternating the
 order from round to round, and times every cell in a fresh process
-(do_bench median, L2 flushed), checked against float64 (ppm of the output's
-norm); the median over rounds is reported.
+(do_bench median, L2 flushed; with --clean-l2 L2 emptied by a read instead,
+bench_clean_l2), checked against float64 (ppm of the output's norm); the
+median over rounds is reported.
 
     python scripts/compare_builds.py --builds 'base:/tmp/base.so;pf256:/tmp/pf.so' \\
-        --cells 'fp16,2,128,8192,28672,1;fp16,4,128,8192,28672,1' [--rounds 3] [--out c.json]
+        --cells 'fp16,2,128,8192,28672,1;fp16,4,128,8192,28672,1' [--rounds 3] [--out c.json] \\
+        [--clean-l2]
 
 Cells as scripts/cells.py reads them: dtype, w_bit, group_size, K, N, M.
 The build in place at the start is put back at the end. A round that fails
@@ -29,7 +31,7 @@ ROUND = r"""
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[3]]
 import mpq_ops
-from bench import bench
+from bench import bench, bench_clean_l2
 from cells import make_cell
 from helpers import ref_matmul, rel_err
 for cell in sys.argv[2].split(";"):
@@ -39,7 +41,7 @@ for cell in sys.argv[2].split(";"):
     # (NaN for non-finite outputs: builds with parts left out compute garbage.)
     finite = bool(torch.isfinite(out).all())
     err = rel_err(out, ref_matmul(x, qw, sc, ze, w, g)) * 1e6 if finite else float("nan")
-    us = bench(call)
+    us = (bench_clean_l2 if sys.argv[4] == "clean" else bench)(call)
     print(json.dumps({"cell": cell, "us": us, "ppm": err}), flush=True)
 """
 
@@ -51,6 +53,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per round of a build")
+    ap.add_argument("--clean-l2", action="store_true",
+                    help="L2 emptied by a read before each run instead of do_bench's zero-fill")
     args = ap.parse_args()
     builds = [b.split(":", 1) for b in args.builds.split(";")]
     tests = os.path.join(HERE, "..", "tests")
@@ -62,7 +66,8 @@ def main():
             for name, path in builds if r % 2 == 0 else builds[::-1]:
                 shutil.copyfile(path, SO)
                 # Lines are echoed as they come, so a run cut short still shows them.
-                with subprocess.Popen([sys.executable, "-c", ROUND, tests, args.cells, HERE],
+                with subprocess.Popen([sys.executable, "-c", ROUND, tests, args.cells, HERE,
+                                       "clean" if args.clean_l2 else "dirty"],
                                       stdout=subprocess.PIPE, text=True) as proc:
                     timer = threading.Timer(args.timeout, proc.kill)
                     timer.start()
