@@ -1056,7 +1056,15 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // (us): w4 M = 1 (8192, 28672) 52.3 -> 52.2 / 58.3 / 64.5, (28672, 8192)
     // 49.0 -> 56.2 / 56.8 / 59.9, w8 75.5 -> 82.0 / 90.6 / 94.7; the 16-row
     // kernel so (188 -> 132 registers) w4 70.2 -> 75.0 / 74.4 / 85.4. More
-    // bytes in flight made it slower, as more steps in registers had.
+    // bytes in flight made it slower, as more steps in registers had. With L2
+    // emptied by a read (where a plain read of the w4 bytes at (8192, 28672)
+    // takes 31.4 us against the kernel's 42), three / four steps in flight at
+    // four blocks per SM did not help either (H200, float16 g128, M = 1,
+    // medians of three alternating rounds, us): w4 (8192, 28672) 42.7 -> 47.0
+    // / 41.9, (28672, 8192) 43.7 -> 54.0 / 61.7, w8 63.2 -> 67.0 / 62.1; in
+    // layers back to back (bench_chain.py) 40.1 -> 47.3 / 48.0 and w8 60.3 ->
+    // 69.2 / 67.4, though (4096, 14336) w8 18.9 -> 17.3 / 17.1
+    // (scripts/results/ab_h200_one_row_depth_clean.log).
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and
