@@ -130,6 +130,21 @@ def test_true_sequential_groups_follow_the_inputs():
     assert calls == {n: 1 for n in ("q", "k", "v", "o", "gate", "up", "down")}
 
 
+def test_true_sequential_groups_by_identity_not_address(monkeypatch):
+    """Layers share a group only when they read the same tensor object. A
+    layer's input freed when it returns can leave its address and Python id
+    to the next layer's new input (on SmolLM2 that grouped o_proj with
+    gate/up in a few probes, and GPTQ changed from run to run); here every
+    tensor reports one address and one id."""
+    from mpq_ops import gptq
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: 0)
+    monkeypatch.setattr(gptq, "id", lambda obj: 0, raising=False)
+    block = Attn()
+    linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
+    groups = gptq._input_groups(block, linears, ((torch.randn(1, 5, 32),), {}))
+    assert groups == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"], ["unused"]]
+
+
 def test_true_sequential_passes_end_after_their_group(monkeypatch):
     """A group's calibration pass stops once the group has its inputs: the
     same quantized model as with whole passes, and fewer calls of the layers
