@@ -92,23 +92,32 @@ def to_torch(a, device: torch.device) -> Tensor:
 
 # --- weight cache ---------------------------------------------------------------
 
-# id(qweight) -> (weak reference, versions, arrays). Keyed by identity (tensors
-# compare elementwise, so they can't be dict keys); the weak reference's
-# callback drops the entry when the weight dies, so nothing leaks.
+# id(qweight) -> (what was seen of qweight, scales and zeros, dtype, arrays).
+# Keyed by identity (tensors compare elementwise, so they can't be dict keys);
+# the weak reference to qweight has a callback that drops the entry when the
+# weight dies, so nothing leaks.
 _weight_cache: dict = {}
 
 
-def _versions(*ts: Tensor):
-    return tuple((id(t), t._version, t.data_ptr()) for t in ts)
+def _seen(*ts: Tensor):
+    """Each tensor as an entry remembers it: a weak reference, compared by
+    identity (a new tensor made after a freed one mostly gets the freed one's
+    id, data pointer and version, so those alone can match a tensor never
+    seen), the version counter (in-place updates) and the data pointer."""
+    return tuple((weakref.ref(t), t._version, t.data_ptr()) for t in ts)
+
+
+def _same(seen, ts) -> bool:
+    return all(ref() is t and version == t._version and ptr == t.data_ptr()
+               for (ref, version, ptr), t in zip(seen, ts))
 
 
 def weight_arrays(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype):
     """(w_q uint32, scales, biases) as MLX arrays in `dtype`, made once per weight
     and again only after one of the three tensors changed (in place or replaced)."""
     mx = mlx()
-    key = (_versions(qweight, scales, zeros), dtype)
     hit = _weight_cache.get(id(qweight))
-    if hit is not None and hit[0]() is qweight and hit[1] == key:
+    if hit is not None and hit[1] == dtype and _same(hit[0], (qweight, scales, zeros)):
         return hit[2]
     w_q = to_mlx(qweight).view(mx.uint32)
     s = scales.detach().to(dtype)
@@ -116,8 +125,10 @@ def weight_arrays(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.d
     arrays = (w_q, to_mlx(s), to_mlx(biases))
     mx.eval(*arrays)
     ident = id(qweight)
-    ref = weakref.ref(qweight, lambda _r, ident=ident: _weight_cache.pop(ident, None))
-    _weight_cache[ident] = (ref, key, arrays)
+    drop = lambda _r, ident=ident: _weight_cache.pop(ident, None)  # noqa: E731
+    seen = ((weakref.ref(qweight, drop), qweight._version, qweight.data_ptr()),
+            *_seen(scales, zeros))
+    _weight_cache[ident] = (seen, dtype, arrays)
     return arrays
 
 

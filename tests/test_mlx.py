@@ -143,6 +143,23 @@ def test_weight_arrays_cached_once_and_in_place_updates_seen(mlx_cpu):
     assert mlx_bridge.cached_weights() == before  # weakly held: gone with the weight
 
 
+def test_python_bridge_not_fooled_by_a_reused_address(monkeypatch):
+    """A zeros tensor made after the old one was freed may take its Python id,
+    its data pointer and its version (0): the Python bridge's cache must still
+    see another tensor (each one is held weakly and compared by identity).
+    Here every tensor reports one id and one address. (The C++ bridge compares
+    TensorImpl pointers it holds weakly, which keeps them from being reused.)"""
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: 0)
+    monkeypatch.setattr(mlx_bridge, "id", lambda obj: 0, raising=False)
+    with mlx_bridge.use_mlx_on_cpu(bridge="python"):
+        qweight, scales, zeros = make_weight(N, K, 4, 32, torch.float32)
+        x = make_x((3,), K, torch.float32)
+        for _ in range(3):
+            y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 32)
+            assert rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 32)) < 1e-5
+            zeros = torch.rand(zeros.shape)  # version 0, like the one it replaces
+
+
 def test_gradients_through_mlx(mlx_cpu):
     qweight, scales, zeros = make_weight(N, K, 4, 64, torch.float32)
     x = make_x((4,), K, torch.float32).requires_grad_(True)
