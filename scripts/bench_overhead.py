@@ -13,7 +13,10 @@ so 'graph' is the kernels' time on cached weights and launch gaps, not a
 memory-bound figure (scripts/bench.py is that). Eager columns: medians of
 rounds in which the layers take turns. JSON + a printed table.
 
-    python scripts/bench_overhead.py --out overhead.json [--rounds 7] [--device cpu]
+    python scripts/bench_overhead.py --out overhead.json [--rounds 7] [--device cpu] \\
+        [--dtype bf16] [--bias]
+
+--dtype sets x's dtype (and the float layer's), --bias gives every layer a bias.
 """
 import argparse
 import json
@@ -33,7 +36,8 @@ from timing import graph_of, replay_us  # noqa: E402
 
 # SmolLM2-135M: q/o, k/v, gate/up, down.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-CONFIGS = [("fp16", None, None), ("w4 g32", 4, 32), ("w4 g64", 4, 64), ("w8 g64", 8, 64)]
+CONFIGS = [("float", None, None), ("w4 g32", 4, 32), ("w4 g64", 4, 64), ("w8 g64", 8, 64)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def per_call(fn, calls, device):
@@ -59,28 +63,33 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="x's dtype (default: fp16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--bias", action="store_true", help="layers with a bias")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = args.device
     cuda = dev == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
+    dtype_name = args.dtype or ("fp16" if cuda else "fp32")
+    dtype = DTYPES[dtype_name]
     rows = []
     device_name = (torch.cuda.get_device_name() if cuda
                    else f"CPU, {torch.get_num_threads()} threads")
-    print(f"device: {device_name}; M = 1, {str(dtype)[6:]} x; us per call")
+    print(f"device: {device_name}; M = 1, {str(dtype)[6:]} x"
+          f"{', with bias' if args.bias else ''}; us per call")
     print(f"| {'K x N':>10} | {'layer':>8} | {'eager':>6} | {'op':>6} | {'graph':>6} | kernels |")
     print(f"|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 9}|")
     with torch.no_grad():
         for K, N in SHAPES:
-            lin = nn.Linear(K, N, bias=False, dtype=dtype, device=dev)
+            lin = nn.Linear(K, N, bias=args.bias, dtype=dtype, device=dev)
             x = torch.randn(1, K, dtype=dtype, device=dev)
             layers = []
             for name, w_bit, gs in CONFIGS:
                 if w_bit is None:
-                    layers.append(("fp16" if cuda else "fp32", lin, None))
+                    layers.append((dtype_name, lin, None))
                     continue
                 q = MPQLinear.from_linear(lin, w_bit, gs)
-                args_ = (x, q.qweight, q.scales, q.zeros, w_bit, q.group_size_arg(), None, None)
+                args_ = (x, q.qweight, q.scales, q.zeros, w_bit, q.group_size_arg(), None, q.bias)
                 layers.append((name, q, lambda a=args_: torch.ops.mpq.matmul(*a)))
             eager = {name: [] for name, _, _ in layers}
             op = {name: [] for name, _, _ in layers}

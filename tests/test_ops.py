@@ -125,27 +125,41 @@ def test_cpu_kernel_tiles_and_tails(w_bit, K, group_size, isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ("native", "baseline"))
+@pytest.mark.parametrize("bias", (False, True), ids=("no_bias", "bias"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", W_BITS)
 @pytest.mark.parametrize("K,group_size", [(96, 32), (160, 32), (576, 64), (384, -1)])
-def test_cpu_half_scales_as_their_float32_values(w_bit, K, group_size, dtype, isa, monkeypatch):
-    """float16 / bfloat16 x, scales and zeros on the CPU give bit for bit the
-    float32 op's y on the same values, rounded to dtype: each thread converts
-    the scales and zeros of its weight rows (eight at a time in the AVX2
-    build, the rest one by one) and its tiles take them a turn of rows at a
-    time, which must neither lose nor shift a row. Ragged N (37: a last turn
-    of 5 rows), groups per row from 1 to 9, row counts of each tile and past
-    the fused kernel's limit."""
+def test_cpu_half_as_their_float32_values(w_bit, K, group_size, dtype, bias, isa, monkeypatch):
+    """float16 / bfloat16 x, scales, zeros and bias on the CPU give bit for bit
+    the float32 op's y on the same values, rounded to dtype: the fused kernel
+    converts x before it, each thread the scales and zeros of its weight rows
+    and its columns of y (times the row's power of two, plus bias, rounded),
+    eight at a time in the AVX2 build and the rest one by one; its tiles take
+    the scales a turn of rows at a time, which must neither lose nor shift a
+    row. Ragged N (37: a last turn of 5 rows, threads' shares not multiples
+    of 8), groups per row from 1 to 9, row counts of each tile and past the
+    fused kernel's limit; rows of x that make y overflow float16, a row with
+    an infinity and one with a NaN (compared as NaN)."""
     if isa == "baseline":
         monkeypatch.setenv("MPQ_OPS_CPU_ISA", "baseline")
     N = 37
     qweight, scales, zeros = make_weight(N, K, w_bit, group_size, dtype)
+    b = torch.randn(N).to(dtype) if bias else None
     for M in (1, 3, 8, 13, 41):
         x = make_x((M,), K, dtype)
-        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
+        if M >= 3:
+            x[0] *= 1000  # |y| past float16's 65504: infinities, not bfloat16's
+            x[1, K // 2] = float("inf")
+            x[2, 1] = float("nan")
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, b)
         y32 = torch.ops.mpq.matmul(x.float(), qweight, scales.float(), zeros.float(), w_bit,
-                                   group_size)
-        assert y.dtype == dtype and torch.equal(y, y32.to(dtype)), M
+                                   group_size, None, None if b is None else b.float())
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, M=M: f"M = {M}: {m}")
+        finite = 3 if M >= 3 else 0  # (and the float32 op against float64)
+        ref = ref_matmul(x[finite:], qweight, scales, zeros, w_bit, group_size, None, b)
+        assert rel_err(y32[finite:], ref) < REL_TOL[torch.float32], M
 
 
 @pytest.mark.parametrize("isa", ("native", "baseline"))
