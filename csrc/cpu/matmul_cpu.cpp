@@ -182,13 +182,12 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   auto out = at::empty({M, N}, x.options());
   // (unique_ptr buffers: a std::vector's zero fill would be one more pass)
   std::unique_ptr<float[]> xbuf, ybuf, bbuf;
-  const float* xp = f32 ? x.const_data_ptr<float>() : nullptr;
   if (!f32) {
     xbuf.reset(new float[M * K]);
     to_float_for(x.scalar_type(), avx2)(x.const_data_ptr(), 0, M * K, xbuf.get());
-    xp = xbuf.get();
+    ybuf.reset(new float[M * N]);
   }
-  if (!f32) ybuf.reset(new float[M * N]);
+  const float* xp = f32 ? x.const_data_ptr<float>() : xbuf.get();
   float* yp = f32 ? out.mutable_data_ptr<float>() : ybuf.get();
   Epilogue ep{nullptr, f32 ? nullptr : from_float_for(x.scalar_type(), avx2),
               out.mutable_data_ptr()};

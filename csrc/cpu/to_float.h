@@ -108,11 +108,11 @@ inline FromFloat from_float_for(at::ScalarType t, bool avx2) {
   return t == at::kHalf ? from_float<c10::Half> : from_float<c10::BFloat16>;
 }
 
-// The conversion for scales or zeros of dtype t (x's: float32, float16 or
-// bfloat16); nullptr for float32, which the kernel reads in place.
+// The conversion for x, scales, zeros or bias of dtype t (x's: float32,
+// float16 or bfloat16); nullptr for float32, which the kernel reads in place.
 inline ToFloat to_float_for(at::ScalarType t, bool avx2) {
   if (t == at::kFloat) return nullptr;
-  TORCH_INTERNAL_ASSERT(t == at::kHalf || t == at::kBFloat16, "scales of dtype ", t);
+  TORCH_INTERNAL_ASSERT(t == at::kHalf || t == at::kBFloat16, "input of dtype ", t);
 #if defined(MPQ_X86_AVX2)
   if (avx2) return t == at::kHalf ? half_to_float_avx2 : bfloat16_to_float_avx2;
 #else
