@@ -1,0 +1,151 @@
+// How fast the one-row kernel's loads stream the 4-bit codes of an [N, K]
+// weight, with nothing else in the kernel: the same 16-byte loads
+// (ld.global.nc.L1::no_allocate), the same grid (one block of four warps per
+// resident slot, stream-K shares of (row block, step) items), U items in
+// flight per warp, each loaded word only XORed into a sum. Three orders of the
+// same bytes:
+//   flat     each block's share as one run of memory, 4 KB per item (a plain
+//            read's order)
+//   kpair    the two-range kernel's (gemm.cuh, KR = 2): a warp's item is 8
+//            rows x 128 bytes, each load 4 rows x 128 bytes
+//   rows512  the eight-range kernel's: a warp's item is 2 rows x 512 bytes,
+//            each load 512 bytes of one row
+// With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
+// memset (dirty, as do_bench's flush); median of 20 runs. If kpair takes
+// as long as the kernel (8192 x 28672 w4 M = 1: 42 us on the H200 with a
+// clean L2, against 31.4 for a plain read of its bytes), its order of loads
+// sets the pace; if it is near flat, the kernel's work around the loads does.
+// Standalone (no torch), for any CUDA GPU:
+//
+//     nvcc -arch=sm_90a -O3 -std=c++17 scripts/ldg_stream.cu -o /tmp/ldg_stream
+//     /tmp/ldg_stream 28672 8192    # N K
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+
+enum Order { kFlat = 0, kKPair = 1, kRows512 = 2 };
+constexpr int kItemBytes = 4096;  // per block and item, in every order
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Byte offset of load r (0, 1) of this thread for item i.
+template <int ORDER>
+__device__ __forceinline__ long offset(long i, int r, long row_bytes) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (ORDER == kFlat) return i * kItemBytes + (r * 128 + threadIdx.x) * 16;
+  if (ORDER == kKPair) {
+    const long steps = row_bytes / 128;
+    const long rb = i / steps, s = i % steps;
+    const int g = lane >> 2, t = lane & 3;
+    const long row = rb * 32 + warp * 8 + (g >> 1) + 4 * r;
+    return row * row_bytes + s * 128 + (4 * (g & 1) + t) * 16;
+  }
+  const long steps = row_bytes / 512;
+  const long rb = i / steps, s = i % steps;
+  const long row = rb * 8 + warp * 2 + r;
+  return row * row_bytes + s * 512 + lane * 16;
+}
+
+template <int ORDER, int U>
+__global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long row_bytes,
+                                                     long items, uint32_t* out) {
+  const long i0 = items * blockIdx.x / gridDim.x, i1 = items * (blockIdx.x + 1) / gridDim.x;
+  uint4 buf[U][2];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (i0 + u < i1)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        buf[u][r] = load_stream(reinterpret_cast<const uint4*>(codes + offset<ORDER>(i0 + u, r, row_bytes)));
+  uint32_t acc = 0;
+  for (long i = i0; i < i1; i += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (i + u < i1) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) acc ^= buf[u][r].x ^ buf[u][r].y ^ buf[u][r].z ^ buf[u][r].w;
+        if (i + u + U < i1)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            buf[u][r] = load_stream(
+                reinterpret_cast<const uint4*>(codes + offset<ORDER>(i + u + U, r, row_bytes)));
+      }
+    }
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+__global__ void read_flush(const uint4* p, long n, uint32_t* out) {
+  uint32_t acc = 0;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+    acc ^= p[i].x;
+  if (acc == 0x12345678u) out[0] = acc;  // (keeps the loads)
+}
+
+using Kernel = void (*)(const uint8_t*, long, long, uint32_t*);
+
+template <int ORDER>
+Kernel pick(int U) {
+  return U == 2 ? stream_kernel<ORDER, 2> : U == 3 ? stream_kernel<ORDER, 3> : stream_kernel<ORDER, 4>;
+}
+
+int main(int argc, char** argv) {
+  const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
+  const long row_bytes = K / 2;  // 4-bit codes
+  if (N <= 0 || K <= 0 || N % 32 != 0 || row_bytes % 512 != 0) {
+    printf("ldg_stream N K: N a positive multiple of 32, K of 1024, got %ld %ld\n", N, K);
+    return 2;
+  }
+  const long bytes = N * row_bytes, items = bytes / kItemBytes;
+  uint8_t* codes; CK(cudaMalloc(&codes, bytes));
+  CK(cudaMemset(codes, 1, bytes));
+  const size_t flush_bytes = 256u << 20;
+  void* flush; CK(cudaMalloc(&flush, flush_bytes));
+  CK(cudaMemset(flush, 3, flush_bytes));
+  int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
+  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
+  printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
+  const char* names[] = {"flat", "kpair", "rows512"};
+  for (int clean = 1; clean >= 0; --clean) {
+    for (int order = 0; order < 3; ++order) {
+      for (int per_sm : {4, 5, 8}) {
+        for (int U : {2, 4}) {
+          const Kernel k = order == kFlat ? pick<kFlat>(U) : order == kKPair ? pick<kKPair>(U) : pick<kRows512>(U);
+          const int grid = per_sm * sms;
+          std::vector<float> ts;
+          for (int rep = 0; rep < 25; ++rep) {
+            if (clean)
+              read_flush<<<4 * sms, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, out);
+            else
+              CK(cudaMemsetAsync(flush, rep, flush_bytes));
+            CK(cudaEventRecord(a));
+            k<<<grid, 128>>>(codes, row_bytes, items, out);
+            CK(cudaEventRecord(b));
+            CK(cudaEventSynchronize(b));
+            float ms; CK(cudaEventElapsedTime(&ms, a, b));
+            if (rep >= 5) ts.push_back(ms * 1000.f);
+          }
+          CK(cudaGetLastError());
+          std::sort(ts.begin(), ts.end());
+          const float us = ts[ts.size() / 2];
+          printf("%-5s %-8s U %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
+                 clean ? "clean" : "dirty", names[order], U, per_sm, grid, us, bytes / us / 1e6);
+        }
+      }
+    }
+  }
+  return 0;
+}
