@@ -799,7 +799,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 52.8 / 55.8, w8 74.4 -> 76.8 / 75.2): shorter blocks cost more than the
   // last wave's idle slots. One row of x of 4- or 8-bit codes runs such a grid
   // in stream-K instead where it can (below).
-  static const int slots = tile::resident_slots(kernel, WARPS * 32, SMEM);
+  static tile::PerDevice slots_on;
+  const int slots = slots_on.get([&] { return tile::resident_slots(kernel, WARPS * 32, SMEM); });
   if constexpr (KR == 2) {
     // One row of x: eight k ranges per row (tile::WeightRows), whose loads read
     // 512 bytes of a row at a time and whose grid has four times the blocks,
@@ -830,7 +831,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // kernel is launched so as well; the GEMV (only ever forced) in plain
   // stream order.
   // (The same check allows clusters, below.)
-  static const bool sm90 = tile::sm90_launchable(kernel);
+  static tile::PerDevice sm90_on;
+  const bool sm90 = sm90_on.get([&] { return tile::sm90_launchable(kernel) ? 1 : 0; }) != 0;
   // One launch of `launched` over `grid` (in clusters of `cluster` blocks),
   // then the sum of its partial products where they went to the workspace ws.
   const auto run = [&](auto launched, dim3 grid, int smem, dim3 cluster, const at::Tensor& ws,
@@ -866,7 +868,9 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       const auto sk = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true,
                                        LATE, KR, KR, false, true>;
       // (at the most shared memory a slice may take: the count holds for every K)
-      static const int sk_slots = tile::resident_slots(sk, WARPS * 32, kResidentXBytes);
+      static tile::PerDevice sk_slots_on;
+      const int sk_slots =
+          sk_slots_on.get([&] { return tile::resident_slots(sk, WARPS * 32, kResidentXBytes); });
       const int sk_blocks = std::min(sk_slots, row_blocks);
       return run(sk, dim3(1, sk_blocks, 1), sk_smem, dim3(1, 1, 1),
                  at::empty({2, M, N}, x.options().dtype(at::kFloat)), steps, false);

@@ -139,7 +139,8 @@ void launch(const at::Tensor& x, const at::Tensor& qweight,
   const int steps = K / SUPER_K;
   // Split K so that the grid fills whole waves of resident blocks: a second
   // wave that is mostly empty costs as much as a full one.
-  static const int slots = tile::resident_slots(kernel, WARPS * 32, 0);
+  static tile::PerDevice slots_on;
+  const int slots = slots_on.get([&] { return tile::resident_slots(kernel, WARPS * 32, 0); });
   // Splitting costs a second launch and a float32 workspace of splits x M x N,
   // so with many x rows it is only for grids that leave most of the GPU idle.
   // With one or two x tiles the workspace is small and more warps in flight

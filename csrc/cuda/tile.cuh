@@ -7,8 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -587,6 +590,34 @@ inline int sm_count() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
 }
+
+// A property of the current device (an int), computed the first time each
+// device asks for it: a function-local static would keep the first device's
+// value for every GPU of the process, whatever their kinds. Devices past
+// kDevices compute it on every call.
+class PerDevice {
+ public:
+  PerDevice() {
+    for (auto& v : values_) v.store(kUnset, std::memory_order_relaxed);
+  }
+  template <typename F>
+  int get(F&& compute) {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    if (device < 0 || device >= kDevices) return compute();
+    int v = values_[device].load(std::memory_order_relaxed);
+    if (v == kUnset) {  // (two threads may both compute it: the same value)
+      v = compute();
+      values_[device].store(v, std::memory_order_relaxed);
+    }
+    return v;
+  }
+
+ private:
+  static constexpr int kDevices = 64;
+  static constexpr int kUnset = std::numeric_limits<int>::min();
+  std::array<std::atomic<int>, kDevices> values_;
+};
 
 // Blocks of `kernel` (threads, dynamic shared memory smem) resident on the
 // whole GPU at once: the slots a wave of the grid fills.
