@@ -416,6 +416,34 @@ inline bool device_sm90() {
   return major >= 9;
 }
 
+// A property of the current device (an int), computed the first time each
+// device asks for it: a function-local static would keep the first device's
+// value for every GPU of the process, whatever their kinds. Devices past
+// kDevices compute it on every call.
+class PerDevice {
+ public:
+  PerDevice() {
+    for (auto& v : values_) v.store(kUnset, std::memory_order_relaxed);
+  }
+  template <typename F>
+  int get(F&& compute) {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    if (device < 0 || device >= kDevices) return compute();
+    int v = values_[device].load(std::memory_order_relaxed);
+    if (v == kUnset) {  // (two threads may both compute it: the same value)
+      v = compute();
+      values_[device].store(v, std::memory_order_relaxed);
+    }
+    return v;
+  }
+
+ private:
+  static constexpr int kDevices = 64;
+  static constexpr int kUnset = std::numeric_limits<int>::min();
+  std::array<std::atomic<int>, kDevices> values_;
+};
+
 // Whether `kernel`'s code was built for sm_90+ (binary and PTX): code
 // JIT-compiled from an older target's PTX lacks what clusters and
 // programmatic launches rely on (sum_in_cluster traps there, and
@@ -486,7 +514,11 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
   // H200, g128, medians of three alternating rounds (us): M = 1 w4 (8192,
   // 28672) in stream-K 44.4 -> 42.9, w2 split in 4 42.9 -> 41.4; M = 3 w4
   // 51.8 -> 50.4.
-  static const bool built_90 = built_for_sm90(finish_split_kernel<T>);
+  // (binaryVersion: the code loaded for this device, where a build holds several)
+  static PerDevice built_90_on;
+  const bool built_90 = built_90_on.get([] {
+    return built_for_sm90(finish_split_kernel<T>) ? 1 : 0;
+  }) != 0;
   if (built_90 && device_sm90()) {
     LaunchEx launch(dim3(blocks), 256, 0, stream, programmatic_attr());
     C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, finish_split_kernel<T>,
@@ -590,34 +622,6 @@ inline int sm_count() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
 }
-
-// A property of the current device (an int), computed the first time each
-// device asks for it: a function-local static would keep the first device's
-// value for every GPU of the process, whatever their kinds. Devices past
-// kDevices compute it on every call.
-class PerDevice {
- public:
-  PerDevice() {
-    for (auto& v : values_) v.store(kUnset, std::memory_order_relaxed);
-  }
-  template <typename F>
-  int get(F&& compute) {
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    if (device < 0 || device >= kDevices) return compute();
-    int v = values_[device].load(std::memory_order_relaxed);
-    if (v == kUnset) {  // (two threads may both compute it: the same value)
-      v = compute();
-      values_[device].store(v, std::memory_order_relaxed);
-    }
-    return v;
-  }
-
- private:
-  static constexpr int kDevices = 64;
-  static constexpr int kUnset = std::numeric_limits<int>::min();
-  std::array<std::atomic<int>, kDevices> values_;
-};
 
 // Blocks of `kernel` (threads, dynamic shared memory smem) resident on the
 // whole GPU at once: the slots a wave of the grid fills.
