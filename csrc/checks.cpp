@@ -107,10 +107,13 @@ at::Tensor checked_perm(const at::Tensor& perm, int64_t K) {
   // argument was wrong.
   const auto p = perm.to(at::kLong);
   if (p.numel() == 0) return p;
-  const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
+  check_perm_range(p.min().item<int64_t>(), p.max().item<int64_t>(), K);
+  return p;
+}
+
+void check_perm_range(int64_t lo, int64_t hi, int64_t K) {
   TORCH_CHECK(lo >= 0 && hi < K, "mpq::matmul: perm values must lie in [0, ", num(K).c_str(),
               "), got values in [", num(lo).c_str(), ", ", num(hi).c_str(), "]");
-  return p;
 }
 
 }  // namespace mpq

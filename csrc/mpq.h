@@ -63,6 +63,9 @@ WeightShape check_matmul(const at::Tensor& x, const at::Tensor& qweight,
 // host: CPU kernels only).
 at::Tensor checked_perm(const at::Tensor& perm, int64_t K);
 
+// The error for perm values outside [0, K), given their least and greatest.
+void check_perm_range(int64_t lo, int64_t hi, int64_t K);
+
 // K implied by a qweight of shape [N, K*w_bit/32], after w_bit is checked.
 int64_t infer_k(const char* op, const at::Tensor& qweight, int64_t w_bit);
 

@@ -423,6 +423,26 @@ def test_fake_kernel_makes_the_same_checks(case):
             call(fake)
 
 
+@pytest.mark.parametrize("perm_dtype", (torch.int32, torch.int64), ids=str)
+def test_cpu_perm_values_checked_on_both_paths(perm_dtype):
+    """perm values outside [0, K) raise on the CPU whichever path serves the
+    rows: the fused kernel, which checks them as it gathers x's columns, and
+    the blocked path past its row limit (index_select's own error would not
+    name perm); a valid perm gathers alike on both (against float64)."""
+    qweight, scales, zeros = make_weight(N, K, 4, 64, torch.float32)
+    for M in (1, 3, 200):
+        x = make_x((M,), K, torch.float32)
+        for bad, seen in ((torch.arange(K) + 1, f"[1, {K}]"),
+                          (torch.arange(K) - 2, f"[-2, {K - 3}]")):
+            with pytest.raises(RuntimeError, match=_re(f"perm values must lie in [0, {K}), "
+                                                       f"got values in {seen}")):
+                torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 64, bad.to(perm_dtype))
+        perm = torch.randperm(K).to(perm_dtype)
+        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 64, perm)
+        ref = ref_matmul(x, qweight, scales, zeros, 4, 64, perm)
+        assert rel_err(y, ref) < REL_TOL[torch.float32], M
+
+
 def test_dequantize_bad_input():
     qweight, scales, zeros = make_weight(N, K, 4, 64, torch.float16)
     with pytest.raises(ValueError, match="w_bit must be 2, 4 or 8, got 3"):
