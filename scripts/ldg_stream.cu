@@ -1,6 +1,6 @@
 // How fast the one-row kernel's loads stream the 4-bit codes of an [N, K]
 // weight, with nothing else in the kernel: the same 16-byte loads
-// (ld.global.nc.L1::no_allocate), the same grid (one block of four warps per
+// (load_stream.cuh), the same grid (one block of four warps per
 // resident slot, stream-K shares of (row block, step) items), U items in
 // flight per warp, each loaded word only XORed into a sum. Three orders of the
 // same bytes:
@@ -27,18 +27,14 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../csrc/cuda/load_stream.cuh"  // the kernels' own load of the codes
+
+using mpq::cuda::tile::load_stream;
+
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 enum Order { kFlat = 0, kKPair = 1, kRows512 = 2 };
 constexpr int kItemBytes = 4096;  // per block and item, in every order
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 // Byte offset of load r (0, 1) of this thread for item i.
 template <int ORDER>

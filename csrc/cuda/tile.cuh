@@ -18,23 +18,9 @@
 #include <utility>
 
 #include "decode.cuh"
+#include "load_stream.cuh"
 
 namespace mpq::cuda::tile {
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  // Weights are read once: keep them out of L1, which serves x. (Asking L2
-  // for the 256 bytes around each miss, .L2::256B, did not help the one-row
-  // kernels, H200 float16 g128 M = 1 (us): w2 (8192, 28672) 36.7, (28672,
-  // 8192) 34.3, w4 43.2, w8 71.4, against 36.6, 32.6, 42.8, 71.1 in the
-  // benchmark's run of this form, bench_h200_m1_16. Nor did an L2 cache
-  // policy, .L2::cache_hint: evict_first level at M = 1, w4 43.1, w8 70.2,
-  // an explicit evict_normal slower, 46.7, 73.7; ab_h200_l2_policy.)
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
