@@ -2,14 +2,17 @@
 
 Marked `model` (deselect with -m "not model"); CI runs them."""
 import copy
+import os
+from collections import Counter
 
 import pytest
 import torch
 
 from mpq_ops import MPQLinear
-from mpq_ops.checkpoint import load_quantized, save_quantized
+from mpq_ops.checkpoint import load_gguf_layers, load_quantized, save_quantized
 from mpq_ops.demo import (Logits, chat_ids, compile_mpq_layers, dynamic_layer_shapes,
-                          eval_ids, export_roundtrip, greedy, load_smollm2, perplexity)
+                          eval_ids, export_roundtrip, gguf_location, greedy, load_smollm2,
+                          perplexity)
 from mpq_ops.model import quantize_model
 
 pytestmark = pytest.mark.model
@@ -37,6 +40,22 @@ def test_quantize_model_summary(smollm2, w4g32):
     ratio = summary["linear_bytes_after"] / summary["linear_bytes_before"]
     assert abs(ratio - 6 / 32) < 1e-3, ratio
     assert summary["model_bytes_after"] < summary["model_bytes_before"] / 2
+
+
+def test_gguf_layers_are_the_files_blocks(smollm2):
+    """The file's own blocks in 211 MPQ layers (210 Q4_1, and lm_head from the
+    tied embedding's Q8_0), each checked against the float layer transformers
+    dequantized from them; the perplexity is the float model's."""
+    base, _, ids, fp_ppl = smollm2
+    model = copy.deepcopy(base)
+    summary = load_gguf_layers(model, os.path.join(*gguf_location()))
+    assert summary["layers"] == 211 and summary["skipped"] == []
+    assert Counter(c["gguf_type"] for c in summary["config"].values()) == {"Q4_1": 210,
+                                                                            "Q8_0": 1}
+    assert summary["config"]["lm_head"] == {"w_bit": 8, "group_size": 32, "gguf_type": "Q8_0"}
+    assert isinstance(model.lm_head, MPQLinear)
+    ppl = perplexity(model, ids)
+    assert abs(ppl / fp_ppl - 1) < 1e-5, (ppl, fp_ppl)
 
 
 def test_w8_perplexity_within_1_percent(smollm2):

@@ -1,0 +1,302 @@
+"""GGUF block formats in the canonical format (mpq_ops.gguf_format) and a
+model's layers from a GGUF file (mpq_ops.checkpoint.load_gguf_layers).
+
+The reference is the gguf package's own numpy dequantization of the same
+random blocks (llama.cpp's formats as its maintainers wrote them down), and
+the files are written with its GGUFWriter."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpq_ops.gguf_format import from_gguf_blocks
+from helpers import REL_TOL, make_x, ref_dequantize, ref_matmul, rel_err
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf import quants  # noqa: E402
+
+# inputs and bytes per block
+BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+HALF_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2)}
+
+
+def random_blocks(type_name, N, K, rng, flat_blocks=2, exponents=(-10, -1)):
+    """Random bytes for every field, its float16 fields set to random values of
+    either sign (exponents in [exponents)), `flat_blocks` blocks with d = 0."""
+    per, size = BLOCK[type_name]
+    blocks = rng.integers(0, 256, size=(N, K // per, size), dtype=np.uint8)
+    for at in HALF_OFFSETS[type_name]:
+        v = rng.uniform(0.5, 1.0, (N, K // per)) * 2.0 ** rng.integers(*exponents, (N, K // per))
+        v *= rng.choice([-1.0, 1.0], (N, K // per))
+        blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+    for _ in range(flat_blocks):
+        n, b = rng.integers(0, N), rng.integers(0, K // per)
+        blocks[n, b, 0:2] = np.float16(0).reshape(1).view(np.uint8)
+    return blocks.reshape(N, -1)
+
+
+def gguf_weight(data, type_name, N, K):
+    """The gguf package's dequantization, float64 [N, K]."""
+    return quants.dequantize(data, Q[type_name]).reshape(N, K).astype(np.float64)
+
+
+@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_0", "Q4_1", "Q4_K"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_blocks_are_the_files_weights(type_name, dtype):
+    """Canonical weights from random blocks (flat ones included) against the
+    gguf package's dequantization: within one rounding of the dtype's scales
+    and zeros (float32: of float32's); the op's dequantize and matmul (CPU,
+    and CUDA where present) against float64."""
+    seed = np.random.randint(1 << 30)
+    rng = np.random.default_rng(seed)
+    N, K = 7, 3 * BLOCK[type_name][0]
+    data = random_blocks(type_name, N, K, rng)
+    cw = from_gguf_blocks(data, type_name, (N, K), dtype)
+    assert (cw.w_bit, cw.group_size, cw.perm) == (8 if type_name == "Q8_0" else 4, 32, None)
+    assert cw.scales.dtype == dtype and cw.scales.shape == (N, K // 32)
+    ref = gguf_weight(data, type_name, N, K)
+    ours = ref_dequantize(cw.qweight, cw.scales, cw.zeros, cw.w_bit, 32)
+    # per weight: the scale's rounding and the zero's (|z| s of it), of eps each
+    eps = torch.finfo(dtype).eps
+    s = cw.scales.double().repeat_interleave(32, 1).numpy()
+    z = cw.zeros.double().repeat_interleave(32, 1).numpy()
+    bound = 2 * eps * (np.abs(ref) + np.abs(z * s) + 1e-12)
+    assert (np.abs(ours - ref) <= bound).all(), (seed, np.abs(ours - ref).max())
+    assert (ref == 0).sum() < ref.size // 4, "random blocks should rarely give 0"
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        args = (cw.qweight.to(device), cw.scales.to(device), cw.zeros.to(device), cw.w_bit, 32)
+        W = torch.ops.mpq.dequantize(*args)
+        assert rel_err(W, torch.from_numpy(ours)) <= REL_TOL[dtype], (seed, device)
+        if device == "cpu" or dtype != torch.float32:
+            x = make_x((5,), K, dtype, device)
+            y = torch.ops.mpq.matmul(x, *args)
+            assert rel_err(y, ref_matmul(x, *args)) <= REL_TOL[dtype], (seed, device)
+
+
+@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_1", "Q4_K"))
+@pytest.mark.parametrize("bridge", ("cpp", "python"))
+def test_blocks_through_mlx(type_name, bridge):
+    """The MLX bridge (MLX's CPU backend) on the same weights: negative scales,
+    flat groups' zero of -1."""
+    pytest.importorskip("mlx.core")
+    from mpq_ops import mlx_bridge
+    if bridge == "cpp" and not mlx_bridge.cpp_bridge():
+        pytest.skip("mpq_ops._mlx was not built (mlx missing at build time)")
+    seed = np.random.randint(1 << 30)
+    N, K = 9, 2 * BLOCK[type_name][0]
+    cw = from_gguf_blocks(random_blocks(type_name, N, K, np.random.default_rng(seed)),
+                          type_name, (N, K), torch.float16)
+    args = (make_x((3,), K, torch.float16), cw.qweight, cw.scales, cw.zeros, cw.w_bit, 32)
+    with mlx_bridge.use_mlx_on_cpu(bridge=bridge):
+        y = torch.ops.mpq.matmul(*args)
+    assert rel_err(y, ref_matmul(*args)) <= REL_TOL[torch.float16], seed
+
+
+def test_flat_groups_hold_their_one_value():
+    """A block whose scale is 0 is one value (m for Q4_1, -dmin mn for Q4_K, 0
+    for the others); its codes become 0 and the value is its scale."""
+    rng = np.random.default_rng(0)
+    for type_name in ("Q8_0", "Q4_0", "Q4_1", "Q4_K"):
+        per, _ = BLOCK[type_name]
+        data = random_blocks(type_name, 1, per, rng, flat_blocks=0)
+        data[0, 0:2] = np.float16(0).reshape(1).view(np.uint8)
+        cw = from_gguf_blocks(data, type_name, (1, per), torch.float32)
+        ref = gguf_weight(data, type_name, 1, per)
+        ours = ref_dequantize(cw.qweight, cw.scales, cw.zeros, cw.w_bit, 32)
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+        assert (cw.qweight == 0).all() and (cw.zeros == -1).all()
+        assert len(np.unique(ref[0, :32])) == 1
+
+
+def test_from_gguf_blocks_bad_input():
+    data = np.zeros((2, 18 * 2), dtype=np.uint8)
+    with pytest.raises(ValueError, match="type_name: GGUF Q6_K has no exact"):
+        from_gguf_blocks(data, "Q6_K", (2, 64))
+    with pytest.raises(ValueError, match=r"shape: \[N, K\] with K a multiple of 32"):
+        from_gguf_blocks(data, "Q4_0", (2, 48))
+    with pytest.raises(ValueError, match="shape"):
+        from_gguf_blocks(data, "Q4_K", (2, 64))
+    with pytest.raises(ValueError, match="data: 72 uint8 bytes .* got 36"):
+        from_gguf_blocks(data[:1], "Q4_0", (2, 64))
+    with pytest.raises(ValueError, match="data: .* got 72 int16"):
+        from_gguf_blocks(data.astype(np.int16), "Q4_0", (2, 64))
+    # Q4_1, d = 2^-14 and m = 16: a zero point of -2^18, past float16's range
+    q4_1 = np.zeros((1, 20), dtype=np.uint8)
+    q4_1[0, 0:4] = np.array([2.0 ** -14, 16.0], dtype=np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="dtype: zeros of up to 262144 do not fit in "
+                                         "torch.float16"):
+        from_gguf_blocks(q4_1, "Q4_1", (1, 32), torch.float16)
+    assert from_gguf_blocks(q4_1, "Q4_1", (1, 32), torch.bfloat16).zeros.item() == -2.0 ** 18
+    q4_1[0, 2:4] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="data: the Q4_1 blocks hold non-finite"):
+        from_gguf_blocks(q4_1, "Q4_1", (1, 32))
+
+
+# A two-block llama, and a GGUF file of it written as llama.cpp's converter
+# writes one: attn_q / attn_k rows reordered per head (rotary halves
+# interleaved), each weight quantized by the gguf package (Q4_K, which it
+# does not quantize: random blocks).
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 256, 4, 2, 96, 128
+TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_1",
+         "ffn_gate": "Q4_K", "ffn_up": "F16", "ffn_down": "Q8_0"}
+
+
+def converter_rows(w, n_head):
+    """llama.cpp convert_hf_to_gguf's reordering of q / k rows, forward."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
+        tie_word_embeddings=False)
+    torch.manual_seed(np.random.randint(1 << 30))
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def write_gguf(model, path, output_type="Q8_0"):
+    """Writes model's weights as a GGUF file (output_type None: no output
+    tensor, lm_head from token_embd) and sets the model's weights to what the
+    file holds, as transformers would load them. Returns {layer: type}."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    types = {}
+
+    def put(gname, weight, type_name, hf_rows=None):
+        a = weight.detach().float().numpy()
+        if hf_rows is not None:
+            a = converter_rows(a, hf_rows)
+        if type_name == "F16":
+            w.add_tensor(gname, a.astype(np.float16))
+            back = a.astype(np.float16).astype(np.float32)
+        else:
+            blocks = quants.quantize(a, Q[type_name]) if type_name != "Q4_K" else \
+                random_blocks("Q4_K", *a.shape, np.random.default_rng(), 1, (-12, -9))
+            w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=Q[type_name])
+            back = quants.dequantize(blocks, Q[type_name])
+        if hf_rows is not None:   # back to HF's order, as transformers reads it
+            n = a.shape[0] // hf_rows // 2
+            back = back.reshape(hf_rows, n, 2, -1).swapaxes(1, 2).reshape(a.shape)
+        weight.data.copy_(torch.from_numpy(back))
+    put("token_embd.weight", model.model.embed_tokens.weight, "Q8_0")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        gname = names.get_name(name)
+        if gname == "output":
+            if output_type is None:
+                lin.weight.data.copy_(model.model.embed_tokens.weight)
+                types[name] = "Q8_0"
+                continue
+            type_name = output_type
+        else:
+            type_name = TYPES[gname.split(".")[-1]]
+        heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(gname.split(".")[-1])
+        put(gname + ".weight", lin.weight, type_name, heads)
+        types[name] = type_name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
+
+
+@pytest.mark.parametrize("output_type", ("Q8_0", "Q4_0", None))
+def test_load_gguf_layers_tiny_llama(tmp_path, output_type):
+    """Every layer of a supported type becomes an MPQLinear of the file's
+    blocks (q / k rows put back in HF's order), F16 layers and skipped ones
+    stay float; the model's logits as the float model's holding the file's
+    weights."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    types = write_gguf(model, tmp_path / "m.gguf", output_type)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.double()
+    summary = load_gguf_layers(model, str(tmp_path / "m.gguf"), skip=["*.1.mlp.gate_proj"])
+    assert summary["skipped_why"] == {"model.layers.0.mlp.up_proj": "F16 (no exact 2/4/8-bit form)",
+                                      "model.layers.1.mlp.gate_proj": "skip",
+                                      "model.layers.1.mlp.up_proj": "F16 (no exact 2/4/8-bit form)"}
+    assert summary["layers"] == 2 * 7 + 1 - 3
+    for name, m in model.named_modules():
+        if name in types and name not in summary["skipped"]:
+            assert isinstance(m, MPQLinear), name
+            assert m.w_bit == (8 if types[name] == "Q8_0" else 4) and m.group_size == 32
+            assert summary["config"][name]["gguf_type"] == types[name]
+    assert summary["linear_bytes_after"] < summary["linear_bytes_before"] / 2
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_rows_converted_and_checked_a_few_at_a_time(tmp_path, monkeypatch):
+    """Large tensors go through in chunks of rows (the last one short): the
+    same weights as in one piece, and the check sees every chunk (a wrong
+    row in the last one is refused)."""
+    from mpq_ops import gguf_format
+    from mpq_ops.checkpoint import load_gguf_layers
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    data = random_blocks("Q4_K", 11, 512, rng)
+    whole = from_gguf_blocks(data, "Q4_K", (11, 512))
+    monkeypatch.setattr(gguf_format, "_CHUNK_WEIGHTS", 3 * 512)
+    parts = from_gguf_blocks(data, "Q4_K", (11, 512))
+    for a, b in zip(whole[:3], parts[:3]):
+        assert torch.equal(a, b)
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    down = model.model.layers[1].mlp.down_proj.weight
+    down.data[-1] += 0.25 * down.data[-1].abs().max()   # row 255: the last of 16 chunks
+    with pytest.raises(ValueError, match="layer 'model.layers.1.mlp.down_proj' does not hold"):
+        load_gguf_layers(model, str(tmp_path / "m.gguf"))
+
+
+def test_load_gguf_layers_requantizes_other_types_when_asked(tmp_path):
+    """requantize_others=(8, 32): the F16 layers quantized round-to-nearest as
+    MPQLinear.from_linear would, marked in the summary; the rest from the file."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    up = model.model.layers[0].mlp.up_proj
+    expected = MPQLinear.from_linear(up, w_bit=8, group_size=32)
+    summary = load_gguf_layers(model, str(tmp_path / "m.gguf"), requantize_others=(8, 32))
+    assert summary["layers"] == 15 and summary["skipped"] == []
+    assert summary["config"]["model.layers.0.mlp.up_proj"] == {
+        "w_bit": 8, "group_size": 32, "gguf_type": "F16", "requantized": True}
+    got = model.model.layers[0].mlp.up_proj
+    assert torch.equal(got.qweight, expected.qweight) and torch.equal(got.scales, expected.scales)
+    assert torch.equal(got.zeros, expected.zeros)
+
+
+def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
+    """check=True compares each new layer with the one it replaces: a model not
+    loaded from the file is refused, naming the layer; check=False takes it."""
+    from mpq_ops.checkpoint import load_gguf_layers
+    write_gguf(tiny_llama(), tmp_path / "m.gguf")
+    other = tiny_llama()
+    with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' does not "
+                                         "hold blk.0.attn_q.weight"):
+        load_gguf_layers(other, str(tmp_path / "m.gguf"))
+    assert load_gguf_layers(tiny_llama(), str(tmp_path / "m.gguf"), check=False)["layers"] == 13
+
+
+def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
+    """Scales and zeros in the dtype asked for; a layer of another shape is
+    refused naming the layer and the tensor."""
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    half = load_gguf_layers(model.to(torch.bfloat16), str(tmp_path / "m.gguf"))
+    assert half["layers"] == 13
+    assert model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16
+    wrong = tiny_llama()
+    wrong.model.layers[1].self_attn.o_proj = nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.1.self_attn.o_proj' is 512 x 256 "
+                                         r"\(out x in\), blk.1.attn_output.weight .* is 256 x 256"):
+        load_gguf_layers(wrong, str(tmp_path / "m.gguf"), check=False)
