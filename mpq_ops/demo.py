@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .calibration import shipped
+from .checkpoint import load_gguf_layers
 from .layers import MPQLinear
 from .model import quantize_model
 
@@ -30,7 +31,10 @@ DATA = Path(__file__).parent / "data"
 # the tests check it: act-order, each group's range searched (clip); at g64 the
 # layers of a block quantized group by group in the order they run, which
 # measured better there (and worse at g32 with integer zero points).
-CONFIGS = [("RTN w8 g64", 8, 64, "rtn", False, None), ("RTN w4 g32", 4, 32, "rtn", False, None),
+# "GGUF as is": the file's own blocks, no requantization (Q4_1 -> w4 g32, and
+# lm_head from the tied embedding's Q8_0 -> w8 g32; checkpoint.load_gguf_layers).
+CONFIGS = [("GGUF as is", None, 32, "gguf", False, None),
+           ("RTN w8 g64", 8, 64, "rtn", False, None), ("RTN w4 g32", 4, 32, "rtn", False, None),
            ("RTN w4 g64", 4, 64, "rtn", False, None),
            ("GPTQ w4 g32", 4, 32, "gptq", True, {"clip": True}),
            ("GPTQ w4 g64", 4, 64, "gptq", False, {"clip": True, "true_sequential": True})]
@@ -197,24 +201,30 @@ def main(argv=None):
         model = copy.deepcopy(base)
         t = time.perf_counter()
         gptq = method == "gptq"
-        summary = quantize_model(model, w_bit=w_bit, group_size=gs, method=method,
-                                 calibration=calibration if gptq else None, act_order=gptq,
-                                 integer_zeros=integer_zeros,
-                                 gptq_options=options, progress=False)
+        if method == "gguf":
+            summary = load_gguf_layers(model, os.path.join(*gguf_location()))
+        else:
+            summary = quantize_model(model, w_bit=w_bit, group_size=gs, method=method,
+                                     calibration=calibration if gptq else None,
+                                     act_order=gptq, integer_zeros=integer_zeros,
+                                     gptq_options=options, progress=False)
         tq = time.perf_counter() - t
         rows.append((label, perplexity(model, ids), summary["linear_bytes_after"],
                      summary["model_bytes_after"], tq))
         quantized[label] = model
     # (in the rows' order: float, then the configurations as quantized)
     speeds = tokens_per_second([base, *quantized.values()], tok, prompt, args.new_tokens)
-    print(f"\nPerplexity on mpq_ops/data/eval.txt ({ids.shape[1]} tokens); lm_head stays "
-          f"float; tied embedding counted once. GPTQ: act-order, clipped group ranges, "
-          f"integer zero points at g32, layer groups in order at g64, calibrated on the "
-          f"{sum(c.shape[1] for c in calibration)} tokens the float model wrote itself in "
-          f"mpq_ops/data/calibration.json. RTN: float "
-          f"zero points. The GGUF source is Q4_1 (4-bit, groups of "
-          f"32), so w4 g32 on the affine grid reproduces it. tok/s: greedy decoding at "
-          f"batch 1 with the KV cache, the models taking turns, best of 3 rounds.")
+    print(f"\nPerplexity on mpq_ops/data/eval.txt ({ids.shape[1]} tokens). The GGUF file is "
+          f"Q4_1 (4-bit, groups of 32; token_embd Q8_0) and the float model its blocks "
+          f"dequantized. 'GGUF as is' runs the file's own blocks, no requantization: Q4_1 -> "
+          f"w4 g32, and lm_head (tied to the embedding) from its Q8_0 -> w8 g32, counted in "
+          f"its linear MB. The others keep lm_head float (not in linear MB); model MB counts "
+          f"the tied embedding once. RTN: float zero points (w4 g32 "
+          f"on the affine grid finds the file's grid again). GPTQ: act-order, clipped group "
+          f"ranges, integer zero points at g32, layer groups in order at g64, calibrated on "
+          f"the {sum(c.shape[1] for c in calibration)} tokens the float model wrote itself "
+          f"in mpq_ops/data/calibration.json. tok/s: greedy decoding at batch 1 with the KV "
+          f"cache, the models taking turns, best of 3 rounds.")
     print(f"| {'model':<11} | {'ppl':>7} | {'vs float':>8} | {'linear MB':>9} | {'model MB':>8} "
           f"| {'tok/s':>6} | {'quantize s':>10} |")
     print(f"|{'-' * 13}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
