@@ -104,10 +104,10 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
                      requantize_others: Optional[Tuple[int, int]] = None) -> dict:
     """Replaces the nn.Linear layers of a model loaded from the GGUF file
     `path` (transformers, from_pretrained(..., gguf_file=...)) with MPQLinear
-    layers holding the file's own blocks: Q8_0 as 8-bit codes, Q4_0, Q4_1 and
-    Q4_K as 4-bit, groups of 32 (mpq_ops.gguf_format), with no
-    requantization. Layers whose tensor has another type (Q6_K, Q5_K, F16,
-    ...) stay as they are, or with requantize_others=(w_bit, group_size)
+    layers holding the file's own blocks: Q4_0, Q4_1 and Q4_K as 4-bit
+    codes, Q8_0, Q5_0, Q5_1 and Q5_K as 8-bit, groups of 32
+    (mpq_ops.gguf_format), with no requantization. Layers whose tensor has
+    another type (Q6_K, Q3_K, F16, ...) stay as they are, or with requantize_others=(w_bit, group_size)
     are quantized round-to-nearest from their float weights (as
     quantize_model does; e.g. (8, 32) for a Q4_K_M file's Q6_K layers).
     Layers matching `skip` stay as they are. lm_head takes token_embd where

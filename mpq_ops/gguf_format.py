@@ -1,26 +1,32 @@
 """GGUF (llama.cpp) block-quantized tensors in the canonical format.
 
-Four of ggml's block formats are the canonical format with groups of 32
-inputs and the codes as stored. A GGUF tensor [N, K] holds its rows one after
-the other, each row's blocks in K order; d, m and dmin are float16, and in a
-block of 32 4-bit codes code j is the low nibble of byte j for j < 16 and
-the high nibble of byte j - 16 above:
+Seven of ggml's block formats are the canonical format with groups of 32
+inputs and the codes as stored (5-bit codes as 8-bit ones). A GGUF tensor
+[N, K] holds its rows one after the other, each row's blocks in K order; d,
+m and dmin are float16, and in a block of 32 4-bit codes code j is the low
+nibble of byte j for j < 16 and the high nibble of byte j - 16 above (the
+5-bit types add bit j of a 32-bit word qh on top):
 
-    type  block (bytes)                            weights            canonical
-    Q8_0  d, 32 int8 q (34)                        q d                codes q + 128, zero 128, scale d
-    Q4_0  d, 16 bytes of codes (18)                (q - 8) d          zero 8, scale d
-    Q4_1  d, m, 16 bytes of codes (20)             q d + m            zero -m / d, scale d
-    Q4_K  256 inputs (144): d, dmin, 12 bytes of   d sc q - dmin mn   per 32 inputs: scale d sc,
-          eight 6-bit (sc, mn), 128 bytes of codes                    zero dmin mn / (d sc)
+    type  block (bytes)                          weights           canonical
+    Q8_0  d, 32 int8 q (34)                      q d               w8, codes q + 128, zero 128, scale d
+    Q4_0  d, 16 bytes of codes (18)              (q - 8) d         w4, zero 8, scale d
+    Q4_1  d, m, 16 bytes of codes (20)           q d + m           w4, zero -m / d, scale d
+    Q5_0  d, qh, 16 bytes (22)                   (q - 16) d        w8, zero 16, scale d
+    Q5_1  d, m, qh, 16 bytes (24)                q d + m           w8, zero -m / d, scale d
+    Q4_K  256 inputs (144): d, dmin, 12 bytes    d sc q - dmin mn  w4; per 32 inputs scale d sc,
+          of eight 6-bit (sc, mn), 128 bytes                       zero dmin mn / (d sc)
+    Q5_K  256 inputs (176): as Q4_K, 32 bytes    d sc q - dmin mn  w8, as Q4_K
+          qh before the 128 bytes
 
-Q4_K's 32-input sub-block 2i has its codes in the low nibbles of bytes
-32 i .. 32 i + 31 of the codes, sub-block 2i + 1 in the high ones. Where a
-group's scale is 0 its weights are one value v (0, m or -dmin mn): its codes
-become 0, its scale v and its zero -1.
+The K types' 32-input sub-block 2i has its codes in the low nibbles of bytes
+32 i .. 32 i + 31 of the codes, sub-block 2i + 1 in the high ones; Q5_K's
+fifth bit of sub-block j's code l is bit j of qh's byte l. Where a group's
+scale is 0 its weights are one value v (0, m or -dmin mn): its codes become
+0, its scale v and its zero -1.
 
-The other block formats have no exact form at 2, 4 or 8 bits: Q5_* and Q6_K
-(5- and 6-bit codes), Q2_K and Q3_K (16-input sub-blocks; groups are
-multiples of 32), the IQ*, TQ* and FP4 codebooks."""
+The other block formats have no exact form at 2, 4 or 8 bits: Q6_K, Q2_K and
+Q3_K (sub-blocks of 16 inputs with scales of their own; groups are multiples
+of 32), the IQ*, TQ* and FP4 codebooks."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -32,10 +38,11 @@ from .formats import CanonicalWeight
 from .pack import pack
 
 # GGUF block type -> code width of its canonical form.
-W_BIT_OF = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4}
+W_BIT_OF = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q4_K": 4, "Q5_K": 8}
 GROUP_SIZE = 32
 # Inputs and bytes per block.
-_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+          "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176)}
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -46,6 +53,12 @@ def _half(blocks: np.ndarray, at: int) -> np.ndarray:
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[..., 16] bytes -> [..., 32] codes: the low nibbles, then the high ones."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes, a little-endian word -> [..., 32] bits 0..31 of it, times 16."""
+    bits = np.unpackbits(qh, axis=-1, bitorder="little")
+    return bits.astype(np.int64) << 4
 
 
 def _q4_k_scales(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -62,7 +75,7 @@ def _q4_k_scales(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
                      dtype: torch.dtype = torch.float32) -> CanonicalWeight:
     """A GGUF tensor's bytes (uint8, [N, row bytes] or flat) of block type
-    `type_name` ("Q8_0", "Q4_0", "Q4_1" or "Q4_K") and shape [N, K] -> the
+    `type_name` (a key of W_BIT_OF) and shape [N, K] -> the
     canonical weight, group_size 32, scales and zeros in `dtype` (computed in
     float64, rounded once)."""
     if type_name not in W_BIT_OF:
@@ -107,25 +120,34 @@ def _decode_rows(blocks: np.ndarray, type_name: str):
         scale = _half(blocks, 0)
         zero = np.full_like(scale, 8.0)
         codes = _nibbles(blocks[..., 2:18])
-    elif type_name == "Q4_1":
+    elif type_name == "Q5_0":
+        scale = _half(blocks, 0)
+        zero = np.full_like(scale, 16.0)
+        codes = _nibbles(blocks[..., 6:22]) | _fifth_bits(blocks[..., 2:6])
+    elif type_name in ("Q4_1", "Q5_1"):
         scale = _half(blocks, 0)
         offset = _half(blocks, 2)            # the weight of code 0
         with np.errstate(divide="ignore", invalid="ignore"):
             zero = -offset / scale
-        codes = _nibbles(blocks[..., 4:20])
-    else:  # Q4_K
+        codes = _nibbles(blocks[..., 4:20]) if type_name == "Q4_1" else \
+            _nibbles(blocks[..., 8:24]) | _fifth_bits(blocks[..., 4:8])
+    else:  # Q4_K, Q5_K
         d, dmin = _half(blocks, 0)[..., None], _half(blocks, 2)[..., None]
         sc, mn = _q4_k_scales(blocks[..., 4:16])
         scale = (d * sc).reshape(n, -1)                  # [n, K / 32]
         offset = (-dmin * mn).reshape(n, -1)
         with np.errstate(divide="ignore", invalid="ignore"):
             zero = -offset / scale
-        qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32)
+        qs = blocks[..., -128:].reshape(n, -1, 4, 1, 32)
         codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
+        codes = codes.reshape(n, -1, 8, 32).astype(np.int64)
+        if type_name == "Q5_K":          # bit j of byte l: sub-block j's code l
+            qh = np.unpackbits(blocks[..., 16:48, None], axis=-1, bitorder="little")
+            codes |= qh.swapaxes(-1, -2).astype(np.int64) << 4
     codes = codes.reshape(n, -1, GROUP_SIZE).astype(np.int64)
     flat = scale == 0
     if flat.any():                       # one value per group: codes 0, zero -1, scale v
-        value = np.zeros_like(scale) if type_name in ("Q8_0", "Q4_0") else offset
+        value = np.zeros_like(scale) if type_name in ("Q8_0", "Q4_0", "Q5_0") else offset
         codes[flat] = 0
         scale, zero = np.where(flat, value, scale), np.where(flat, -1.0, zero)
     return codes, scale, zero

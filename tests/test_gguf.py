@@ -17,8 +17,12 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
 # inputs and bytes per block
-BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
-HALF_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2)}
+BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+         "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176)}
+HALF_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+                "Q4_K": (0, 2), "Q5_K": (0, 2)}
+TYPES_ALL = tuple(BLOCK)
+EIGHT_BIT = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")
 
 
 def random_blocks(type_name, N, K, rng, flat_blocks=2, exponents=(-10, -1)):
@@ -41,7 +45,7 @@ def gguf_weight(data, type_name, N, K):
     return quants.dequantize(data, Q[type_name]).reshape(N, K).astype(np.float64)
 
 
-@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_0", "Q4_1", "Q4_K"))
+@pytest.mark.parametrize("type_name", TYPES_ALL)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_blocks_are_the_files_weights(type_name, dtype):
     """Canonical weights from random blocks (flat ones included) against the
@@ -53,7 +57,7 @@ def test_blocks_are_the_files_weights(type_name, dtype):
     N, K = 7, 3 * BLOCK[type_name][0]
     data = random_blocks(type_name, N, K, rng)
     cw = from_gguf_blocks(data, type_name, (N, K), dtype)
-    assert (cw.w_bit, cw.group_size, cw.perm) == (8 if type_name == "Q8_0" else 4, 32, None)
+    assert (cw.w_bit, cw.group_size, cw.perm) == (8 if type_name in EIGHT_BIT else 4, 32, None)
     assert cw.scales.dtype == dtype and cw.scales.shape == (N, K // 32)
     ref = gguf_weight(data, type_name, N, K)
     ours = ref_dequantize(cw.qweight, cw.scales, cw.zeros, cw.w_bit, 32)
@@ -74,7 +78,7 @@ def test_blocks_are_the_files_weights(type_name, dtype):
             assert rel_err(y, ref_matmul(x, *args)) <= REL_TOL[dtype], (seed, device)
 
 
-@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_1", "Q4_K"))
+@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_1", "Q4_K", "Q5_K"))
 @pytest.mark.parametrize("bridge", ("cpp", "python"))
 def test_blocks_through_mlx(type_name, bridge):
     """The MLX bridge (MLX's CPU backend) on the same weights: negative scales,
@@ -97,7 +101,7 @@ def test_flat_groups_hold_their_one_value():
     """A block whose scale is 0 is one value (m for Q4_1, -dmin mn for Q4_K, 0
     for the others); its codes become 0 and the value is its scale."""
     rng = np.random.default_rng(0)
-    for type_name in ("Q8_0", "Q4_0", "Q4_1", "Q4_K"):
+    for type_name in TYPES_ALL:
         per, _ = BLOCK[type_name]
         data = random_blocks(type_name, 1, per, rng, flat_blocks=0)
         data[0, 0:2] = np.float16(0).reshape(1).view(np.uint8)
@@ -135,10 +139,10 @@ def test_from_gguf_blocks_bad_input():
 
 # A two-block llama, and a GGUF file of it written as llama.cpp's converter
 # writes one: attn_q / attn_k rows reordered per head (rotary halves
-# interleaved), each weight quantized by the gguf package (Q4_K, which it
-# does not quantize: random blocks).
+# interleaved), each weight quantized by the gguf package (Q4_K and Q5_K,
+# which it does not quantize: random blocks).
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 256, 4, 2, 96, 128
-TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_1",
+TYPES = {"attn_q": "Q4_0", "attn_k": "Q5_K", "attn_v": "Q5_0", "attn_output": "Q5_1",
          "ffn_gate": "Q4_K", "ffn_up": "F16", "ffn_down": "Q8_0"}
 
 
@@ -177,8 +181,8 @@ def write_gguf(model, path, output_type="Q8_0"):
             w.add_tensor(gname, a.astype(np.float16))
             back = a.astype(np.float16).astype(np.float32)
         else:
-            blocks = quants.quantize(a, Q[type_name]) if type_name != "Q4_K" else \
-                random_blocks("Q4_K", *a.shape, np.random.default_rng(), 1, (-12, -9))
+            blocks = quants.quantize(a, Q[type_name]) if not type_name.endswith("_K") else \
+                random_blocks(type_name, *a.shape, np.random.default_rng(), 1, (-12, -9))
             w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=Q[type_name])
             back = quants.dequantize(blocks, Q[type_name])
         if hf_rows is not None:   # back to HF's order, as transformers reads it
@@ -206,7 +210,7 @@ def write_gguf(model, path, output_type="Q8_0"):
     return types
 
 
-@pytest.mark.parametrize("output_type", ("Q8_0", "Q4_0", None))
+@pytest.mark.parametrize("output_type", ("Q8_0", "Q4_1", None))
 def test_load_gguf_layers_tiny_llama(tmp_path, output_type):
     """Every layer of a supported type becomes an MPQLinear of the file's
     blocks (q / k rows put back in HF's order), F16 layers and skipped ones
@@ -227,7 +231,7 @@ def test_load_gguf_layers_tiny_llama(tmp_path, output_type):
     for name, m in model.named_modules():
         if name in types and name not in summary["skipped"]:
             assert isinstance(m, MPQLinear), name
-            assert m.w_bit == (8 if types[name] == "Q8_0" else 4) and m.group_size == 32
+            assert m.w_bit == (8 if types[name] in EIGHT_BIT else 4) and m.group_size == 32
             assert summary["config"][name]["gguf_type"] == types[name]
     assert summary["linear_bytes_after"] < summary["linear_bytes_before"] / 2
     with torch.no_grad():
