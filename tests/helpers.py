@@ -122,6 +122,30 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+# GGUF block types (mpq_ops.gguf_format): inputs and bytes per block, and the
+# byte offsets of their float16 fields (d, and m or dmin).
+GGUF_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+              "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176)}
+_GGUF_HALVES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+                "Q4_K": (0, 2), "Q5_K": (0, 2)}
+
+
+def random_gguf_blocks(type_name, N, K, rng, flat_blocks=2, exponents=(-10, -1)):
+    """A GGUF tensor [N, K] of random bytes in every field (uint8 [N, row
+    bytes]), its float16 fields random values of either sign (exponents in
+    [exponents)), `flat_blocks` blocks with d = 0 (rng: numpy's Generator)."""
+    per, size = GGUF_BLOCK[type_name]
+    blocks = rng.integers(0, 256, size=(N, K // per, size), dtype=np.uint8)
+    for at in _GGUF_HALVES[type_name]:
+        v = rng.uniform(0.5, 1.0, (N, K // per)) * 2.0 ** rng.integers(*exponents, (N, K // per))
+        v *= rng.choice([-1.0, 1.0], (N, K // per))
+        blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+    for _ in range(flat_blocks):
+        n, b = rng.integers(0, N), rng.integers(0, K // per)
+        blocks[n, b, 0:2] = np.float16(0).reshape(1).view(np.uint8)
+    return blocks.reshape(N, -1)
+
+
 def make_x(lead, K, dtype, device="cpu", noncontig=False):
     """Random activations; noncontig gives a strided view of a wider tensor."""
     if noncontig:

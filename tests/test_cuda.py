@@ -4,12 +4,13 @@ dequantize + cuBLAS path, shapes the fused kernels do not take), each also
 forced for every M it can serve, and CUDA graphs. Outputs are checked against
 a float64 reference, with the caching allocator poisoned with NaN first.
 Skipped without a GPU."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, launched_kernels, make_weight, make_x, ref_dequantize,
-                     ref_dequantize_t, ref_matmul, rel_err)
+from helpers import (REL_TOL, launched_kernels, make_weight, make_x, random_gguf_blocks,
+                     ref_dequantize, ref_dequantize_t, ref_matmul, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -46,6 +47,25 @@ def test_all_paths_match_reference(dtype, w_bit, N, K, group_size, kernel, monke
     for M in (1, 3, 5, 8, 9, 16, 17, 25, 32, 33, 40, 41, 64, 65, 100, 129, 256, 300):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         check_matmul(x, weight, w_bit, group_size, bias, (M,))
+
+
+@pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "sm90", "dequantize"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("type_name", ("Q4_0", "Q4_K", "Q5_K", "Q8_0"))
+def test_gguf_blocks_every_path(type_name, dtype, kernel, monkeypatch):
+    """Weights from GGUF blocks (mpq_ops.gguf_format), which RTN and GPTQ
+    never make: scales of either sign, zeros from -1 (flat groups: codes 0)
+    to 128, through every path, outputs poisoned."""
+    from mpq_ops.gguf_format import from_gguf_blocks
+    if kernel is not None:
+        monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", kernel)
+    seed = np.random.randint(1 << 30)
+    data = random_gguf_blocks(type_name, 200, 768, np.random.default_rng(seed), 8, (-12, -7))
+    cw = from_gguf_blocks(data, type_name, (200, 768), dtype)
+    assert (cw.zeros == -1).any() and (cw.scales < 0).any()
+    weight = tuple(t.cuda() for t in cw[:3])
+    for M in (1, 5, 16, 33, 64, 129):
+        check_matmul(make_x((M,), 768, dtype, "cuda"), weight, cw.w_bit, 32, None, (seed, M))
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

@@ -10,35 +10,15 @@ import torch
 from torch import nn
 
 from mpq_ops.gguf_format import from_gguf_blocks
-from helpers import REL_TOL, make_x, ref_dequantize, ref_matmul, rel_err
+from helpers import (GGUF_BLOCK as BLOCK, REL_TOL, make_x, random_gguf_blocks as random_blocks,
+                     ref_dequantize, ref_matmul, rel_err)
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
-# inputs and bytes per block
-BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
-         "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176)}
-HALF_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-                "Q4_K": (0, 2), "Q5_K": (0, 2)}
 TYPES_ALL = tuple(BLOCK)
 EIGHT_BIT = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")
-
-
-def random_blocks(type_name, N, K, rng, flat_blocks=2, exponents=(-10, -1)):
-    """Random bytes for every field, its float16 fields set to random values of
-    either sign (exponents in [exponents)), `flat_blocks` blocks with d = 0."""
-    per, size = BLOCK[type_name]
-    blocks = rng.integers(0, 256, size=(N, K // per, size), dtype=np.uint8)
-    for at in HALF_OFFSETS[type_name]:
-        v = rng.uniform(0.5, 1.0, (N, K // per)) * 2.0 ** rng.integers(*exponents, (N, K // per))
-        v *= rng.choice([-1.0, 1.0], (N, K // per))
-        blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
-    for _ in range(flat_blocks):
-        n, b = rng.integers(0, N), rng.integers(0, K // per)
-        blocks[n, b, 0:2] = np.float16(0).reshape(1).view(np.uint8)
-    return blocks.reshape(N, -1)
-
 
 def gguf_weight(data, type_name, N, K):
     """The gguf package's dequantization, float64 [N, K]."""
