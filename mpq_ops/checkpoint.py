@@ -107,9 +107,10 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
     layers holding the file's own blocks: Q4_0, Q4_1 and Q4_K as 4-bit
     codes, Q8_0, Q5_0, Q5_1 and Q5_K as 8-bit, groups of 32
     (mpq_ops.gguf_format), with no requantization. Layers whose tensor has
-    another type (Q6_K, Q3_K, F16, ...) stay as they are, or with requantize_others=(w_bit, group_size)
-    are quantized round-to-nearest from their float weights (as
-    quantize_model does; e.g. (8, 32) for a Q4_K_M file's Q6_K layers).
+    another type (Q6_K, Q3_K, F16, ...) stay as they are, or with
+    requantize_others=(w_bit, group_size) are quantized round-to-nearest from
+    their float weights (as quantize_model does; e.g. (8, 32) for a Q4_K_M
+    file's Q6_K layers).
     Layers matching `skip` stay as they are. lm_head takes token_embd where
     the file has no output tensor (tied embeddings, as llama.cpp reads them).
 
@@ -201,18 +202,21 @@ def _check_same_weight(name: str, key: str, layer: MPQLinear, old: torch.Tensor)
     """The layer's weight (from the blocks) and `old` (the file's weight as
     the model holds it) agree within 8 roundings of the coarser dtype,
     relative to each row's largest weight; a few million weights at a time."""
-    eps = max(torch.finfo(layer.scales.dtype).eps, torch.finfo(old.dtype).eps)
     from . import gguf_format
+    bound = 8 * max(torch.finfo(layer.scales.dtype).eps, torch.finfo(old.dtype).eps)
     step = max(1, gguf_format._CHUNK_WEIGHTS // layer.in_features)
-    err = 0.0
     for r in range(0, layer.out_features, step):
+        # float32: the difference of two float32 (or narrower) values near
+        # each other is exact, and the bound is far above its rounding.
         new = torch.ops.mpq.dequantize(layer.qweight[r:r + step], layer.scales[r:r + step],
                                        layer.zeros[r:r + step], layer.w_bit,
-                                       layer.group_size_arg()).double()
-        ref = old[r:r + step].double()
-        row_max = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-        err = max(err, ((new - ref).abs() / row_max).max().item())
-    if not err <= 8 * eps:
-        raise ValueError(f"model: layer {name!r} does not hold {key} of the file (largest "
-                         f"difference {err:.3g} of a row's largest weight, allowed "
-                         f"{8 * eps:.3g}); was the model loaded from this file?")
+                                       layer.group_size_arg()).float()
+        ref = old[r:r + step].float()
+        row_max = ref.abs().amax(dim=1).clamp_min(1e-30)
+        err = ((new - ref).abs_().amax(dim=1) / row_max).max().item()
+        if not err <= bound:    # (NaN too)
+            raise ValueError(
+                f"model: layer {name!r} does not hold {key} of the file (a difference of "
+                f"{err:.3g} of a row's largest weight in rows {r}..{r + len(ref) - 1}, allowed "
+                f"{bound:.3g}): a model loaded from another file, or rows in an order "
+                f"this function does not undo (it undoes llama's attn_q / attn_k order only)")

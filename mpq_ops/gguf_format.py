@@ -8,7 +8,7 @@ nibble of byte j for j < 16 and the high nibble of byte j - 16 above (the
 5-bit types add bit j of a 32-bit word qh on top):
 
     type  block (bytes)                          weights           canonical
-    Q8_0  d, 32 int8 q (34)                      q d               w8, codes q + 128, zero 128, scale d
+    Q8_0  d, 32 int8 q (34)                      q d               w8, q + 128, zero 128, scale d
     Q4_0  d, 16 bytes of codes (18)              (q - 8) d         w4, zero 8, scale d
     Q4_1  d, m, 16 bytes of codes (20)           q d + m           w4, zero -m / d, scale d
     Q5_0  d, qh, 16 bytes (22)                   (q - 16) d        w8, zero 16, scale d
@@ -58,7 +58,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     """[..., 4] bytes, a little-endian word -> [..., 32] bits 0..31 of it, times 16."""
     bits = np.unpackbits(qh, axis=-1, bitorder="little")
-    return bits.astype(np.int64) << 4
+    return bits << 4
 
 
 def _q4_k_scales(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -95,8 +95,9 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
     qweight = torch.empty(N, K * w_bit // 32, dtype=torch.int32)
     scales = torch.empty(N, K // GROUP_SIZE, dtype=dtype)
     zeros = torch.empty_like(scales)
-    # A few million weights at a time: the int64 codes pack() works on take
-    # 8 bytes a weight (a 128256 x 4096 lm_head whole: 4 GB).
+    # A few million weights at a time: the float64 scales and zeros and the
+    # codes' copies take a few bytes a weight (a 128256 x 4096 lm_head has
+    # 525 M).
     step = max(1, _CHUNK_WEIGHTS // K)
     for r in range(0, N, step):
         codes, scale, zero = _decode_rows(blocks[r:r + step], type_name)
@@ -109,13 +110,13 @@ _CHUNK_WEIGHTS = 1 << 22
 
 
 def _decode_rows(blocks: np.ndarray, type_name: str):
-    """[n, blocks, bytes] -> codes [n, K / 32, 32] (int64), scale and zero
+    """[n, blocks, bytes] -> codes [n, K / 32, 32] (uint8), scale and zero
     [n, K / 32] (float64) with flat groups rewritten (module docstring)."""
     n = blocks.shape[0]
     if type_name == "Q8_0":
         scale = _half(blocks, 0)
         zero = np.full_like(scale, 128.0)
-        codes = blocks[..., 2:].view(np.int8).astype(np.int64) + 128
+        codes = blocks[..., 2:] ^ np.uint8(0x80)        # int8 q + 128
     elif type_name == "Q4_0":
         scale = _half(blocks, 0)
         zero = np.full_like(scale, 8.0)
@@ -140,11 +141,11 @@ def _decode_rows(blocks: np.ndarray, type_name: str):
             zero = -offset / scale
         qs = blocks[..., -128:].reshape(n, -1, 4, 1, 32)
         codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
-        codes = codes.reshape(n, -1, 8, 32).astype(np.int64)
+        codes = codes.reshape(n, -1, 8, 32)
         if type_name == "Q5_K":          # bit j of byte l: sub-block j's code l
             qh = np.unpackbits(blocks[..., 16:48, None], axis=-1, bitorder="little")
-            codes |= qh.swapaxes(-1, -2).astype(np.int64) << 4
-    codes = codes.reshape(n, -1, GROUP_SIZE).astype(np.int64)
+            codes = codes | (qh.swapaxes(-1, -2) << 4)
+    codes = np.ascontiguousarray(codes.reshape(n, -1, GROUP_SIZE), dtype=np.uint8)
     flat = scale == 0
     if flat.any():                       # one value per group: codes 0, zero -1, scale v
         value = np.zeros_like(scale) if type_name in ("Q8_0", "Q4_0", "Q5_0") else offset

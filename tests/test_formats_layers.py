@@ -3,6 +3,8 @@
 Checkpoints here are built with an independent numpy packer (tests/helpers.py),
 and the dequantized weights are compared exactly with the weights the files
 describe."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,15 @@ from helpers import (REL_TOL, make_weight, make_x, np_pack_rows, ref_dequantize,
 
 
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
-def test_pack_matches_independent_packer_and_roundtrips(w_bit):
-    q = torch.randint(0, 2**w_bit, (7, 128))
+@pytest.mark.parametrize("codes_dtype", (torch.int64, torch.int32, torch.uint8))
+@pytest.mark.parametrize("byte_view", (True, False))
+def test_pack_matches_independent_packer_and_roundtrips(w_bit, codes_dtype, byte_view,
+                                                        monkeypatch):
+    """pack() against the numpy packer, both ways it makes words (bytes viewed
+    as words on little-endian hosts, shifts and sums elsewhere)."""
+    monkeypatch.setattr(importlib.import_module("mpq_ops.pack"), "_LITTLE_ENDIAN", byte_view)
+    q = torch.randint(0, 2**w_bit, (7, 128)).to(codes_dtype)
+    q[0, :16] = 2**w_bit - 1     # a word of all ones (int32 -1)
     words = pack(q, w_bit)
     assert words.dtype == torch.int32 and words.shape == (7, 128 * w_bit // 32)
     assert torch.equal(words, torch.from_numpy(np_pack_rows(q.numpy(), w_bit)))
