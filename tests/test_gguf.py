@@ -268,6 +268,12 @@ def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
                                          "hold blk.0.attn_q.weight"):
         load_gguf_layers(other, str(tmp_path / "m.gguf"))
     assert load_gguf_layers(tiny_llama(), str(tmp_path / "m.gguf"), check=False)["layers"] == 13
+    nan = tiny_llama()
+    write_gguf(nan, tmp_path / "m.gguf")
+    nan.model.layers[1].mlp.down_proj.weight.data[7, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj' does not hold .*"
+                                         r"\(a difference of nan"):
+        load_gguf_layers(nan, str(tmp_path / "m.gguf"))
 
 
 def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
