@@ -103,7 +103,8 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
                      dtype: Optional[torch.dtype] = None, check: bool = True,
                      requantize_others: Optional[Tuple[int, int]] = None) -> dict:
     """Replaces the nn.Linear layers of a model loaded from the GGUF file
-    `path` (transformers, from_pretrained(..., gguf_file=...)) with MPQLinear
+    `path` (transformers, from_pretrained(..., gguf_file=...), dequantized:
+    mpq_ops.demo.float_weights_from_gguf gives the arguments) with MPQLinear
     layers holding the file's own blocks: Q4_0, Q4_1 and Q4_K as 4-bit
     codes, Q8_0, Q5_0, Q5_1 and Q5_K as 8-bit, groups of 32
     (mpq_ops.gguf_format), with no requantization. Layers whose tensor has
@@ -137,6 +138,11 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
     heads = {".attn_q.weight": field(f"{arch}.attention.head_count"),
              ".attn_k.weight": field(f"{arch}.attention.head_count_kv",
                                      field(f"{arch}.attention.head_count"))}
+    packed = [n for n, m in model.named_modules() if type(m).__name__ == "GgufLinear"]
+    if packed:
+        raise ValueError(f"model: {len(packed)} layers ({packed[0]!r}, ...) hold GGUF blocks in "
+                         f"transformers' own modules; load the model with from_pretrained(..., "
+                         f"quantization_config=GgufConfig(dequantize=True)) for nn.Linear layers")
     skip = tuple(skip)
     summary = {"layers": 0, "skipped": [], "skipped_why": {}, "config": {},
                "linear_bytes_before": 0, "linear_bytes_after": 0,

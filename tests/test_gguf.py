@@ -276,6 +276,19 @@ def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
         load_gguf_layers(nan, str(tmp_path / "m.gguf"))
 
 
+def test_load_gguf_layers_refuses_transformers_packed_layers(tmp_path):
+    """Layers transformers keeps in GGUF blocks of its own (GgufLinear) have no
+    float weight to check nor nn.Linear to replace: refused, with the way out."""
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    GgufLinear = type("GgufLinear", (nn.Module,), {})
+    model.model.layers[0].mlp.up_proj = GgufLinear()
+    with pytest.raises(ValueError, match=r"model: 1 layers \('model.layers.0.mlp.up_proj', "
+                                         r"...\) hold GGUF blocks .*=GgufConfig\(dequantize=True"):
+        load_gguf_layers(model, str(tmp_path / "m.gguf"))
+
+
 def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
     """Scales and zeros in the dtype asked for; a layer of another shape is
     refused naming the layer and the tensor."""
