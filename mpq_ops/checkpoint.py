@@ -90,6 +90,18 @@ def load_gptq_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     return converted
 
 
+def dequantized_gguf_kwargs() -> dict:
+    """from_pretrained's arguments for a model of nn.Linear layers from a GGUF
+    file: newer transformers may keep the blocks in modules of their own
+    (where its kernels are at hand), of which quantize_model and
+    load_gguf_layers make nothing; older ones always dequantize."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _llama_rows(n_rows: int, n_head: int) -> np.ndarray:
     """llama.cpp's converter orders each head's rows of attn_q / attn_k (the
     rotary halves interleaved, llama architecture only); HF row r is the
@@ -103,8 +115,8 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
                      dtype: Optional[torch.dtype] = None, check: bool = True,
                      requantize_others: Optional[Tuple[int, int]] = None) -> dict:
     """Replaces the nn.Linear layers of a model loaded from the GGUF file
-    `path` (transformers, from_pretrained(..., gguf_file=...), dequantized:
-    mpq_ops.demo.float_weights_from_gguf gives the arguments) with MPQLinear
+    `path` (transformers, from_pretrained(..., gguf_file=...,
+    **dequantized_gguf_kwargs())) with MPQLinear
     layers holding the file's own blocks: Q4_0, Q4_1 and Q4_K as 4-bit
     codes, Q8_0, Q5_0, Q5_1 and Q5_K as 8-bit, groups of 32
     (mpq_ops.gguf_format), with no requantization. Layers whose tensor has

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .calibration import shipped
-from .checkpoint import load_gguf_layers
+from .checkpoint import dequantized_gguf_kwargs, load_gguf_layers
 from .layers import MPQLinear
 from .model import quantize_model
 
@@ -52,18 +52,6 @@ def gguf_location():
     return folder, GGUF_FILE
 
 
-def float_weights_from_gguf() -> dict:
-    """from_pretrained's arguments for a float model from a GGUF file: newer
-    transformers may keep the blocks packed in modules of their own (where
-    its kernels are at hand), of which the demo's float baseline, quantize_model
-    and load_gguf_layers make nothing; older ones always dequantize."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
 def load_smollm2(device="cpu", dtype=torch.float32):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +60,7 @@ def load_smollm2(device="cpu", dtype=torch.float32):
     folder, name = gguf_location()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                 **float_weights_from_gguf())
+                                                 **dequantized_gguf_kwargs())
     return model.to(device).eval(), tok
 
 
