@@ -181,6 +181,9 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
         if key not in tensors:
             leave(name, "not in the file")
             continue
+        if lin.weight.device.type == "meta":
+            raise ValueError(f"model: layer {name!r} is on the meta device; load_gguf_layers "
+                             f"builds each layer on the device of the one it replaces")
         tensor = tensors[key]
         kind = tensor.tensor_type.name
         layer_dtype = dtype or lin.weight.dtype
@@ -208,7 +211,7 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
         layer.load_canonical(qweight, scales, zeros)
         if lin.bias is not None:
             layer.bias.copy_(lin.bias)
-        if check and lin.weight.device.type != "meta":
+        if check:
             _check_same_weight(name, key, layer, lin.weight)
         replace(name, lin, layer, {"w_bit": cw.w_bit, "group_size": cw.group_size,
                                    "gguf_type": kind})

@@ -298,6 +298,10 @@ def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
     half = load_gguf_layers(model.to(torch.bfloat16), str(tmp_path / "m.gguf"))
     assert half["layers"] == 13
     assert model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16
+    meta = tiny_llama()
+    meta.model.layers[0].self_attn.v_proj.to("meta")
+    with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.v_proj' is on the meta"):
+        load_gguf_layers(meta, str(tmp_path / "m.gguf"), check=False)
     wrong = tiny_llama()
     wrong.model.layers[1].self_attn.o_proj = nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
     with pytest.raises(ValueError, match=r"layer 'model.layers.1.self_attn.o_proj' is 512 x 256 "
