@@ -66,9 +66,10 @@ def load_gptq_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     zero_convention: "v1" (stored z-1, AutoGPTQ and GPTQModel v1 files) or "v2"."""
     sd = dict(state_dict)
     converted = {}
-    for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+    for name in [n for n, _ in linear_layers(model)]:   # (by name: see load_gguf_layers)
         if f"{name}.qweight" not in sd:
             continue
+        lin = model.get_submodule(name)
         scales = sd.pop(f"{name}.scales")
         cw = from_gptq(sd.pop(f"{name}.qweight"), sd.pop(f"{name}.qzeros"), scales, w_bit,
                        g_idx=sd.pop(f"{name}.g_idx", None), zero_convention=zero_convention,
@@ -170,7 +171,10 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
         summary["config"][name] = config
         _set_submodule(model, name, layer)
         summary["layers"] += 1
-    for name, lin in linear_layers(model):
+    # By name, each layer fetched in its turn: the float layers replaced so far
+    # are freed as the loop goes on (a list of the modules would hold them all).
+    for name in [n for n, _ in linear_layers(model)]:
+        lin = model.get_submodule(name)
         if _match(name, skip):
             leave(name, "skip")
             continue

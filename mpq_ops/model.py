@@ -89,11 +89,14 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
         raise ValueError("gptq_options is for method='gptq'")
     overrides = dict(overrides or {})
     skip = tuple(skip)
-    layers = linear_layers(model)
+    # By name, each layer fetched in its turn: the float layers replaced so far
+    # are freed as the loop goes on (a list of the modules would hold them all).
+    names = [n for n, _ in linear_layers(model)]
     model_bytes_before = _module_bytes(model)
     summary = {"layers": 0, "skipped": [], "config": {}, "linear_bytes_before": 0,
                "linear_bytes_after": 0, "model_bytes_before": model_bytes_before}
-    for name, lin in _progress(layers, f"quantize ({method})", progress):
+    for name in _progress(names, f"quantize ({method})", progress):
+        lin = model.get_submodule(name)
         if _match(name, skip):
             summary["skipped"].append(name)
             continue

@@ -306,3 +306,24 @@ def test_load_quantized_rejects_plain_file(tmp_path):
     save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not an mpq_ops checkpoint"):
         load_quantized(nn.Linear(32, 2), str(tmp_path / "plain.safetensors"))
+
+
+def test_quantize_model_frees_float_layers_as_it_goes(monkeypatch):
+    """quantize_model keeps no reference to a float layer it has replaced: each
+    is gone by the time the next one is quantized (peak memory: the float
+    model once)."""
+    import gc
+    import weakref
+    from mpq_ops.model import quantize_model
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    gone = [weakref.ref(m) for m in model]
+    seen, original = [], MPQLinear.from_linear
+
+    def from_linear(lin, **kwargs):
+        gc.collect()
+        seen.append([r() is None for r in gone])
+        return original(lin, **kwargs)
+    monkeypatch.setattr(MPQLinear, "from_linear", staticmethod(from_linear))
+    quantize_model(model, w_bit=4, group_size=32, progress=False)
+    assert seen == [[j < i for j in range(4)] for i in range(4)]
+    assert all(isinstance(m, MPQLinear) for m in model)

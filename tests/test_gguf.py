@@ -276,6 +276,31 @@ def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
         load_gguf_layers(nan, str(tmp_path / "m.gguf"))
 
 
+def test_float_layers_freed_as_they_are_replaced(tmp_path, monkeypatch):
+    """Each replaced float layer is gone (no reference left) by the time the
+    next one is converted, so that the loading needs the float model's memory
+    once, not twice."""
+    import gc
+    import weakref
+    from mpq_ops import gguf_format
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    gone = {n: weakref.ref(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    converted, original = [], gguf_format.from_gguf_tensor
+
+    def convert(tensor, dtype):
+        gc.collect()
+        converted.append([n for n, r in gone.items() if r() is None])
+        return original(tensor, dtype)
+    monkeypatch.setattr(gguf_format, "from_gguf_tensor", convert)
+    summary = load_gguf_layers(model, str(tmp_path / "m.gguf"))
+    replaced = list(summary["config"])
+    assert len(converted) == len(replaced) == 13
+    for i, dead in enumerate(converted):
+        assert set(replaced[:i]) <= set(dead), (i, replaced[:i], dead)
+
+
 def test_load_gguf_layers_refuses_transformers_packed_layers(tmp_path):
     """Layers transformers keeps in GGUF blocks of its own (GgufLinear) have no
     float weight to check nor nn.Linear to replace: refused, with the way out."""
