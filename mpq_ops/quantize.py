@@ -43,18 +43,30 @@ def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,
     w = w.float()
     if symmetric:
         half = 2 ** (w_bit - 1)
-        scale = w.abs().amax(-1) / max(half - 1, 1)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+        scale = _stored_scale(w.abs().amax(-1) / max(half - 1, 1), dtype)
         return scale, torch.full_like(scale, half)
     lo, hi = w.amin(-1), w.amax(-1)
     if integer_zeros:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = (hi - lo) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+    # A group far from 0 against its spread (weights near 10 within 1e-3, say)
+    # would need a zero point past what float16 holds: a coarser step keeps
+    # |zero| under half its largest value, its error still below the weights'
+    # own rounding there.
+    scale = torch.maximum((hi - lo) / maxq, lo.abs() / (torch.finfo(dtype).max / 2))
+    scale = _stored_scale(scale, dtype)
     zero = -lo / scale.float()
     if integer_zeros:
         zero = torch.round(zero).clamp(0, maxq)
     return scale, zero.to(dtype)
+
+
+def _stored_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """scale (float32) in dtype: 1 for a group of one value, and never 0 where
+    a step smaller than dtype's least subnormal would round to it (float16:
+    weights of 6e-8 and 0 in one group)."""
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+    least = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    return torch.where(scale == 0, torch.full_like(scale, least), scale)
 
 
 def clipped_group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,

@@ -70,6 +70,44 @@ def test_rtn_error_within_half_a_step(w_bit, group_size, mode):
         torch.testing.assert_close(Wg.amax(-1), wg.amax(-1), rtol=0, atol=1e-6)
 
 
+EDGE_GROUPS = {
+    # float16 weights one ulp apart near 10: an 8-bit step of 3e-5 would need
+    # a zero point of -3.3e5, past float16's 65504
+    "fp16 one ulp off 0": (lambda: torch.tensor([10.0, 10.0078125] * 16).repeat(3, 1).half(),
+                           None),
+    # float32 weights near 10 within 1e-4, scales and zeros in float16
+    "fp32 near 10 -> fp16": (lambda: 10 + torch.rand(3, 32) * 1e-4, torch.float16),
+    # steps below float16's least subnormal (6e-8), which rounded them to 0
+    "fp32 below 1e-7 -> fp16": (lambda: torch.rand(3, 32) * 1e-7, torch.float16),
+    "fp16 subnormals": (lambda: (torch.rand(3, 32) * 1e-6).half(), None),
+    "bf16 near 1e-30": (lambda: (torch.rand(3, 32) * 1e-30).bfloat16(), None),
+    "fp16 one value": (lambda: torch.full((3, 32), -0.3).half(), None),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_GROUPS)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+@pytest.mark.parametrize("mode", ("affine", "integer_zeros", "symmetric"))
+def test_rtn_groups_at_the_dtypes_edges(case, w_bit, mode):
+    """Groups whose step or zero point the scales' dtype cannot hold as such
+    (far from 0 against their spread, or spread below the least subnormal):
+    finite scales and zeros, weights within a step (half a step affine) plus
+    the rounding of the weight to the dtype (dequantize's output: relative,
+    or one least subnormal)."""
+    make, dtype = EDGE_GROUPS[case]
+    w = make()
+    qw = quantize_rtn(w, w_bit, 32, symmetric=mode == "symmetric", dtype=dtype,
+                      integer_zeros=mode == "integer_zeros")
+    assert torch.isfinite(qw.scales).all() and (qw.scales > 0).all()
+    assert torch.isfinite(qw.zeros).all()
+    W = mpq_ops.dequantize(qw.qweight, qw.scales, qw.zeros, w_bit, 32).double()
+    step = qw.scales.double().repeat_interleave(32, 1)
+    fi = torch.finfo(qw.scales.dtype)
+    limit = (step * (0.5 if mode == "affine" else 1.0) * (1 + 1e-3)
+             + 4 * fi.eps * w.double().abs() + fi.tiny * fi.eps)
+    assert ((W - w.double()).abs() <= limit).all(), (W - w.double()).abs().max()
+
+
 def test_rtn_bad_input():
     with pytest.raises(ValueError, match="w_bit must be 2, 4 or 8, got 5"):
         quantize_rtn(torch.randn(4, 64), 5)
