@@ -178,7 +178,7 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
         if _match(name, skip):
             leave(name, "skip")
             continue
-        base = names.get_name(name)
+        base = _gguf_name(names, name)
         key = None if base is None else base + ".weight"
         if base == "output" and key not in tensors:
             key = "token_embd.weight"
@@ -219,8 +219,24 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
             _check_same_weight(name, key, layer, lin.weight)
         replace(name, lin, layer, {"w_bit": cw.w_bit, "group_size": cw.group_size,
                                    "gguf_type": kind})
+    if summary["skipped"] and all(v == "not in the file" for v in summary["skipped_why"].values()):
+        raise ValueError(f"model: none of its {len(summary['skipped'])} nn.Linear layers (e.g. "
+                         f"{summary['skipped'][0]!r}) is named as a tensor of {path} "
+                         f"({arch} architecture)")
     summary["model_bytes_after"] = _module_bytes(model)
     return summary
+
+
+def _gguf_name(names, module_name: str):
+    """The GGUF name of a module (gguf's map of the architecture's names), the
+    module's name shorn of leading parts where a model wraps the file's one
+    ("lm.model.layers.0.mlp.up_proj" as "model.layers.0.mlp.up_proj")."""
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        found = names.get_name(".".join(parts[i:]))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_same_weight(name: str, key: str, layer: MPQLinear, old: torch.Tensor) -> None:

@@ -301,6 +301,21 @@ def test_float_layers_freed_as_they_are_replaced(tmp_path, monkeypatch):
         assert set(replaced[:i]) <= set(dead), (i, replaced[:i], dead)
 
 
+def test_load_gguf_layers_in_a_wrapping_module(tmp_path):
+    """A model held by another module (its layers' names prefixed) loads as
+    itself; a model none of whose layers the file names is refused."""
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_llama()
+    write_gguf(model, tmp_path / "m.gguf")
+    wrapper = nn.ModuleDict({"lm": model})
+    summary = load_gguf_layers(wrapper, str(tmp_path / "m.gguf"))
+    assert summary["layers"] == 13 and "lm.model.layers.1.mlp.down_proj" in summary["config"]
+    other = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"model: none of its 2 nn.Linear layers \(e.g. '0'\) "
+                                         r"is named as a tensor of .* \(llama architecture\)"):
+        load_gguf_layers(other, str(tmp_path / "m.gguf"))
+
+
 def test_load_gguf_layers_refuses_transformers_packed_layers(tmp_path):
     """Layers transformers keeps in GGUF blocks of its own (GgufLinear) have no
     float weight to check nor nn.Linear to replace: refused, with the way out."""
