@@ -81,6 +81,8 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
     if type_name not in W_BIT_OF:
         raise ValueError(f"type_name: GGUF {type_name} has no exact 2/4/8-bit form; "
                          f"supported: {', '.join(W_BIT_OF)}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: scales and zeros are float32, float16 or bfloat16, got {dtype}")
     N, K = (int(v) for v in shape)
     per_block, block_bytes = _BLOCK[type_name]
     if N < 1 or K < 1 or K % per_block:

@@ -103,6 +103,9 @@ def test_from_gguf_blocks_bad_input():
         from_gguf_blocks(data, "Q4_K", (2, 64))
     with pytest.raises(ValueError, match="data: 72 uint8 bytes .* got 36"):
         from_gguf_blocks(data[:1], "Q4_0", (2, 64))
+    with pytest.raises(ValueError, match="dtype: scales and zeros are float32, float16 or "
+                                         "bfloat16, got torch.int32"):
+        from_gguf_blocks(data, "Q4_0", (2, 64), torch.int32)
     with pytest.raises(ValueError, match="data: .* got 72 int16"):
         from_gguf_blocks(data.astype(np.int16), "Q4_0", (2, 64))
     # Q4_1, d = 2^-14 and m = 16: a zero point of -2^18, past float16's range
