@@ -48,10 +48,10 @@ def group_params(w: Tensor, w_bit: int, symmetric: bool, dtype: torch.dtype,
     lo, hi = w.amin(-1), w.amax(-1)
     if integer_zeros:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    # A group far from 0 against its spread (weights near 10 within 1e-3, say)
+    # A group far from 0 against its spread (weights near 10 within 1e-4, say)
     # would need a zero point past what float16 holds: a coarser step keeps
-    # |zero| under half its largest value, its error still below the weights'
-    # own rounding there.
+    # |zero| under half its largest value (its error, with the zero point's
+    # own rounding, a few float16 roundings of the weights).
     scale = torch.maximum((hi - lo) / maxq, lo.abs() / (torch.finfo(dtype).max / 2))
     scale = _stored_scale(scale, dtype)
     zero = -lo / scale.float()
