@@ -20,6 +20,7 @@ from gguf import quants  # noqa: E402
 TYPES_ALL = tuple(BLOCK)
 EIGHT_BIT = ("Q8_0", "Q5_0", "Q5_1", "Q5_K")
 
+
 def gguf_weight(data, type_name, N, K):
     """The gguf package's dequantization, float64 [N, K]."""
     return quants.dequantize(data, Q[type_name]).reshape(N, K).astype(np.float64)
