@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .formats import codes_from_gptq, from_gptq
 from .ops import matmul
-from .pack import W_BITS, unpack
+from .pack import W_BITS, pack, unpack
 from .quantize import quantize_rtn, resolve_group_size
 
 
@@ -207,9 +207,10 @@ class MPQLinearBase(MPQLinear):
             codes, perm, _ = codes_from_gptq(self.qweight.data, b, self.g_idx, G)
             if self.asym:   # packed integer zeros, stored minus one (as GPTQ v1)
                 z = (unpack(self.qzeros, b, dim=1)[:, :N] + 1).to(torch.float32)
+                scales, zeros = scales.t().to(self.dtype), z.t().to(self.dtype)
             else:           # pre-scaled offsets: W = q*s - offset, z = offset / s
-                z = self.zeros.float() / scales.float()
-            scales, zeros = scales.t().to(self.dtype), z.t().to(self.dtype)
+                codes, scales, zeros = _offsets_as_zeros(codes, scales.t(), self.zeros.t(), b,
+                                                         self.group_size, self.dtype)
             for name in ("qstatistic", "qscales", "qzeros", "qzeros_zeros", "qzeros_scales",
                          "qscales_zeros", "qscales_scales"):
                 if hasattr(self, name):
@@ -229,6 +230,26 @@ class MPQLinearBase(MPQLinear):
                                "prepare_bie_layers(model)) after loading the checkpoint and "
                                "before forward()")
         return super().forward(x)
+
+
+def _offsets_as_zeros(codes: Tensor, scales: Tensor, offsets: Tensor, w_bit: int,
+                      group_size: int, dtype: torch.dtype):
+    """GBA's W = q s - offset per group ([N, G] scales and offsets) as the
+    canonical (q - z) s, z = offset / s. A group whose z the dtype cannot hold
+    (s = 0, as a double-quantized scale can come out, or s tiny against the
+    offset) is the one value -offset (to within q s): its codes become 0, its
+    z -1 and its scale -offset."""
+    s, off = scales.float(), offsets.float()
+    with torch.no_grad():
+        z = off / s
+        flat = ~torch.isfinite(z.to(dtype))
+    if flat.any():
+        q = unpack(codes, w_bit)                                 # [N, K]
+        q.view(q.shape[0], -1, group_size)[flat] = 0
+        codes = pack(q, w_bit)
+        z = torch.where(flat, torch.full_like(z, -1.0), z)
+        s = torch.where(flat, -off, s)
+    return codes, s.to(dtype), z.to(dtype)
 
 
 class MPQLinearCuda(MPQLinearBase):

@@ -219,6 +219,45 @@ def test_bitorch_gba_symmetric_checkpoint_loads(dq_mode):
     assert rel_err(layer.dequantize(), torch.from_numpy(W)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_bitorch_gba_symmetric_zero_and_tiny_scales(dtype):
+    """Double-quantized scales that come out 0 (a scale code equal to its
+    integer zero point: W = -offset, one value) or tiny against the offset
+    (z = offset / s past float16's range): finite weights, as the checkpoint
+    means them (z = offset / s made them inf or NaN)."""
+    K, N, gs, dq = 256, 64, 64, 16
+    G = K // gs
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    layer = MPQLinearCuda(K, N, w_bit=4, group_size=gs, use_gba_quant=True, dq_group_size=dq,
+                          dq_mode=2, asym=False, dtype=dtype)
+    q = rng.integers(0, 16, (K, N))
+    qs, qz = rng.integers(0, 16, (G, N)), rng.integers(0, 16, (G, N))
+    qs[0, :8] = 3                       # scale codes equal to their zero point 3: s = 0
+    sd = layer.state_dict()
+    sd["qweight"] = torch.from_numpy(np_pack_rows(q.T, 4).T.copy())
+    sd["qstatistic"] = torch.from_numpy((qs << 4 | qz).astype(np.uint8)).reshape(G, N // dq, dq)
+    qs_zeros = torch.from_numpy(rng.integers(0, 4, sd["qscales_zeros"].shape)).to(dtype)
+    qs_zeros[0, 0] = 3
+    qs_scales = (torch.rand(sd["qscales_scales"].shape) * 0.01 + 0.001).to(dtype)
+    qs_scales[1, 1] = 1e-7 if dtype == torch.float16 else 1e-30  # z = offset / s past the range
+    sd["qscales_zeros"], sd["qscales_scales"] = qs_zeros, qs_scales
+    sd["qzeros_zeros"] = (torch.rand(G, N // dq, 1) * 2).to(dtype)
+    sd["qzeros_scales"] = (torch.rand(G, N // dq, 1) * 0.01 + 0.01).to(dtype)
+    layer.load_state_dict(sd)
+    s = ((qs.reshape(G, N // dq, dq) - qs_zeros.double().numpy()) *
+         qs_scales.double().numpy()).reshape(G, N)
+    s = torch.from_numpy(s).to(dtype).double().numpy()     # the dtype's scales, as the layer's
+    off = ((qz.reshape(G, N // dq, dq) - sd["qzeros_zeros"].double().numpy()) *
+           sd["qzeros_scales"].double().numpy()).reshape(G, N)
+    off = torch.from_numpy(off).to(dtype).double().numpy()
+    assert (s == 0).sum() >= 8
+    W = (q * s[np.arange(K) // gs] - off[np.arange(K) // gs]).T
+    layer.prepare_params()
+    out = layer.dequantize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, torch.from_numpy(W)) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
 def test_bitorch_gba_asymmetric_checkpoint_loads():
     K, N, gs, dq, w_bit = 128, 64, 32, 32, 4
     G = K // gs
