@@ -22,7 +22,10 @@ The K types' 32-input sub-block 2i has its codes in the low nibbles of bytes
 32 i .. 32 i + 31 of the codes, sub-block 2i + 1 in the high ones; Q5_K's
 fifth bit of sub-block j's code l is bit j of qh's byte l. Where a group's
 scale is 0 its weights are one value v (0, m or -dmin mn): its codes become
-0, its scale v and its zero -1.
+0, its scale v and its zero -1. So does a group whose zero point the dtype
+cannot hold (float16, |z| over 65504: an offset over 65504 steps from 0),
+v its offset: within its range of it, under 2^-12 of |v| (float16's own
+rounding of such weights is up to 2^-11 of them).
 
 The other block formats have no exact form at 2, 4 or 8 bits: Q6_K, Q2_K and
 Q3_K (sub-blocks of 16 inputs with scales of their own; groups are multiples
@@ -102,7 +105,7 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
     # 525 M).
     step = max(1, _CHUNK_WEIGHTS // K)
     for r in range(0, N, step):
-        codes, scale, zero = _decode_rows(blocks[r:r + step], type_name)
+        codes, scale, zero = _decode_rows(blocks[r:r + step], type_name, dtype)
         scales[r:r + step], zeros[r:r + step] = _to_dtype(scale, zero, type_name, dtype)
         qweight[r:r + step] = pack(torch.from_numpy(codes.reshape(len(codes), K)), w_bit)
     return CanonicalWeight(qweight, scales, zeros, None, w_bit, GROUP_SIZE)
@@ -111,7 +114,7 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
 _CHUNK_WEIGHTS = 1 << 22
 
 
-def _decode_rows(blocks: np.ndarray, type_name: str):
+def _decode_rows(blocks: np.ndarray, type_name: str, dtype: torch.dtype):
     """[n, blocks, bytes] -> codes [n, K / 32, 32] (uint8), scale and zero
     [n, K / 32] (float64) with flat groups rewritten (module docstring)."""
     n = blocks.shape[0]
@@ -148,7 +151,9 @@ def _decode_rows(blocks: np.ndarray, type_name: str):
             qh = np.unpackbits(blocks[..., 16:48, None], axis=-1, bitorder="little")
             codes = codes | (qh.swapaxes(-1, -2) << 4)
     codes = np.ascontiguousarray(codes.reshape(n, -1, GROUP_SIZE), dtype=np.uint8)
-    flat = scale == 0
+    limit = float(torch.finfo(dtype).max)
+    with np.errstate(invalid="ignore"):
+        flat = (scale == 0) | (np.abs(zero) > limit)
     if flat.any():                       # one value per group: codes 0, zero -1, scale v
         value = np.zeros_like(scale) if type_name in ("Q8_0", "Q4_0", "Q5_0") else offset
         codes[flat] = 0
@@ -159,12 +164,7 @@ def _decode_rows(blocks: np.ndarray, type_name: str):
 def _to_dtype(scale: np.ndarray, zero: np.ndarray, type_name: str, dtype: torch.dtype):
     if not (np.isfinite(scale).all() and np.isfinite(zero).all()):
         raise ValueError(f"data: the {type_name} blocks hold non-finite scales or offsets")
-    scales, zeros = torch.from_numpy(scale).to(dtype), torch.from_numpy(zero).to(dtype)
-    if not torch.isfinite(zeros).all():
-        # (float16: a Q4_1 / Q4_K group whose offset is over 65504 steps from 0)
-        raise ValueError(f"dtype: zeros of up to {np.abs(zero).max():.6g} do not fit in "
-                         f"{dtype}; float32 or bfloat16 hold them")
-    return scales, zeros
+    return torch.from_numpy(scale).to(dtype), torch.from_numpy(zero).to(dtype)
 
 
 def from_gguf_tensor(tensor, dtype: torch.dtype = torch.float32) -> CanonicalWeight:

@@ -126,7 +126,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # byte offsets of their float16 fields (d, and m or dmin).
 GGUF_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
               "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176)}
-_GGUF_HALVES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+GGUF_HALVES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
                 "Q4_K": (0, 2), "Q5_K": (0, 2)}
 
 
@@ -136,7 +136,7 @@ def random_gguf_blocks(type_name, N, K, rng, flat_blocks=2, exponents=(-10, -1))
     [exponents)), `flat_blocks` blocks with d = 0 (rng: numpy's Generator)."""
     per, size = GGUF_BLOCK[type_name]
     blocks = rng.integers(0, 256, size=(N, K // per, size), dtype=np.uint8)
-    for at in _GGUF_HALVES[type_name]:
+    for at in GGUF_HALVES[type_name]:
         v = rng.uniform(0.5, 1.0, (N, K // per)) * 2.0 ** rng.integers(*exponents, (N, K // per))
         v *= rng.choice([-1.0, 1.0], (N, K // per))
         blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mpq_ops.gguf_format import from_gguf_blocks
-from helpers import (GGUF_BLOCK as BLOCK, REL_TOL, make_x, random_gguf_blocks as random_blocks,
-                     ref_dequantize, ref_matmul, rel_err)
+from helpers import (GGUF_BLOCK as BLOCK, GGUF_HALVES as HALVES, REL_TOL, make_x,
+                     random_gguf_blocks as random_blocks, ref_dequantize, ref_matmul, rel_err)
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -94,6 +94,37 @@ def test_flat_groups_hold_their_one_value():
         assert len(np.unique(ref[0, :32])) == 1
 
 
+@pytest.mark.parametrize("type_name", ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
+def test_zero_points_past_float16_make_flat_groups(type_name):
+    """An offset over 65504 steps from 0 (d = 2^-14, m or -dmin mn = 16): its
+    zero point past float16's range, the group becomes its offset, within its
+    range plus float16's rounding of the file's weights; bfloat16 and float32
+    hold the zero point itself."""
+    per, _ = BLOCK[type_name]
+    data = random_blocks(type_name, 2, per, np.random.default_rng(np.random.randint(1 << 30)),
+                         0, (-8, -6))
+    d_at, m_at = HALVES[type_name]
+    data[0, d_at:d_at + 2] = np.array([2.0 ** -14], dtype=np.float16).view(np.uint8)
+    data[0, m_at:m_at + 2] = np.array([16.0 if "_1" in type_name else -16.0 / 63],
+                                      dtype=np.float16).view(np.uint8)
+    if type_name.endswith("_K"):        # every sub-block's (sc, mn) = (1, 63)
+        data[0, 4:16] = np.array([1] * 4 + [0xFF] * 4 + [0xF1] * 4, dtype=np.uint8)
+    ref = gguf_weight(data, type_name, 2, per)
+    assert np.abs(ref[0] - 16).max() < 0.01     # (-16 / 63 as float16, times 63: 15.996)
+    cw = from_gguf_blocks(data, type_name, (2, per), torch.float16)
+    ours = ref_dequantize(cw.qweight, cw.scales, cw.zeros, cw.w_bit, 32)
+    assert (cw.zeros[0] == -1).all() and (cw.qweight[0] == 0).all()
+    assert np.isfinite(ours).all()
+    top = 31 if type_name.startswith("Q5") else 15
+    assert np.abs(ours[0] - ref[0]).max() <= 16 * 2.0 ** -11 + top * 2.0 ** -14
+    s = cw.scales[1].double().repeat_interleave(32).numpy()
+    z = cw.zeros[1].double().repeat_interleave(32).numpy()
+    assert (np.abs(ours[1] - ref[1]) <= 2 * 2.0 ** -10 * (np.abs(ref[1]) + np.abs(z * s))).all()
+    for dtype in (torch.bfloat16, torch.float32):
+        cw = from_gguf_blocks(data, type_name, (2, per), dtype)
+        assert (cw.zeros[0].abs() > 65504).all()
+
+
 def test_from_gguf_blocks_bad_input():
     data = np.zeros((2, 18 * 2), dtype=np.uint8)
     with pytest.raises(ValueError, match="type_name: GGUF Q6_K has no exact"):
@@ -109,14 +140,8 @@ def test_from_gguf_blocks_bad_input():
         from_gguf_blocks(data, "Q4_0", (2, 64), torch.int32)
     with pytest.raises(ValueError, match="data: .* got 72 int16"):
         from_gguf_blocks(data.astype(np.int16), "Q4_0", (2, 64))
-    # Q4_1, d = 2^-14 and m = 16: a zero point of -2^18, past float16's range
     q4_1 = np.zeros((1, 20), dtype=np.uint8)
-    q4_1[0, 0:4] = np.array([2.0 ** -14, 16.0], dtype=np.float16).view(np.uint8)
-    with pytest.raises(ValueError, match="dtype: zeros of up to 262144 do not fit in "
-                                         "torch.float16"):
-        from_gguf_blocks(q4_1, "Q4_1", (1, 32), torch.float16)
-    assert from_gguf_blocks(q4_1, "Q4_1", (1, 32), torch.bfloat16).zeros.item() == -2.0 ** 18
-    q4_1[0, 2:4] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+    q4_1[0, 0:4] = np.array([2.0 ** -14, np.nan], dtype=np.float16).view(np.uint8)
     with pytest.raises(ValueError, match="data: the Q4_1 blocks hold non-finite"):
         from_gguf_blocks(q4_1, "Q4_1", (1, 32))
 
