@@ -30,6 +30,22 @@ class CanonicalWeight(NamedTuple):
     group_size: int            # real group length (K when one group per row)
 
 
+def zeros_from_offsets(scales: Tensor, offsets: Tensor, dtype: torch.dtype):
+    """Weights q s + offset per group as the canonical (q - z) s: z = -offset
+    / s, computed in float64, then scales and zeros in dtype. A group whose z
+    dtype cannot hold (s = 0, or an offset over dtype's largest value of steps
+    from 0; finite s and offset) is the one value `offset`, to within its
+    range q s: its scale becomes the offset and its zero -1, and `flat` (the
+    third result) marks it; the caller sets its codes to 0. Non-finite scales
+    or offsets pass through (their weights are not finite either)."""
+    s, off = scales.double(), offsets.double()
+    z = -off / s
+    flat = torch.isfinite(s) & torch.isfinite(off) & ~(z.abs() <= torch.finfo(dtype).max)
+    s = torch.where(flat, off, s)
+    z = torch.where(flat, torch.full_like(z, -1.0), z)
+    return s.to(dtype), z.to(dtype), flat
+
+
 def perm_from_g_idx(g_idx: Tensor, groups: int, K: int):
     """Returns (perm or None, group_size) for a g_idx, checking every group has
     K / groups members."""

@@ -37,7 +37,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from .formats import CanonicalWeight
+from .formats import CanonicalWeight, zeros_from_offsets
 from .pack import pack
 
 # GGUF block type -> code width of its canonical form.
@@ -105,8 +105,12 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
     # 525 M).
     step = max(1, _CHUNK_WEIGHTS // K)
     for r in range(0, N, step):
-        codes, scale, zero = _decode_rows(blocks[r:r + step], type_name, dtype)
-        scales[r:r + step], zeros[r:r + step] = _to_dtype(scale, zero, type_name, dtype)
+        codes, scale, offset = _decode_rows(blocks[r:r + step], type_name)
+        if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
+            raise ValueError(f"data: the {type_name} blocks hold non-finite scales or offsets")
+        s, z, flat = zeros_from_offsets(torch.from_numpy(scale), torch.from_numpy(offset), dtype)
+        codes[flat.numpy()] = 0
+        scales[r:r + step], zeros[r:r + step] = s, z
         qweight[r:r + step] = pack(torch.from_numpy(codes.reshape(len(codes), K)), w_bit)
     return CanonicalWeight(qweight, scales, zeros, None, w_bit, GROUP_SIZE)
 
@@ -114,27 +118,21 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
 _CHUNK_WEIGHTS = 1 << 22
 
 
-def _decode_rows(blocks: np.ndarray, type_name: str, dtype: torch.dtype):
-    """[n, blocks, bytes] -> codes [n, K / 32, 32] (uint8), scale and zero
-    [n, K / 32] (float64) with flat groups rewritten (module docstring)."""
+def _decode_rows(blocks: np.ndarray, type_name: str):
+    """[n, blocks, bytes] -> codes [n, K / 32, 32] (uint8), scale and offset
+    (the weight of code 0) [n, K / 32] (float64)."""
     n = blocks.shape[0]
-    if type_name == "Q8_0":
+    if type_name in ("Q8_0", "Q4_0", "Q5_0"):
         scale = _half(blocks, 0)
-        zero = np.full_like(scale, 128.0)
-        codes = blocks[..., 2:] ^ np.uint8(0x80)        # int8 q + 128
-    elif type_name == "Q4_0":
-        scale = _half(blocks, 0)
-        zero = np.full_like(scale, 8.0)
-        codes = _nibbles(blocks[..., 2:18])
-    elif type_name == "Q5_0":
-        scale = _half(blocks, 0)
-        zero = np.full_like(scale, 16.0)
-        codes = _nibbles(blocks[..., 6:22]) | _fifth_bits(blocks[..., 2:6])
+        offset = -{"Q8_0": 128.0, "Q4_0": 8.0, "Q5_0": 16.0}[type_name] * scale
+        if type_name == "Q8_0":
+            codes = blocks[..., 2:] ^ np.uint8(0x80)        # int8 q + 128
+        elif type_name == "Q4_0":
+            codes = _nibbles(blocks[..., 2:18])
+        else:
+            codes = _nibbles(blocks[..., 6:22]) | _fifth_bits(blocks[..., 2:6])
     elif type_name in ("Q4_1", "Q5_1"):
-        scale = _half(blocks, 0)
-        offset = _half(blocks, 2)            # the weight of code 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero = -offset / scale
+        scale, offset = _half(blocks, 0), _half(blocks, 2)
         codes = _nibbles(blocks[..., 4:20]) if type_name == "Q4_1" else \
             _nibbles(blocks[..., 8:24]) | _fifth_bits(blocks[..., 4:8])
     else:  # Q4_K, Q5_K
@@ -142,29 +140,13 @@ def _decode_rows(blocks: np.ndarray, type_name: str, dtype: torch.dtype):
         sc, mn = _q4_k_scales(blocks[..., 4:16])
         scale = (d * sc).reshape(n, -1)                  # [n, K / 32]
         offset = (-dmin * mn).reshape(n, -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero = -offset / scale
         qs = blocks[..., -128:].reshape(n, -1, 4, 1, 32)
         codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
         codes = codes.reshape(n, -1, 8, 32)
         if type_name == "Q5_K":          # bit j of byte l: sub-block j's code l
             qh = np.unpackbits(blocks[..., 16:48, None], axis=-1, bitorder="little")
             codes = codes | (qh.swapaxes(-1, -2) << 4)
-    codes = np.ascontiguousarray(codes.reshape(n, -1, GROUP_SIZE), dtype=np.uint8)
-    limit = float(torch.finfo(dtype).max)
-    with np.errstate(invalid="ignore"):
-        flat = (scale == 0) | (np.abs(zero) > limit)
-    if flat.any():                       # one value per group: codes 0, zero -1, scale v
-        value = np.zeros_like(scale) if type_name in ("Q8_0", "Q4_0", "Q5_0") else offset
-        codes[flat] = 0
-        scale, zero = np.where(flat, value, scale), np.where(flat, -1.0, zero)
-    return codes, scale, zero
-
-
-def _to_dtype(scale: np.ndarray, zero: np.ndarray, type_name: str, dtype: torch.dtype):
-    if not (np.isfinite(scale).all() and np.isfinite(zero).all()):
-        raise ValueError(f"data: the {type_name} blocks hold non-finite scales or offsets")
-    return torch.from_numpy(scale).to(dtype), torch.from_numpy(zero).to(dtype)
+    return np.ascontiguousarray(codes.reshape(n, -1, GROUP_SIZE), dtype=np.uint8), scale, offset
 
 
 def from_gguf_tensor(tensor, dtype: torch.dtype = torch.float32) -> CanonicalWeight:

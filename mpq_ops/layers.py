@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .formats import codes_from_gptq, from_gptq
+from .formats import codes_from_gptq, from_gptq, zeros_from_offsets
 from .ops import matmul
 from .pack import W_BITS, pack, unpack
 from .quantize import quantize_rtn, resolve_group_size
@@ -235,21 +235,15 @@ class MPQLinearBase(MPQLinear):
 def _offsets_as_zeros(codes: Tensor, scales: Tensor, offsets: Tensor, w_bit: int,
                       group_size: int, dtype: torch.dtype):
     """GBA's W = q s - offset per group ([N, G] scales and offsets) as the
-    canonical (q - z) s, z = offset / s. A group whose z the dtype cannot hold
+    canonical (q - z) s, z = offset / s; a group whose z the dtype cannot hold
     (s = 0, as a double-quantized scale can come out, or s tiny against the
-    offset) is the one value -offset (to within q s): its codes become 0, its
-    z -1 and its scale -offset."""
-    s, off = scales.float(), offsets.float()
-    with torch.no_grad():
-        z = off / s
-        flat = ~torch.isfinite(z.to(dtype))
+    offset) the one value -offset (formats.zeros_from_offsets), its codes 0."""
+    s, z, flat = zeros_from_offsets(scales, -offsets.double(), dtype)
     if flat.any():
         q = unpack(codes, w_bit)                                 # [N, K]
         q.view(q.shape[0], -1, group_size)[flat] = 0
         codes = pack(q, w_bit)
-        z = torch.where(flat, torch.full_like(z, -1.0), z)
-        s = torch.where(flat, -off, s)
-    return codes, s.to(dtype), z.to(dtype)
+    return codes, s, z
 
 
 class MPQLinearCuda(MPQLinearBase):
