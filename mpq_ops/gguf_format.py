@@ -109,6 +109,10 @@ def from_gguf_blocks(data: np.ndarray, type_name: str, shape: Tuple[int, int],
         if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
             raise ValueError(f"data: the {type_name} blocks hold non-finite scales or offsets")
         s, z, flat = zeros_from_offsets(torch.from_numpy(scale), torch.from_numpy(offset), dtype)
+        if not torch.isfinite(s).all():
+            raise ValueError(f"dtype: {type_name} scales (or offsets) of up to "
+                             f"{max(np.abs(scale).max(), np.abs(offset).max()):.6g} do not fit "
+                             f"in {dtype}")
         codes[flat.numpy()] = 0
         scales[r:r + step], zeros[r:r + step] = s, z
         qweight[r:r + step] = pack(torch.from_numpy(codes.reshape(len(codes), K)), w_bit)

@@ -140,6 +140,13 @@ def test_from_gguf_blocks_bad_input():
         from_gguf_blocks(data, "Q4_0", (2, 64), torch.int32)
     with pytest.raises(ValueError, match="data: .* got 72 int16"):
         from_gguf_blocks(data.astype(np.int16), "Q4_0", (2, 64))
+    q4_k = np.zeros((1, 144), dtype=np.uint8)        # d 60000, sc 63: a scale of 3.8e6
+    q4_k[0, 0:2] = np.array([60000.0], dtype=np.float16).view(np.uint8)
+    q4_k[0, 4:8] = 63
+    with pytest.raises(ValueError, match="dtype: Q4_K scales .* of up to 3.78e\\+06 do not fit "
+                                         "in torch.float16"):
+        from_gguf_blocks(q4_k, "Q4_K", (1, 256), torch.float16)
+    assert torch.isfinite(from_gguf_blocks(q4_k, "Q4_K", (1, 256), torch.bfloat16).scales).all()
     q4_1 = np.zeros((1, 20), dtype=np.uint8)
     q4_1[0, 0:4] = np.array([2.0 ** -14, np.nan], dtype=np.float16).view(np.uint8)
     with pytest.raises(ValueError, match="data: the Q4_1 blocks hold non-finite"):
