@@ -24,8 +24,9 @@ fifth bit of sub-block j's code l is bit j of qh's byte l. Where a group's
 scale is 0 its weights are one value v (0, m or -dmin mn): its codes become
 0, its scale v and its zero -1. So does a group whose zero point the dtype
 cannot hold (float16, |z| over 65504: an offset over 65504 steps from 0),
-v its offset: within its range of it, under 2^-12 of |v| (float16's own
-rounding of such weights is up to 2^-11 of them).
+v its offset (the weight of code 0), from which its weights differ by at
+most their range, under 2^-12 of |v| (float16's own rounding of such
+weights is up to 2^-11 of them; formats.zeros_from_offsets).
 
 The other block formats have no exact form at 2, 4 or 8 bits: Q6_K, Q2_K and
 Q3_K (sub-blocks of 16 inputs with scales of their own; groups are multiples
