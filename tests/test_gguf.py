@@ -178,15 +178,31 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def write_gguf(model, path, output_type="Q8_0"):
+def tiny_qwen2():
+    """A two-block Qwen2 (q / k / v with biases; its GGUF rows in HF's order)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
+        tie_word_embeddings=False)
+    torch.manual_seed(np.random.randint(1 << 30))
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_()
+    return model
+
+
+def write_gguf(model, path, output_type="Q8_0", arch="llama"):
     """Writes model's weights as a GGUF file (output_type None: no output
     tensor, lm_head from token_embd) and sets the model's weights to what the
     file holds, as transformers would load them. Returns {layer: type}."""
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 2)
     types = {}
 
     def put(gname, weight, type_name, hf_rows=None):
@@ -216,7 +232,8 @@ def write_gguf(model, path, output_type="Q8_0"):
             type_name = output_type
         else:
             type_name = TYPES[gname.split(".")[-1]]
-        heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(gname.split(".")[-1])
+        heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(gname.split(".")[-1]) \
+            if arch == "llama" else None
         put(gname + ".weight", lin.weight, type_name, heads)
         types[name] = type_name
     w.write_header_to_file()
@@ -307,6 +324,24 @@ def test_load_gguf_layers_requantizes_other_types_when_asked(tmp_path):
     got = model.model.layers[0].mlp.up_proj
     assert torch.equal(got.qweight, expected.qweight) and torch.equal(got.scales, expected.scales)
     assert torch.equal(got.zeros, expected.zeros)
+
+
+def test_load_gguf_layers_qwen2(tmp_path):
+    """Another architecture: its rows as they are (llama's reordering is
+    llama's alone), the layers' biases kept; the logits as the float model's."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_layers
+    model = tiny_qwen2()
+    write_gguf(model, tmp_path / "q.gguf", arch="qwen2")
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.double()
+    summary = load_gguf_layers(model, str(tmp_path / "q.gguf"))
+    assert summary["layers"] == 13
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, MPQLinear) and q.bias is not None and q.bias.abs().sum() > 0
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, ref) < 1e-5
 
 
 def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
