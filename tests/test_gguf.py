@@ -168,25 +168,17 @@ def converter_rows(w, n_head):
         .reshape(w.shape)
 
 
-def tiny_llama():
+def tiny_model(arch="llama"):
+    """A two-block llama, or Qwen2 (q / k / v with biases, drawn nonzero; its
+    GGUF rows in HF's order)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
-        tie_word_embeddings=False)
+    Config, Model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    config = Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                    intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
+                    tie_word_embeddings=False)
     torch.manual_seed(np.random.randint(1 << 30))
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_qwen2():
-    """A two-block Qwen2 (q / k / v with biases; its GGUF rows in HF's order)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(
-        hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
-        tie_word_embeddings=False)
-    torch.manual_seed(np.random.randint(1 << 30))
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = Model(config).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
@@ -251,7 +243,7 @@ def test_load_gguf_layers_tiny_llama(tmp_path, output_type):
     weights."""
     from mpq_ops import MPQLinear
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     types = write_gguf(model, tmp_path / "m.gguf", output_type)
     ids = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
@@ -285,7 +277,7 @@ def test_rows_converted_and_checked_a_few_at_a_time(tmp_path, monkeypatch):
     parts = from_gguf_blocks(data, "Q4_K", (11, 512))
     for a, b in zip(whole[:3], parts[:3]):
         assert torch.equal(a, b)
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     down = model.model.layers[1].mlp.down_proj.weight
     down.data[-1] += 0.25 * down.data[-1].abs().max()   # row 255: the last of 16 chunks
@@ -298,11 +290,11 @@ def test_gguf_model_saves_and_loads(tmp_path):
     F16 layers left float) through save_quantized / load_quantized into a fresh
     float skeleton: the same logits, bit for bit."""
     from mpq_ops.checkpoint import load_gguf_layers, load_quantized, save_quantized
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     load_gguf_layers(model, str(tmp_path / "m.gguf"))
     save_quantized(model, str(tmp_path / "m.safetensors"))
-    fresh = load_quantized(tiny_llama(), str(tmp_path / "m.safetensors"))
+    fresh = load_quantized(tiny_model(), str(tmp_path / "m.safetensors"))
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -313,7 +305,7 @@ def test_load_gguf_layers_requantizes_other_types_when_asked(tmp_path):
     MPQLinear.from_linear would, marked in the summary; the rest from the file."""
     from mpq_ops import MPQLinear
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     up = model.model.layers[0].mlp.up_proj
     expected = MPQLinear.from_linear(up, w_bit=8, group_size=32)
@@ -331,7 +323,7 @@ def test_load_gguf_layers_qwen2(tmp_path):
     llama's alone), the layers' biases kept; the logits as the float model's."""
     from mpq_ops import MPQLinear
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_qwen2()
+    model = tiny_model("qwen2")
     write_gguf(model, tmp_path / "q.gguf", arch="qwen2")
     ids = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
@@ -348,13 +340,13 @@ def test_load_gguf_layers_refuses_another_models_weights(tmp_path):
     """check=True compares each new layer with the one it replaces: a model not
     loaded from the file is refused, naming the layer; check=False takes it."""
     from mpq_ops.checkpoint import load_gguf_layers
-    write_gguf(tiny_llama(), tmp_path / "m.gguf")
-    other = tiny_llama()
+    write_gguf(tiny_model(), tmp_path / "m.gguf")
+    other = tiny_model()
     with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' does not "
                                          "hold blk.0.attn_q.weight"):
         load_gguf_layers(other, str(tmp_path / "m.gguf"))
-    assert load_gguf_layers(tiny_llama(), str(tmp_path / "m.gguf"), check=False)["layers"] == 13
-    nan = tiny_llama()
+    assert load_gguf_layers(tiny_model(), str(tmp_path / "m.gguf"), check=False)["layers"] == 13
+    nan = tiny_model()
     write_gguf(nan, tmp_path / "m.gguf")
     nan.model.layers[1].mlp.down_proj.weight.data[7, 3] = float("nan")
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj' does not hold .*"
@@ -370,7 +362,7 @@ def test_float_layers_freed_as_they_are_replaced(tmp_path, monkeypatch):
     import weakref
     from mpq_ops import gguf_format
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     gone = {n: weakref.ref(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     converted, original = [], gguf_format.from_gguf_tensor
@@ -391,7 +383,7 @@ def test_load_gguf_layers_in_a_wrapping_module(tmp_path):
     """A model held by another module (its layers' names prefixed) loads as
     itself; a model none of whose layers the file names is refused."""
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     wrapper = nn.ModuleDict({"lm": model})
     summary = load_gguf_layers(wrapper, str(tmp_path / "m.gguf"))
@@ -406,7 +398,7 @@ def test_load_gguf_layers_refuses_transformers_packed_layers(tmp_path):
     """Layers transformers keeps in GGUF blocks of its own (GgufLinear) have no
     float weight to check nor nn.Linear to replace: refused, with the way out."""
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     GgufLinear = type("GgufLinear", (nn.Module,), {})
     model.model.layers[0].mlp.up_proj = GgufLinear()
@@ -419,16 +411,16 @@ def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
     """Scales and zeros in the dtype asked for; a layer of another shape is
     refused naming the layer and the tensor."""
     from mpq_ops.checkpoint import load_gguf_layers
-    model = tiny_llama()
+    model = tiny_model()
     write_gguf(model, tmp_path / "m.gguf")
     half = load_gguf_layers(model.to(torch.bfloat16), str(tmp_path / "m.gguf"))
     assert half["layers"] == 13
     assert model.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16
-    meta = tiny_llama()
+    meta = tiny_model()
     meta.model.layers[0].self_attn.v_proj.to("meta")
     with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.v_proj' is on the meta"):
         load_gguf_layers(meta, str(tmp_path / "m.gguf"), check=False)
-    wrong = tiny_llama()
+    wrong = tiny_model()
     wrong.model.layers[1].self_attn.o_proj = nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
     with pytest.raises(ValueError, match=r"layer 'model.layers.1.self_attn.o_proj' is 512 x 256 "
                                          r"\(out x in\), blk.1.attn_output.weight .* is 256 x 256"):
