@@ -180,24 +180,44 @@ def tiny_model(arch="llama"):
     torch.manual_seed(np.random.randint(1 << 30))
     model = Model(config).eval()
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.normal_()
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+            elif "norm" in name:    # not all ones: a norm out of place shows
+                p.uniform_(0.5, 1.5)
     return model
 
 
-def write_gguf(model, path, output_type="Q8_0", arch="llama"):
+def write_gguf(model, path, output_type="Q8_0", arch="llama", leave_out=()):
     """Writes model's weights as a GGUF file (output_type None: no output
-    tensor, lm_head from token_embd) and sets the model's weights to what the
-    file holds, as transformers would load them. Returns {layer: type}."""
+    tensor, lm_head from token_embd), with the metadata transformers builds
+    the model's config from and its norms and biases (float32), and sets the
+    model's weights to what the file holds, as transformers would load them.
+    Tensors named in leave_out are not written. Returns {layer: type}."""
     w = gguf.GGUFWriter(str(path), arch)
+    config = model.config
     w.add_block_count(2)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_rope_freq_base(float(getattr(config, "rope_theta", None)
+                               or config.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(VOCAB)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 2)
     types = {}
+    for name, p in model.named_parameters():
+        module, _, suffix = name.rpartition(".")
+        gname = f"{names.get_name(module)}.{suffix}"
+        if p.dim() == 1 and gname not in leave_out:   # norms, biases: as they are
+            w.add_tensor(gname, p.detach().float().numpy())
 
     def put(gname, weight, type_name, hf_rows=None):
+        if gname in leave_out:
+            return
         a = weight.detach().float().numpy()
         if hf_rows is not None:
             a = converter_rows(a, hf_rows)
@@ -425,3 +445,99 @@ def test_load_gguf_layers_dtype_and_shape_checks(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'model.layers.1.self_attn.o_proj' is 512 x 256 "
                                          r"\(out x in\), blk.1.attn_output.weight .* is 256 x 256"):
         load_gguf_layers(wrong, str(tmp_path / "m.gguf"), check=False)
+
+
+def two_step_load(folder, file, dtype, **kwargs):
+    """transformers' float model of the file, then load_gguf_layers."""
+    from transformers import AutoModelForCausalLM
+    from mpq_ops.checkpoint import dequantized_gguf_kwargs, load_gguf_layers
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=dtype,
+                                                 **dequantized_gguf_kwargs()).eval()
+    return model, load_gguf_layers(model, str(folder / file), **kwargs)
+
+
+@pytest.mark.parametrize("arch,output_type,dtype", [
+    ("llama", "Q8_0", torch.float32), ("llama", None, torch.float32),
+    ("llama", "Q4_1", torch.bfloat16), ("qwen2", "Q8_0", torch.float32),
+    ("qwen2", None, torch.float16)])
+def test_load_gguf_model_is_the_two_step_load(tmp_path, arch, output_type, dtype):
+    """The model built from the file alone holds what transformers' float model
+    of the file holds after load_gguf_layers, tensor for tensor (norms,
+    embeddings, biases, F16 layers, llama's q / k rows), with the same
+    summary; its logits are those of the model the file was written from."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_model
+    source = tiny_model(arch)
+    types = write_gguf(source, tmp_path / "m.gguf", output_type, arch=arch)
+    model, summary = load_gguf_model(str(tmp_path / "m.gguf"), dtype=dtype)
+    two, two_summary = two_step_load(tmp_path, "m.gguf", dtype)
+    assert type(model) is type(source) and not model.training
+    for key in ("layers", "skipped", "skipped_why", "config", "linear_bytes_after"):
+        assert summary[key] == two_summary[key], key
+    assert summary["layers"] == 13 and set(summary["skipped"]) == {
+        "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
+    ours, theirs = model.state_dict(), two.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    for name, m in model.named_modules():
+        if name in types and name not in summary["skipped"]:
+            assert isinstance(m, MPQLinear), name
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        assert torch.equal(out, two(input_ids=ids).logits)
+        if dtype == torch.float32:
+            assert rel_err(out, source(input_ids=ids).logits.double()) < 1e-5
+
+
+def test_load_gguf_model_float_layers(tmp_path):
+    """skip and the types without an exact form leave float layers of the
+    file's tensors; a float lm_head of tied embeddings shares the embedding's
+    weight; requantize_others quantizes such layers as load_gguf_layers does."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_model
+    source = tiny_model()
+    write_gguf(source, tmp_path / "m.gguf", output_type=None)
+    model, summary = load_gguf_model(str(tmp_path / "m.gguf"), dtype=torch.float32,
+                                     skip=["lm_head", "*.0.self_attn.q_proj"])
+    assert summary["skipped_why"]["lm_head"] == "skip"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and torch.equal(q.weight, source.model.layers[0].self_attn.q_proj
+                                                .weight)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, source(input_ids=ids).logits.double()) < 1e-5
+    model, summary = load_gguf_model(str(tmp_path / "m.gguf"), dtype=torch.float32,
+                                     requantize_others=(8, 32))
+    two, two_summary = two_step_load(tmp_path, "m.gguf", torch.float32,
+                                     requantize_others=(8, 32))
+    assert summary["config"] == two_summary["config"] and summary["skipped"] == []
+    up, two_up = model.model.layers[1].mlp.up_proj, two.model.layers[1].mlp.up_proj
+    assert isinstance(up, MPQLinear) and up.w_bit == 8
+    for name in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(up, name), getattr(two_up, name)), name
+
+
+def test_load_gguf_model_refusals(tmp_path, monkeypatch):
+    """A file without a tensor the model needs is refused naming the tensor's
+    parameter; an architecture whose tensors transformers changes on loading
+    beyond llama's row order is refused, pointing to load_gguf_layers."""
+    from transformers import modeling_gguf_pytorch_utils
+    from mpq_ops.checkpoint import load_gguf_model
+    write_gguf(tiny_model(), tmp_path / "m.gguf", leave_out=("blk.1.ffn_norm.weight",))
+    with pytest.raises(ValueError, match=r"holds no tensor for model.layers.1."
+                                         r"post_attention_layernorm.weight of the "
+                                         r"LlamaForCausalLM"):
+        load_gguf_model(str(tmp_path / "m.gguf"))
+    write_gguf(tiny_model(), tmp_path / "d.gguf", leave_out=("blk.0.ffn_down.weight",))
+    with pytest.raises(ValueError, match=r"holds no tensor for model.layers.0.mlp.down_proj"):
+        load_gguf_model(str(tmp_path / "d.gguf"))
+    write_gguf(tiny_model("qwen2"), tmp_path / "q.gguf", arch="qwen2")
+    monkeypatch.setitem(modeling_gguf_pytorch_utils.TENSOR_PROCESSORS, "qwen2",
+                        modeling_gguf_pytorch_utils.TensorProcessor)
+    with pytest.raises(ValueError, match=r"changes the tensors of 'qwen2' models .* "
+                                         r"load_gguf_layers"):
+        load_gguf_model(str(tmp_path / "q.gguf"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpq_ops import MPQLinear
-from mpq_ops.checkpoint import load_gguf_layers, load_quantized, save_quantized
+from mpq_ops.checkpoint import load_gguf_layers, load_gguf_model, load_quantized, save_quantized
 from mpq_ops.demo import (Logits, chat_ids, compile_mpq_layers, dynamic_layer_shapes,
                           eval_ids, export_roundtrip, gguf_location, greedy, load_smollm2,
                           perplexity)
@@ -54,6 +54,23 @@ def test_gguf_layers_are_the_files_blocks(smollm2):
                                                                             "Q8_0": 1}
     assert summary["config"]["lm_head"] == {"w_bit": 8, "group_size": 32, "gguf_type": "Q8_0"}
     assert isinstance(model.lm_head, MPQLinear)
+    ppl = perplexity(model, ids)
+    assert abs(ppl / fp_ppl - 1) < 1e-5, (ppl, fp_ppl)
+
+
+def test_gguf_model_from_the_file_alone(smollm2):
+    """load_gguf_model: SmolLM2 built from its file alone (no float model) holds
+    the float model's tensors where they stay float and the file's blocks in
+    its 211 MPQ layers; its perplexity is the float model's."""
+    base, _, ids, fp_ppl = smollm2
+    model, summary = load_gguf_model(os.path.join(*gguf_location()), dtype=torch.float32)
+    assert summary["layers"] == 211 and summary["skipped"] == []
+    assert summary["config"]["lm_head"] == {"w_bit": 8, "group_size": 32, "gguf_type": "Q8_0"}
+    floats = {n: p for n, p in model.named_parameters()
+              if not isinstance(model.get_submodule(n.rpartition(".")[0]), MPQLinear)}
+    assert len(floats) == 2 * 30 + 2
+    for name, p in floats.items():
+        assert torch.equal(p, base.get_parameter(name)), name
     ppl = perplexity(model, ids)
     assert abs(ppl / fp_ppl - 1) < 1e-5, (ppl, fp_ppl)
 
