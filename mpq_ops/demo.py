@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .calibration import shipped
-from .checkpoint import dequantized_gguf_kwargs, load_gguf_layers
+from .checkpoint import dequantized_gguf_kwargs, load_gguf_model
 from .layers import MPQLinear
 from .model import quantize_model
 
@@ -32,7 +32,8 @@ DATA = Path(__file__).parent / "data"
 # layers of a block quantized group by group in the order they run, which
 # measured better there (and worse at g32 with integer zero points).
 # "GGUF as is": the file's own blocks, no requantization (Q4_1 -> w4 g32, and
-# lm_head from the tied embedding's Q8_0 -> w8 g32; checkpoint.load_gguf_layers).
+# lm_head from the tied embedding's Q8_0 -> w8 g32), the model built from the
+# file alone (checkpoint.load_gguf_model: no float model).
 CONFIGS = [("GGUF as is", None, 32, "gguf", False, None),
            ("RTN w8 g64", 8, 64, "rtn", False, None), ("RTN w4 g32", 4, 32, "rtn", False, None),
            ("RTN w4 g64", 4, 64, "rtn", False, None),
@@ -199,12 +200,14 @@ def main(argv=None):
     quantized = {}
     calibration = shipped(tok)
     for label, w_bit, gs, method, integer_zeros, options in CONFIGS:
-        model = copy.deepcopy(base)
         t = time.perf_counter()
         gptq = method == "gptq"
         if method == "gguf":
-            summary = load_gguf_layers(model, os.path.join(*gguf_location()))
+            model, summary = load_gguf_model(os.path.join(*gguf_location()), dtype=dtype,
+                                             device=device)
         else:
+            model = copy.deepcopy(base)
+            t = time.perf_counter()
             summary = quantize_model(model, w_bit=w_bit, group_size=gs, method=method,
                                      calibration=calibration if gptq else None,
                                      act_order=gptq, integer_zeros=integer_zeros,
@@ -219,7 +222,9 @@ def main(argv=None):
           f"Q4_1 (4-bit, groups of 32; token_embd Q8_0) and the float model its blocks "
           f"dequantized. 'GGUF as is' runs the file's own blocks, no requantization: Q4_1 -> "
           f"w4 g32, and lm_head (tied to the embedding) from its Q8_0 -> w8 g32, counted in "
-          f"its linear MB. The others keep lm_head float (not in linear MB); model MB counts "
+          f"its linear MB; that model is built from the file alone (load_gguf_model, no "
+          f"float model; its 'quantize s' is the whole load). The others keep lm_head float "
+          f"(not in linear MB); model MB counts "
           f"the tied embedding once. RTN: float zero points (w4 g32 "
           f"on the affine grid finds the file's grid again). GPTQ: act-order, clipped group "
           f"ranges, integer zero points at g32, layer groups in order at g64, calibrated on "

@@ -1068,7 +1068,9 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // / 41.9, (28672, 8192) 43.7 -> 54.0 / 61.7, w8 63.2 -> 67.0 / 62.1; in
     // layers back to back (bench_chain.py) 40.1 -> 47.3 / 48.0 and w8 60.3 ->
     // 69.2 / 67.4, though (4096, 14336) w8 18.9 -> 17.3 / 17.1
-    // (scripts/results/ab_h200_one_row_depth_clean.log).
+    // (scripts/results/ab_h200_one_row_depth_clean.log); on an H100 likewise,
+    // w4 (8192, 28672) 50.0 -> 54.5 / 51.6, (28672, 8192) 51.5 -> 56.2 / 63.4
+    // (ab_h100_one_row_depth_clean.log).
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and
