@@ -134,7 +134,7 @@ class GgufFile:
         return layer
 
 
-def _summary(model_bytes_before: int) -> dict:
+def _summary(model_bytes_before: Optional[int]) -> dict:
     return {"layers": 0, "skipped": [], "skipped_why": {}, "config": {},
             "linear_bytes_before": 0, "linear_bytes_after": 0,
             "model_bytes_before": model_bytes_before}
@@ -279,7 +279,8 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
     float otherwise). A float lm_head of a model with tied embeddings shares
     the embedding's weight. Architectures whose tensors transformers changes
     on loading beyond llama's row order are refused (load_gguf_layers takes
-    them). Returns (model in eval mode, summary as load_gguf_layers')."""
+    them). Returns (model in eval mode, summary as load_gguf_layers', its
+    model_bytes_before None)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -295,7 +296,7 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skip = tuple(skip)
-    summary = _summary(0)
+    summary = _summary(None)   # (no model before)
 
     def file_key(name, suffix="weight"):
         key = f.key(name, suffix)
