@@ -35,26 +35,88 @@ def save_quantized(model: nn.Module, path: str) -> None:
     save_model(model, path, metadata={_META_KEY: json.dumps(layers)})
 
 
-def load_quantized(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+def load_quantized(model: nn.Module, path: str, strict: bool = True,
+                   device=None) -> nn.Module:
     """Loads a save_quantized file into a float model of the same architecture:
-    its nn.Linear layers named in the file become MPQLinear first."""
+    its nn.Linear layers named in the file become MPQLinear first.
+
+    The model may be a skeleton on the meta device (e.g. made under
+    accelerate's init_empty_weights), so that no float weights are ever
+    allocated: the file's tensors then become its parameters on `device`
+    (default: the CPU), names tied in the skeleton (one Parameter) all from
+    the one the file holds, and a float lm_head of tied embeddings (the
+    config's tie_word_embeddings) shares the embedding as in the saved model;
+    a parameter the file does not hold is refused by name. With real
+    parameters the tensors load onto the model's device (`device` must then
+    be it or None)."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if _META_KEY not in meta:
         raise ValueError(f"{path} is not an mpq_ops checkpoint (no {_META_KEY!r} metadata)")
-    device = next(model.parameters()).device
+    on_meta = any(p.is_meta for p in model.parameters())
+    here = next(model.parameters()).device
+    if on_meta:
+        device = torch.device(device if device is not None else "cpu")
+    elif device is not None and torch.device(device) != here:
+        raise ValueError(f"device: {device} is not the model's ({here}); a model on the meta "
+                         f"device loads onto any")
+    else:
+        device = here
     for name, cfg in json.loads(meta[_META_KEY]).items():
         old = model.get_submodule(name)
         if not isinstance(old, (nn.Linear, MPQLinear)):
             raise ValueError(f"layer {name!r} in {path} is a {type(old).__name__} in the model")
         _set_submodule(model, name, MPQLinear(
             cfg["in_features"], cfg["out_features"], cfg["w_bit"], cfg["group_size"],
-            bias=cfg["bias"], dtype=getattr(torch, cfg["dtype"]), device=device,
-            act_order=cfg["act_order"]))
-    load_model(model, path, strict=strict, device=str(device))
-    return model
+            bias=cfg["bias"], dtype=getattr(torch, cfg["dtype"]),
+            device="meta" if on_meta else device, act_order=cfg["act_order"]))
+    if not on_meta:
+        load_model(model, path, strict=strict, device=str(device))
+        return model
+    tensors = load_file(path, device=str(device))
+    # save_model keeps one name of tensors that share memory: the others of a
+    # skeleton's tied names take it too.
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in tied.values():
+        held = [n for n in names if n in tensors]
+        for n in names:
+            if held:
+                tensors.setdefault(n, tensors[held[0]])
+    config = getattr(model, "config", None)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tie = getattr(config, "tie_word_embeddings", False) and type(out) is nn.Linear
+    if tie:
+        names = {id(m): n for n, m in model.named_modules()}
+        out_key = names[id(out)] + ".weight"
+        in_key = names[id(model.get_input_embeddings())] + ".weight"
+        # (save_model keeps either name)
+        for a, b in ((out_key, in_key), (in_key, out_key)):
+            if a not in tensors and b in tensors:
+                tensors[a] = tensors[b]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if strict and (missing or unexpected):
+        raise ValueError(f"path: {path} does not fit the model: missing {missing}, unexpected "
+                         f"{unexpected}")
+    # assign gives each name a Parameter of its own: tied names share one again
+    for names in tied.values():
+        for n in names[1:]:
+            module, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(module), attr, model.get_parameter(names[0]))
+    if tie:
+        out.weight = model.get_input_embeddings().weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"path: {path} holds no tensor for {left} (still on the meta device)")
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise ValueError(f"model: buffers {left} are on the meta device and not in {path}; make "
+                         f"the skeleton with its buffers (accelerate's "
+                         f"init_empty_weights(include_buffers=False))")
+    return model.to(device)
 
 
 @torch.no_grad()

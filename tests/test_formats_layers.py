@@ -377,6 +377,37 @@ def test_load_gptq_state_dict_into_model(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+class TiedModule(nn.Module):
+    """An embedding, a layer to quantize and a head sharing the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(50, 64), nn.Linear(64, 64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_load_quantized_into_meta_module_with_shared_weights(tmp_path):
+    """A plain module on the meta device whose head shares the embedding's
+    Parameter: the one name the file keeps fills both, still one tensor."""
+    from accelerate import init_empty_weights
+    from mpq_ops.checkpoint import load_quantized, save_quantized
+    torch.manual_seed(0)
+    model = TiedModule()
+    model.mid = MPQLinear.from_linear(model.mid, w_bit=4, group_size=32)
+    save_quantized(model, str(tmp_path / "m.safetensors"))
+    with init_empty_weights():
+        skeleton = TiedModule()
+    skeleton.head.weight = skeleton.emb.weight     # (init_empty_weights unties them)
+    fresh = load_quantized(skeleton, str(tmp_path / "m.safetensors"))
+    assert fresh.head.weight is fresh.emb.weight and isinstance(fresh.mid, MPQLinear)
+    ids = torch.randint(0, 50, (3, 7))
+    assert torch.equal(fresh(ids), model(ids))
+
+
 def test_load_quantized_rejects_plain_file(tmp_path):
     from safetensors.torch import save_file
     from mpq_ops.checkpoint import load_quantized

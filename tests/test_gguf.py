@@ -168,15 +168,15 @@ def converter_rows(w, n_head):
         .reshape(w.shape)
 
 
-def tiny_model(arch="llama"):
+def tiny_model(arch="llama", tie=False):
     """A two-block llama, or Qwen2 (q / k / v with biases, drawn nonzero; its
-    GGUF rows in HF's order)."""
+    GGUF rows in HF's order); tie: lm_head tied to the embedding."""
     transformers = pytest.importorskip("transformers")
     Config, Model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
     config = Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                     intermediate_size=FFN, num_hidden_layers=2, vocab_size=VOCAB,
-                    tie_word_embeddings=False)
+                    tie_word_embeddings=tie)
     torch.manual_seed(np.random.randint(1 << 30))
     model = Model(config).eval()
     with torch.no_grad():
@@ -562,3 +562,68 @@ def test_load_gguf_model_on_cuda(tmp_path):
     with torch.no_grad():
         out = model(input_ids=ids.cuda()).logits.cpu()
         assert rel_err(out, source(input_ids=ids).logits.double()) < 6 * REL_TOL[torch.float16]
+
+
+def meta_skeleton(model):
+    """The model's architecture with its parameters on the meta device."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        return type(model)(model.config)
+
+
+@pytest.mark.parametrize("case", ["rtn", "rtn_tied", "gguf_tied", "qwen2"])
+def test_load_quantized_into_a_meta_skeleton(tmp_path, case):
+    """A save_quantized file into a skeleton on the meta device (no float
+    weights allocated): every tensor the saved model's, a float lm_head of
+    tied embeddings sharing the embedding again, buffers (rotary) as made,
+    the same logits; a missing tensor is refused by name."""
+    from mpq_ops import MPQLinear
+    from mpq_ops.checkpoint import load_gguf_model, load_quantized, save_quantized
+    from mpq_ops.model import quantize_model
+    if case.startswith("gguf"):
+        write_gguf(tiny_model(tie=True), tmp_path / "m.gguf", output_type=None)
+        model, _ = load_gguf_model(str(tmp_path / "m.gguf"), dtype=torch.float32)
+    else:
+        model = tiny_model("qwen2" if case == "qwen2" else "llama", tie=case.endswith("tied"))
+        quantize_model(model, w_bit=4, group_size=32, skip=["lm_head"], progress=False)
+    path = str(tmp_path / "m.safetensors")
+    save_quantized(model, path)
+    fresh = load_quantized(meta_skeleton(model), path)
+    assert not any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()])
+    ours, theirs = fresh.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    if case == "rtn_tied":
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert isinstance(fresh.lm_head, MPQLinear) == case.startswith("gguf")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_load_quantized_meta_refusals(tmp_path):
+    """A meta skeleton the file does not fill is refused naming what is left;
+    a device other than a real model's is refused."""
+    from safetensors.torch import load_file, save_file
+    from mpq_ops.checkpoint import load_quantized, save_quantized
+    from mpq_ops.model import quantize_model
+    model = tiny_model()
+    quantize_model(model, w_bit=4, group_size=32, skip=["lm_head"], progress=False)
+    save_quantized(model, str(tmp_path / "m.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "less.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \['model.norm.weight'"):
+        load_quantized(meta_skeleton(model), str(tmp_path / "less.safetensors"))
+    with pytest.raises(ValueError, match=r"holds no tensor for \['model.norm.weight'\]"):
+        load_quantized(meta_skeleton(model), str(tmp_path / "less.safetensors"), strict=False)
+    with torch.device("meta"):
+        all_meta = type(model)(model.config)
+    with pytest.raises(ValueError, match=r"buffers \['model.rotary_emb.inv_freq'.* are on the meta"):
+        load_quantized(all_meta, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="device: meta is not the model's"):
+        load_quantized(tiny_model(), str(tmp_path / "m.safetensors"), device="meta")
