@@ -142,9 +142,16 @@ def test_checkpoint_roundtrip(smollm2, w4g32, tmp_path):
     save_quantized(w4g32[0], path)
     fresh = load_quantized(copy.deepcopy(base), path)
     assert sum(isinstance(m, MPQLinear) for m in fresh.modules()) == 210
+    # and into a skeleton on the meta device (lm_head float, tied to the embedding)
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(base)(base.config)
+    from_meta = load_quantized(skeleton, path)
+    assert from_meta.lm_head.weight is from_meta.model.embed_tokens.weight
     with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids[:, :40]).logits,
-                           w4g32[0](input_ids=ids[:, :40]).logits)
+        for m in (fresh, from_meta):
+            assert torch.equal(m(input_ids=ids[:, :40]).logits,
+                               w4g32[0](input_ids=ids[:, :40]).logits)
 
 
 @pytest.fixture(scope="module")
