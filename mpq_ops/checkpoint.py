@@ -17,7 +17,7 @@ from .formats import from_gptq
 # GGUF files: mpq_ops.gguf_load (named here too, where they were first).
 from .gguf_load import dequantized_gguf_kwargs, load_gguf_layers, load_gguf_model  # noqa: F401
 from .layers import MPQLinear
-from .model import _set_submodule, linear_layers
+from .model import _set_submodule, _tie_float_head, linear_layers
 
 _META_KEY = "mpq_ops.layers"
 
@@ -83,17 +83,15 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True,
         tied.setdefault(id(p), []).append(name)
     for names in tied.values():
         held = [n for n in names if n in tensors]
-        for n in names:
-            if held:
+        if held:
+            for n in names:
                 tensors.setdefault(n, tensors[held[0]])
-    config = getattr(model, "config", None)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tie = getattr(config, "tie_word_embeddings", False) and type(out) is nn.Linear
-    if tie:
+    # A float lm_head of tied embeddings (which the skeleton may hold apart):
+    # save_model kept either name.
+    if _tie_float_head(model):
         names = {id(m): n for n, m in model.named_modules()}
-        out_key = names[id(out)] + ".weight"
+        out_key = names[id(model.get_output_embeddings())] + ".weight"
         in_key = names[id(model.get_input_embeddings())] + ".weight"
-        # (save_model keeps either name)
         for a, b in ((out_key, in_key), (in_key, out_key)):
             if a not in tensors and b in tensors:
                 tensors[a] = tensors[b]
@@ -106,8 +104,7 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True,
         for n in names[1:]:
             module, _, attr = n.rpartition(".")
             setattr(model.get_submodule(module), attr, model.get_parameter(names[0]))
-    if tie:
-        out.weight = model.get_input_embeddings().weight
+    _tie_float_head(model)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"path: {path} holds no tensor for {left} (still on the meta device)")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .layers import MPQLinear
-from .model import _match, _module_bytes, _set_submodule, linear_layers
+from .model import _match, _module_bytes, _set_submodule, _tie_float_head, linear_layers
 
 
 def dequantized_gguf_kwargs() -> dict:
@@ -356,10 +356,7 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
         for name in names:
             module, _, suffix = name.rpartition(".")
             setattr(model.get_submodule(module), suffix, value)
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(config, "tie_word_embeddings", False) and type(out) is nn.Linear and \
-            out.weight.shape == inp.weight.shape:
-        out.weight = inp.weight
+    _tie_float_head(model)
     model.to(device).eval()
     summary["model_bytes_after"] = _module_bytes(model)
     return model, summary

@@ -49,6 +49,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _tie_float_head(model: nn.Module) -> bool:
+    """Where a transformers model's config ties the embeddings and its lm_head
+    is (still) a float nn.Linear of the embedding's shape, the head takes the
+    embedding's Parameter (as from_pretrained ties them); True if so."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or \
+            not hasattr(model, "get_output_embeddings"):
+        return False
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if type(out) is not nn.Linear or out.weight.shape != inp.weight.shape:
+        return False
+    out.weight = inp.weight
+    return True
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
                    overrides: Optional[Dict[str, Tuple[int, int]]] = None,
