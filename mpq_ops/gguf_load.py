@@ -324,10 +324,12 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
         summary["linear_bytes_before"] += (N * K + (N if lin.bias is not None else 0)) * \
             torch.finfo(dtype).bits // 8
         if _match(name, skip) or (kind not in W_BIT_OF and requantize_others is None):
-            layer = float_linear(name, lin, key)
             why = "skip" if _match(name, skip) else f"{kind} (no exact 2/4/8-bit form)"
             summary["skipped"].append(name)
             summary["skipped_why"][name] = why
+            if lin is model.get_output_embeddings() and _tie_float_head(model):
+                continue    # the embedding's weight, read once below
+            layer = float_linear(name, lin, key)
         elif kind not in W_BIT_OF:
             bits, gs = requantize_others
             layer = MPQLinear.from_linear(float_linear(name, lin, key), w_bit=bits,
@@ -345,7 +347,7 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
             summary["linear_bytes_after"] += _module_bytes(layer)
         _set_submodule(model, name, layer)
     # The other parameters, each from its tensor; one tensor for the names
-    # a parameter has (tied ones).
+    # a parameter has (tied ones, a float lm_head of tied embeddings).
     by_param = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.device.type == "meta":
@@ -356,7 +358,6 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
         for name in names:
             module, _, suffix = name.rpartition(".")
             setattr(model.get_submodule(module), suffix, value)
-    _tie_float_head(model)
     model.to(device).eval()
     summary["model_bytes_after"] = _module_bytes(model)
     return model, summary

@@ -492,18 +492,23 @@ def test_load_gguf_model_is_the_two_step_load(tmp_path, arch, output_type, dtype
             assert rel_err(out, source(input_ids=ids).logits.double()) < 1e-5
 
 
-def test_load_gguf_model_float_layers(tmp_path):
+def test_load_gguf_model_float_layers(tmp_path, monkeypatch):
     """skip and the types without an exact form leave float layers of the
     file's tensors; a float lm_head of tied embeddings shares the embedding's
     weight; requantize_others quantizes such layers as load_gguf_layers does."""
-    from mpq_ops import MPQLinear
+    from mpq_ops import MPQLinear, gguf_load
     from mpq_ops.checkpoint import load_gguf_model
     source = tiny_model()
     write_gguf(source, tmp_path / "m.gguf", output_type=None)
+    read = []
+    floats = gguf_load.GgufFile.floats
+    monkeypatch.setattr(gguf_load.GgufFile, "floats",
+                        lambda self, key, *a: read.append(key) or floats(self, key, *a))
     model, summary = load_gguf_model(str(tmp_path / "m.gguf"), dtype=torch.float32,
                                      skip=["lm_head", "*.0.self_attn.q_proj"])
     assert summary["skipped_why"]["lm_head"] == "skip"
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert read.count("token_embd.weight") == 1     # no float copy for lm_head
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear and torch.equal(q.weight, source.model.layers[0].self_attn.q_proj
                                                 .weight)
