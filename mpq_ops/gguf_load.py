@@ -108,14 +108,17 @@ class GgufFile:
         from .gguf_format import _CHUNK_WEIGHTS
         t = self.tensors[key]
         shape = tuple(int(v) for v in reversed(t.shape))
-        data = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data.reshape(1, -1)
-        out = torch.empty(shape if len(shape) > 1 else (1, shape[0]), dtype=dtype, device=device)
-        step = max(1, _CHUNK_WEIGHTS // max(1, out.shape[1]))
-        for r in range(0, out.shape[0], step):
+        # as rows of the first dimension (one row for a 1-D tensor), whatever the rank
+        n_rows = shape[0] if len(shape) > 1 else 1
+        data = t.data.reshape(n_rows, -1)
+        flat = torch.empty(n_rows, int(np.prod(shape)) // n_rows, dtype=dtype, device=device)
+        step = max(1, _CHUNK_WEIGHTS // max(1, flat.shape[1]))
+        for r in range(0, n_rows, step):
             part = quants.dequantize(np.ascontiguousarray(data[r:r + step]), t.tensor_type)
             # (a copy: the file's float tensors are read-only views of it)
-            out[r:r + step] = torch.from_numpy(np.array(part, np.float32).reshape(-1, out.shape[1]))
-        out = out.reshape(shape)
+            part = np.array(part, np.float32).reshape(-1, flat.shape[1])
+            flat[r:r + step] = torch.from_numpy(part)
+        out = flat.reshape(shape)
         rows = self.rows(key, shape[0])
         return out if rows is None else out[rows.to(device)]
 

@@ -628,7 +628,40 @@ def test_load_quantized_meta_refusals(tmp_path):
         load_quantized(meta_skeleton(model), str(tmp_path / "less.safetensors"), strict=False)
     with torch.device("meta"):
         all_meta = type(model)(model.config)
-    with pytest.raises(ValueError, match=r"buffers \['model.rotary_emb.inv_freq'.* are on the meta"):
+    with pytest.raises(ValueError,
+                       match=r"buffers \['model.rotary_emb.inv_freq'.* are on the meta"):
         load_quantized(all_meta, str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match="device: meta is not the model's"):
         load_quantized(tiny_model(), str(tmp_path / "m.safetensors"), device="meta")
+
+
+@pytest.mark.parametrize("type_name,shape", [("F32", (6,)), ("F16", (5, 64)),
+                                             ("Q8_0", (3, 4, 64)), ("Q4_K", (2, 3, 256))])
+def test_gguf_file_floats_of_any_rank(tmp_path, type_name, shape, monkeypatch):
+    """GgufFile.floats: a tensor of any rank and type as the gguf package
+    dequantizes it, in chunks of rows of its first dimension."""
+    from mpq_ops import gguf_format
+    from mpq_ops.gguf_load import GgufFile
+    monkeypatch.setattr(gguf_format, "_CHUNK_WEIGHTS", 2 * shape[-1])   # several chunks
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    a = rng.standard_normal(shape).astype(np.float32)
+    if type_name == "F32":
+        w.add_tensor("t", a)
+    elif type_name == "F16":
+        w.add_tensor("t", a.astype(np.float16))
+    else:
+        rows = int(np.prod(shape[:-1]))
+        blocks = (random_blocks(type_name, rows, shape[-1], rng, 1, (-12, -9))
+                  if type_name.endswith("_K") else quants.quantize(a, Q[type_name]))
+        blocks = blocks.reshape(*shape[:-1], -1)
+        w.add_tensor("t", blocks, raw_shape=blocks.shape, raw_dtype=Q[type_name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GgufFile(str(tmp_path / "t.gguf"))
+    t = f.tensors["t"]
+    expected = quants.dequantize(t.data, t.tensor_type).reshape(shape)
+    got = f.floats("t", torch.float32, "cpu")
+    assert got.shape == shape and torch.equal(got, torch.from_numpy(np.array(expected)))
