@@ -17,7 +17,8 @@ from .formats import from_gptq
 # GGUF files: mpq_ops.gguf_load (named here too, where they were first).
 from .gguf_load import dequantized_gguf_kwargs, load_gguf_layers, load_gguf_model  # noqa: F401
 from .layers import MPQLinear
-from .model import _set_submodule, _tie_float_head, linear_layers
+from .model import (_names_of_parameters, _set_parameter, _set_submodule, _tie_float_head,
+                    linear_layers)
 
 _META_KEY = "mpq_ops.layers"
 
@@ -75,36 +76,26 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True,
     if not on_meta:
         load_model(model, path, strict=strict, device=str(device))
         return model
+    # A float lm_head of tied embeddings, which the skeleton may hold apart,
+    # is tied first: then it is one more tied parameter below.
+    _tie_float_head(model)
+    tied = _names_of_parameters(model)
     tensors = load_file(path, device=str(device))
-    # save_model keeps one name of tensors that share memory: the others of a
-    # skeleton's tied names take it too.
-    tied = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), []).append(name)
-    for names in tied.values():
+    # save_model keeps one name of tensors that share memory: a tied
+    # parameter's other names take it too.
+    for names in tied:
         held = [n for n in names if n in tensors]
         if held:
             for n in names:
                 tensors.setdefault(n, tensors[held[0]])
-    # A float lm_head of tied embeddings (which the skeleton may hold apart):
-    # save_model kept either name.
-    if _tie_float_head(model):
-        names = {id(m): n for n, m in model.named_modules()}
-        out_key = names[id(model.get_output_embeddings())] + ".weight"
-        in_key = names[id(model.get_input_embeddings())] + ".weight"
-        for a, b in ((out_key, in_key), (in_key, out_key)):
-            if a not in tensors and b in tensors:
-                tensors[a] = tensors[b]
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if strict and (missing or unexpected):
         raise ValueError(f"path: {path} does not fit the model: missing {missing}, unexpected "
                          f"{unexpected}")
     # assign gives each name a Parameter of its own: tied names share one again
-    for names in tied.values():
+    for names in tied:
         for n in names[1:]:
-            module, _, attr = n.rpartition(".")
-            setattr(model.get_submodule(module), attr, model.get_parameter(names[0]))
-    _tie_float_head(model)
+            _set_parameter(model, n, model.get_parameter(names[0]))
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"path: {path} holds no tensor for {left} (still on the meta device)")

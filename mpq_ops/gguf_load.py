@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .layers import MPQLinear
-from .model import _match, _module_bytes, _set_submodule, _tie_float_head, linear_layers
+from .model import (_match, _module_bytes, _names_of_parameters, _set_parameter,
+                    _set_submodule, _tie_float_head, linear_layers)
 
 
 def dequantized_gguf_kwargs() -> dict:
@@ -326,8 +327,9 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
                              f"{lin.out_features} x {lin.in_features}")
         summary["linear_bytes_before"] += (N * K + (N if lin.bias is not None else 0)) * \
             torch.finfo(dtype).bits // 8
-        if _match(name, skip) or (kind not in W_BIT_OF and requantize_others is None):
-            why = "skip" if _match(name, skip) else f"{kind} (no exact 2/4/8-bit form)"
+        skipped = _match(name, skip)
+        if skipped or (kind not in W_BIT_OF and requantize_others is None):
+            why = "skip" if skipped else f"{kind} (no exact 2/4/8-bit form)"
             summary["skipped"].append(name)
             summary["skipped_why"][name] = why
             if lin is model.get_output_embeddings() and _tie_float_head(model):
@@ -341,26 +343,21 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
                                        "gguf_type": kind, "requantized": True}
         else:
             layer = f.mpq_layer(key, dtype, device, lin.bias is not None)
+            if lin.bias is not None:
+                layer.bias.copy_(f.floats(file_key(name, "bias"), dtype, device))
             summary["config"][name] = {"w_bit": layer.w_bit, "group_size": layer.group_size,
                                        "gguf_type": kind}
-        if isinstance(layer, MPQLinear) and lin.bias is not None:
-            layer.bias.copy_(f.floats(file_key(name, "bias"), dtype, device))
         if isinstance(layer, MPQLinear):
             summary["layers"] += 1
             summary["linear_bytes_after"] += _module_bytes(layer)
         _set_submodule(model, name, layer)
     # The other parameters, each from its tensor; one tensor for the names
     # a parameter has (tied ones, a float lm_head of tied embeddings).
-    by_param = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type == "meta":
-            by_param.setdefault(id(p), []).append(name)
-    for names in by_param.values():
+    for names in _names_of_parameters(model, meta_only=True):
         module, _, suffix = names[0].rpartition(".")
         value = nn.Parameter(f.floats(file_key(module, suffix), dtype, device))
         for name in names:
-            module, _, suffix = name.rpartition(".")
-            setattr(model.get_submodule(module), suffix, value)
+            _set_parameter(model, name, value)
     model.to(device).eval()
     summary["model_bytes_after"] = _module_bytes(model)
     return model, summary

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -47,6 +47,21 @@ def linear_layers(model: nn.Module):
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _names_of_parameters(model: nn.Module, meta_only: bool = False) -> List[List[str]]:
+    """Each parameter's names, several for a tied one (one Parameter held by
+    several modules); meta_only: those on the meta device."""
+    names: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta or not meta_only:
+            names.setdefault(id(p), []).append(name)
+    return list(names.values())
+
+
+def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    module, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module) if module else model, attr, value)
 
 
 def _tie_float_head(model: nn.Module) -> bool:
