@@ -1082,7 +1082,17 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // more warps lost: one W tile per warp at four or five blocks per SM with
     // K splits up to the slots, 71.6 -> 81.3 / 85.7 us ((28672, 8192) 67.1 ->
     // 74.5), their splits summed in clusters no better; three or four steps in
-    // flight at two blocks, 72.2 -> 74.4 / 79.3.
+    // flight at two blocks, 72.2 -> 74.4 / 79.3. Nor did scaling before the
+    // MMAs instead of late, which frees 19 registers (168: three blocks per
+    // SM, no spills) but doubles the error against float64 (208 -> 408 ppm),
+    // nor late scaling capped at 168 registers (12 bytes of spills; bfloat16
+    // 64). H100, g128, medians of two alternating rounds, late at two blocks
+    // / early at three / late at three (us): float16 (28672, 8192) M = 16
+    // 63.8 / 66.3 / 69.5, M = 12 63.9 / 66.5 / 69.2, (8192, 28672) 68.3 /
+    // 70.5 / 73.7, (4096, 14336) 24.7 / 25.0 / 25.5, (14336, 4096) 23.3 / 24.2
+    // / 24.8; bfloat16 (28672, 8192) 64.6 / 68.7 / 86.3
+    // (scripts/results/ab_h100_two_tile_occupancy.log, branch
+    // exp/two-tile-occupancy).
     case 2:
       if constexpr (W == 2) {
         if (small)

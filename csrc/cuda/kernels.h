@@ -37,6 +37,14 @@ constexpr int64_t kGemmMaxRows = 128;
 // even; the one cell it lost: M = 1536 at (4096, 4096), 108 / 91). Beyond,
 // the weights are dequantized to a temporary and cuBLAS multiplies (not
 // measured against the wgmma kernel there).
+// Row by row from 1 to 16 (H200, float16 w4 g128, one round, us;
+// scripts/results/ab_h200_m_sweep_paths.log) the policy took the faster of
+// the two in every cell. The wgmma kernel's time hardly moves with M (61.5 -
+// 64.5 at both large shapes, M = 1 included: the weights' side of a step sets
+// it), nor does the staged 16-row kernel's from 9 rows to 16 ((28672, 8192)
+// 57.9 - 58.5; (8192, 28672) 66.3 - 67.1): more rows of x cost those kernels
+// next to nothing. The steps up come with the kernels: k-paired rows up to 4
+// (49.0 - 49.6 at (8192, 28672)), one 8-row tile at 5 to 8 (59.8 at M = 8).
 constexpr int64_t kGemmMaxRowsSm90 = 16;
 constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the SMs
 // 8-bit codes: the wgmma kernel from 9 rows, and from 5 for weights of 2^27
