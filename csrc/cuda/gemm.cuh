@@ -1076,7 +1076,7 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // two alternating rounds, this kernel / the 16-row one (us): float16
     // (28672, 8192) M = 8 66.4 / 63.9, M = 5 65.5 / 63.1, (14336, 4096) 23.7 /
     // 23.2, bfloat16 (28672, 8192) 67.4 / 64.1; (8192, 28672) 63.0 / 68.8,
-    // (4096, 14336) 22.1 / 23.9 (branch exp/x16-for-5-to-8, its
+    // (4096, 14336) 22.1 / 23.9 (branch exp/x16-for-5-to-8;
     // scripts/results/ab_h100_x16_for_5_to_8.log).
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
