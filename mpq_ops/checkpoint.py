@@ -17,8 +17,7 @@ from .formats import from_gptq
 # GGUF files: mpq_ops.gguf_load (named here too, where they were first).
 from .gguf_load import dequantized_gguf_kwargs, load_gguf_layers, load_gguf_model  # noqa: F401
 from .layers import MPQLinear
-from .model import (_names_of_parameters, _set_parameter, _set_submodule, _tie_float_head,
-                    linear_layers)
+from .model import _names_of_parameters, _set_by_name, _tie_float_head, linear_layers
 
 _META_KEY = "mpq_ops.layers"
 
@@ -69,7 +68,7 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True,
         old = model.get_submodule(name)
         if not isinstance(old, (nn.Linear, MPQLinear)):
             raise ValueError(f"layer {name!r} in {path} is a {type(old).__name__} in the model")
-        _set_submodule(model, name, MPQLinear(
+        _set_by_name(model, name, MPQLinear(
             cfg["in_features"], cfg["out_features"], cfg["w_bit"], cfg["group_size"],
             bias=cfg["bias"], dtype=getattr(torch, cfg["dtype"]),
             device="meta" if on_meta else device, act_order=cfg["act_order"]))
@@ -95,7 +94,7 @@ def load_quantized(model: nn.Module, path: str, strict: bool = True,
     # assign gives each name a Parameter of its own: tied names share one again
     for names in tied:
         for n in names[1:]:
-            _set_parameter(model, n, model.get_parameter(names[0]))
+            _set_by_name(model, n, model.get_parameter(names[0]))
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"path: {path} holds no tensor for {left} (still on the meta device)")
@@ -132,7 +131,7 @@ def load_gptq_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         layer.load_canonical(cw.qweight, cw.scales, cw.zeros, cw.perm)
         if bias is not None:
             layer.bias.copy_(bias)
-        _set_submodule(model, name, layer)
+        _set_by_name(model, name, layer)
         converted[name] = cw.group_size
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad_missing = [k for k in missing if k.rpartition(".")[0] not in converted]

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .layers import MPQLinear
-from .model import (_match, _module_bytes, _names_of_parameters, _set_parameter,
-                    _set_submodule, _tie_float_head, linear_layers)
+from .model import (_match, _module_bytes, _names_of_parameters, _set_by_name, _tie_float_head,
+                    linear_layers)
 
 
 def dequantized_gguf_kwargs() -> dict:
@@ -144,6 +144,12 @@ def _summary(model_bytes_before: Optional[int]) -> dict:
             "model_bytes_before": model_bytes_before}
 
 
+def _leave(summary: dict, name: str, why: str) -> None:
+    """Records layer `name` as left as it was, and why."""
+    summary["skipped"].append(name)
+    summary["skipped_why"][name] = why
+
+
 @torch.no_grad()
 def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
                      dtype: Optional[torch.dtype] = None, check: bool = True,
@@ -177,26 +183,22 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
     skip = tuple(skip)
     summary = _summary(_module_bytes(model))
 
-    def leave(name, why):
-        summary["skipped"].append(name)
-        summary["skipped_why"][name] = why
-
     def replace(name, lin, layer, config):
         summary["linear_bytes_before"] += _module_bytes(lin)
         summary["linear_bytes_after"] += _module_bytes(layer)
         summary["config"][name] = config
-        _set_submodule(model, name, layer)
+        _set_by_name(model, name, layer)
         summary["layers"] += 1
     # By name, each layer fetched in its turn: the float layers replaced so far
     # are freed as the loop goes on (a list of the modules would hold them all).
     for name in [n for n, _ in linear_layers(model)]:
         lin = model.get_submodule(name)
         if _match(name, skip):
-            leave(name, "skip")
+            _leave(summary, name, "skip")
             continue
         key = f.key(name)
         if key is None:
-            leave(name, "not in the file")
+            _leave(summary, name, "not in the file")
             continue
         if lin.weight.device.type == "meta":
             raise ValueError(f"model: layer {name!r} is on the meta device; load_gguf_layers "
@@ -206,7 +208,7 @@ def load_gguf_layers(model: nn.Module, path: str, skip: Iterable[str] = (),
         layer_dtype = dtype or lin.weight.dtype
         if kind not in W_BIT_OF:
             if requantize_others is None:
-                leave(name, f"{kind} (no exact 2/4/8-bit form)")
+                _leave(summary, name, f"{kind} (no exact 2/4/8-bit form)")
                 continue
             bits, gs = requantize_others
             layer = MPQLinear.from_linear(lin, w_bit=bits, group_size=gs, dtype=layer_dtype)
@@ -329,9 +331,7 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
             torch.finfo(dtype).bits // 8
         skipped = _match(name, skip)
         if skipped or (kind not in W_BIT_OF and requantize_others is None):
-            why = "skip" if skipped else f"{kind} (no exact 2/4/8-bit form)"
-            summary["skipped"].append(name)
-            summary["skipped_why"][name] = why
+            _leave(summary, name, "skip" if skipped else f"{kind} (no exact 2/4/8-bit form)")
             if lin is model.get_output_embeddings() and _tie_float_head(model):
                 continue    # the embedding's weight, read once below
             layer = float_linear(name, lin, key)
@@ -350,14 +350,14 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float16, device="cpu",
         if isinstance(layer, MPQLinear):
             summary["layers"] += 1
             summary["linear_bytes_after"] += _module_bytes(layer)
-        _set_submodule(model, name, layer)
+        _set_by_name(model, name, layer)
     # The other parameters, each from its tensor; one tensor for the names
     # a parameter has (tied ones, a float lm_head of tied embeddings).
     for names in _names_of_parameters(model, meta_only=True):
         module, _, suffix = names[0].rpartition(".")
         value = nn.Parameter(f.floats(file_key(module, suffix), dtype, device))
         for name in names:
-            _set_parameter(model, name, value)
+            _set_by_name(model, name, value)
     model.to(device).eval()
     summary["model_bytes_after"] = _module_bytes(model)
     return model, summary

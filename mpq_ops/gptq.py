@@ -184,7 +184,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
     between calibration samples. With the ~25k shipped tokens
     (mpq_ops.calibration.shipped) and clip, g64 measured +8.4% with it and
     +11.2..12.3% without, so the demo uses it at g64 (not at g32)."""
-    from .model import _layer_setting, _match, _module_bytes, _progress, _set_submodule
+    from .model import _layer_setting, _match, _module_bytes, _progress, _set_by_name
     overrides = dict(overrides or {})
     skip = tuple(skip)
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Iterable[Tensor], w_bit: 
                                 clip=clip, dtype=dtype)
                 summary["linear_bytes_before"] += _module_bytes(linears[n])
                 summary["linear_bytes_after"] += _module_bytes(q)
-                _set_submodule(block, n, q)
+                _set_by_name(block, n, q)
                 summary["config"][full] = {"w_bit": bits, "group_size": gs}
                 summary["layers"] += 1
         # The next block sees the outputs of this block with its weights quantized.

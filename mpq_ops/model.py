@@ -44,7 +44,8 @@ def linear_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def _set_by_name(model: nn.Module, name: str, new) -> None:
+    """Sets the submodule or parameter at dotted `name` to `new`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -57,11 +58,6 @@ def _names_of_parameters(model: nn.Module, meta_only: bool = False) -> List[List
         if p.is_meta or not meta_only:
             names.setdefault(id(p), []).append(name)
     return list(names.values())
-
-
-def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
-    module, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module) if module else model, attr, value)
 
 
 def _tie_float_head(model: nn.Module) -> bool:
@@ -139,7 +135,7 @@ def quantize_model(model: nn.Module, w_bit: int = 4, group_size: int = 128,
         summary["linear_bytes_before"] += _module_bytes(lin)
         summary["linear_bytes_after"] += _module_bytes(q)
         summary["config"][name] = {"w_bit": bits, "group_size": gs}
-        _set_submodule(model, name, q)
+        _set_by_name(model, name, q)
         summary["layers"] += 1
     summary["model_bytes_after"] = _module_bytes(model)
     return summary
