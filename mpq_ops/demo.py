@@ -200,9 +200,9 @@ def main(argv=None):
     quantized = {}
     calibration = shipped(tok)
     for label, w_bit, gs, method, integer_zeros, options in CONFIGS:
-        t = time.perf_counter()
         gptq = method == "gptq"
         if method == "gguf":
+            t = time.perf_counter()
             model, summary = load_gguf_model(os.path.join(*gguf_location()), dtype=dtype,
                                              device=device)
         else:

@@ -163,3 +163,11 @@ def launched_kernels(fn):
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def meta_skeleton(model):
+    """The model's architecture with its parameters on the meta device (its
+    buffers real, as load_quantized needs them)."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        return type(model)(model.config)

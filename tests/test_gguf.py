@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mpq_ops.gguf_format import from_gguf_blocks
-from helpers import (GGUF_BLOCK as BLOCK, GGUF_HALVES as HALVES, REL_TOL, make_x,
+from helpers import (GGUF_BLOCK as BLOCK, GGUF_HALVES as HALVES, REL_TOL, make_x, meta_skeleton,
                      random_gguf_blocks as random_blocks, ref_dequantize, ref_matmul, rel_err)
 
 gguf = pytest.importorskip("gguf")
@@ -567,13 +567,6 @@ def test_load_gguf_model_on_cuda(tmp_path):
     with torch.no_grad():
         out = model(input_ids=ids.cuda()).logits.cpu()
         assert rel_err(out, source(input_ids=ids).logits.double()) < 6 * REL_TOL[torch.float16]
-
-
-def meta_skeleton(model):
-    """The model's architecture with its parameters on the meta device."""
-    from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):
-        return type(model)(model.config)
 
 
 @pytest.mark.parametrize("case", ["rtn", "rtn_tied", "gguf_tied", "qwen2"])

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from helpers import meta_skeleton
 from mpq_ops import MPQLinear
 from mpq_ops.checkpoint import load_gguf_layers, load_gguf_model, load_quantized, save_quantized
 from mpq_ops.demo import (Logits, chat_ids, compile_mpq_layers, dynamic_layer_shapes,
@@ -143,10 +144,7 @@ def test_checkpoint_roundtrip(smollm2, w4g32, tmp_path):
     fresh = load_quantized(copy.deepcopy(base), path)
     assert sum(isinstance(m, MPQLinear) for m in fresh.modules()) == 210
     # and into a skeleton on the meta device (lm_head float, tied to the embedding)
-    from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):
-        skeleton = type(base)(base.config)
-    from_meta = load_quantized(skeleton, path)
+    from_meta = load_quantized(meta_skeleton(base), path)
     assert from_meta.lm_head.weight is from_meta.model.embed_tokens.weight
     with torch.no_grad():
         for m in (fresh, from_meta):
