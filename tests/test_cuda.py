@@ -4,6 +4,8 @@ dequantize + cuBLAS path, shapes the fused kernels do not take), each also
 forced for every M it can serve, and CUDA graphs. Outputs are checked against
 a float64 reference, with the caching allocator poisoned with NaN first.
 Skipped without a GPU."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -288,6 +290,105 @@ def test_four_bit_codes_policy(dtype, monkeypatch):
              ((2048, 1024), 72, True, "gemm_sm90_kernel"),
              ((1024, 1024), 72, False, "gemm_sm90_kernel"))
     check_policy(cases, 4, dtype, monkeypatch)
+
+
+def staged_launches(names):
+    """Template arguments of each staged-kernel launch among the profiler's
+    (demangled) kernel names: gemm_cuda_kernel<T, W, N_TILES, RT, WARPS,
+    STAGES, U, MIN_BLOCKS, PAIRED, LATE, KR, XR, WIDE, SK, TAIL>."""
+    found = [re.search(r"gemm_cuda_kernel<([^>]*)>", n) for n in names]
+    return [[a.strip() for a in m.group(1).split(",")] for m in found if m]
+
+
+def expect_ring_stream_k(N, K, w_bit):
+    """Whether the 16-row staged kernel takes stream-K against an [N, K]
+    weight (gemm.cuh's launch_kernel): where its grid of 128-row blocks is
+    left unsplit (K split until about two blocks per SM: more row blocks than
+    SMs) yet leaves slots idle, and each block of one wave gets 8 steps or
+    more. Two blocks per SM for 4- and 8-bit codes, three for 2-bit."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    step, runs_of = {2: (256, 1), 4: (128, 2), 8: (64, 2)}[w_bit]
+    row_blocks, steps = N // 128, K // step
+    slots = (3 if w_bit == 2 else 2) * sms
+    splits = max(1, min(2 * sms // row_blocks, max(1, steps // 4)))
+    return (N % 128 == 0 and K % step == 0 and steps % runs_of == 0 and splits == 1
+            and row_blocks < slots and row_blocks * steps >= 8 * slots)
+
+
+@pytest.mark.parametrize("stream_k", (True, False), ids=("stream_k", "split_grid"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_sixteen_row_stream_k(w_bit, dtype, stream_k, monkeypatch):
+    """The staged 16-row kernel over one wave in stream-K: blocks of equal
+    work across row-block boundaries, x copied through the ring step by step
+    from one row block into the next, a row block's parts in as many
+    workspace slots as blocks it spans and zeros past its last part; or with
+    MPQ_OPS_CUDA_STREAM_K=0 the split grid; and where stream-K is not taken
+    (N not a whole number of row blocks, a grid that splits K). 9 to 16
+    rows, and for 4-bit codes 5 to 8 rows in the 16-row kernel too
+    (MPQ_OPS_CUDA_X16=1); groups of whole steps (late scaling), within a step
+    and per row; with and without bias; odd M from a non-contiguous x. Which
+    kernel ran is checked from the profiler's kernel names."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
+    monkeypatch.setenv("MPQ_OPS_CUDA_X16", "1")
+    if not stream_k:
+        monkeypatch.setenv("MPQ_OPS_CUDA_STREAM_K", "0")
+    k = 4096 if w_bit == 2 else 2048
+    shapes = ((28672, k, 128, True), (28672, k, -1, False), (20480, 2 * k, 64, True),
+              (28600, k, 128, False), (4096, 16384, 128, True))
+    rows = (5, 8, 9, 12, 16) if w_bit == 4 else (9, 12, 16)
+    for N, K, group_size, with_bias in shapes:
+        weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype) if with_bias else None
+        expected = stream_k and expect_ring_stream_k(N, K, w_bit)
+        for M in rows:
+            x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+            # (the workspace, float32 and larger than y, then starts as NaN too)
+            poison_allocator(1 << 24, torch.float32)
+            check_matmul(x, weight, w_bit, group_size, bias, (N, K, M))
+            launches = staged_launches(launched_kernels(
+                lambda: torch.ops.mpq.matmul(x, *weight, w_bit, group_size, None, bias)))
+            assert len(launches) == 1 and launches[0][2] == "2", (N, K, M, launches)
+            assert (launches[0][13] == "true") == expected, (N, K, M, launches)
+    if stream_k and torch.cuda.get_device_properties(0).multi_processor_count in range(100, 200):
+        # (where 28672 rows are more row blocks than SMs and fewer than slots)
+        assert expect_ring_stream_k(28672, k, w_bit)
+
+
+def expect_x_tiles(N, K, w_bit, M):
+    """The staged kernel's x tiles of 8 rows for M rows (gemm.cuh's
+    gemm_bits): two from 9 rows, and for 5 to 8 rows of 4-bit codes where
+    K > N and the 16-row kernel's split grid fills nine tenths of two blocks
+    per SM (x16_for_few_rows)."""
+    if M > 8:
+        return 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_blocks, steps = -(-N // 128), -(-K // 128)
+    splits = max(1, min(2 * sms // row_blocks, max(1, steps // 4)))
+    few = w_bit == 4 and M >= 5 and K > N and 10 * row_blocks * splits >= 18 * sms
+    return 2 if few else 1
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_few_rows_sixteen_row_policy(dtype, monkeypatch):
+    """5 to 8 rows of 4-bit codes: the 16-row staged kernel where K > N and
+    its split grid fills the SMs, the 8-row one elsewhere (K <= N, few
+    blocks); 2- and 8-bit codes always the 8-row one; each against float64."""
+    monkeypatch.delenv("MPQ_OPS_CUDA_X16", raising=False)
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
+    cases = ((4, (4096, 14336), 5), (4, (4096, 14336), 8), (4, (1024, 4096), 6),
+             (4, (14336, 4096), 7), (4, (4096, 4096), 8), (4, (4096, 14336), 4),
+             (4, (4096, 14336), 9), (8, (4096, 14336), 6), (2, (4096, 14336), 6))
+    for w_bit, (N, K), M in cases:
+        weight = make_weight(N, K, w_bit, 128, dtype, "cuda")
+        x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, w_bit, 128, None, (w_bit, N, K, M))
+        launches = staged_launches(launched_kernels(
+            lambda: torch.ops.mpq.matmul(x, *weight, w_bit, 128)))
+        tiles = str(expect_x_tiles(N, K, w_bit, M))
+        assert len(launches) == 1 and launches[0][2] == tiles, (w_bit, N, K, M, launches)
+    if torch.cuda.get_device_properties(0).multi_processor_count in range(100, 200):
+        assert expect_x_tiles(4096, 14336, 4, 8) == 2 and expect_x_tiles(4096, 4096, 4, 8) == 1
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

@@ -264,12 +264,16 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // SK (stream-K): the T = row blocks x steps work items (row block i / steps,
   // step i % steps) are dealt out evenly over a grid of gridDim.y blocks,
   // each taking items [i_begin, i_end) across row-block boundaries: a grid of
-  // one wave however many row blocks N has. x is resident over all of K. The
-  // host keeps every block's share at least `steps` items, so that a row
-  // block has at most one block boundary inside it: its partial sums go to
-  // workspace slot 0 (the part from step 0) and 1 (the part after the
-  // boundary, or zeros where there is none), which finish_split adds up.
-  static_assert(!SK || (RESIDENT && KR == 2 && N_TILES == 1), "stream-K: one row of x");
+  // one wave however many row blocks N has, and blocks of equal work however
+  // few. Either one row of x resident over all of K (KR = 2), or one x tile
+  // (all of M) through the ring of staged steps, whose copies then follow
+  // the items' steps from one row block into the next. A row block's part in
+  // the block that is p blocks after the one holding its step 0 goes to
+  // workspace slot p; the block ending the row block writes zeros to the
+  // slots past its part, up to the `steps_per_split` slots the host sized
+  // the workspace to; finish_split adds them up.
+  static_assert(!SK || (RESIDENT && KR == 2 && N_TILES == 1) || (!RESIDENT && KR == 1 && !TAIL),
+                "stream-K: one row of x resident, or one x tile through the ring");
   static_assert(!TAIL || (KR == 1 && !RESIDENT && !LATE), "a partial last step: the ring");
   const int steps = TAIL ? (K + Rows::STEP_K - 1) / Rows::STEP_K : K / Rows::STEP_K;
   // Items go in runs of U (steps % U == 0), so that a run lies in one row block.
@@ -531,6 +535,13 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // its reads and writes wait for it (y may take memory it still reads).
   tile::wait_prerequisites();
 
+  // SK: the step of the next item computed and its row block's offsets from
+  // the first one's (W_ROWS rows further per row block), and the loads of the
+  // run after it (one run ahead, possibly in the next row block); through
+  // the ring, the step of the next item whose x is copied.
+  int cs = i_begin - rb0 * steps;
+  int copy_next = cs;
+
   // Prologue: STAGES - 1 steps of x in flight (RESIDENT: all of them), U
   // steps of weights in registers.
   if constexpr (COLS) {
@@ -540,17 +551,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     copy_slice(false);
     cp_async_commit();
   } else {
+    // (SK: the items' steps, from one row block into the next)
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (s_begin + i < s_end) copy_step(s_begin + i, i);
+      if (SK ? i < i_end - i_begin : s_begin + i < s_end) copy_step(SK ? copy_next : s_begin + i, i);
+      copy_next = copy_next + 1 == steps ? 0 : copy_next + 1;
       cp_async_commit();
     }
   }
   Step next[U];
-  // SK: the step of the next item computed and its row block's offsets from
-  // the first one's (W_ROWS rows further per row block), and the loads of the
-  // run after it (one run ahead, possibly in the next row block).
-  int cs = i_begin - rb0 * steps;
   uint32_t lq = 0, lso = 0;
   const uint32_t lq_rb = W_ROWS * (uint32_t)(K / Rows::LANE_K);
   const auto load_run = [&](Step(&st)[U], int s, uint32_t q, uint32_t so) {
@@ -585,7 +594,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // 28672) 52.8 -> 60.6, (28672, 8192) 49.9 -> 61.0; w8 74.9 -> 91.8; w2
   // 43.6 -> 47.8.)
   if constexpr (SK) {
-    bool head = cs == 0;  // the segment computed starts at step 0 of its row block
+    int stage = 0;
     for (int left = i_end - i_begin; left > 0; left -= U) {
       Step cur[U];
 #pragma unroll
@@ -596,19 +605,43 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
                  wrap ? lso + W_ROWS * (uint32_t)(K / groups.size) : lso);
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) compute(cur[u], cs + u);
+      for (int u = 0; u < U; ++u) {
+        if constexpr (RESIDENT) {
+          compute(cur[u], cs + u);
+        } else {
+          // (as in the loop below; an item's copy is ahead by STAGES - 1 items)
+          cp_async_wait<STAGES - 2>();
+          if constexpr (PAIRED) pair_up(stage);
+          __syncthreads();
+          if (u + STAGES - 1 < left) {
+            copy_step(copy_next, (stage + STAGES - 1) % STAGES);
+            copy_next = copy_next + 1 == steps ? 0 : copy_next + 1;
+          }
+          cp_async_commit();
+          compute(cur[u], stage);
+          stage = stage + 1 == STAGES ? 0 : stage + 1;
+        }
+      }
       cs += U;
       const bool full = cs == steps;
       if (full || left == U) {  // the end of a row block's segment
         const int dn = (int)(lq / (uint32_t)(K / Rows::LANE_K));  // rows past the first block's
+        // This block's part of the row block: blocks since the one holding its step 0.
+        const long run0 = (long)(rb0 + dn / W_ROWS) * (steps / U);
+        const int part = blockIdx.y - (int)(((run0 + 1) * gridDim.y - 1) / sk_runs);
+        const size_t slot = (size_t)M * N;
         rows.for_each_output(acc, 0, [&](float v, int m, int n) {
-          if (m != 0) return;  // columns of x rows that are not there
-          float* out = ws + (n + dn);
-          out[head ? 0 : N] = v;
-          if (full && head) out[N] = 0.f;
+          if (m >= M) return;  // columns of x rows that are not there
+          float* out = ws + ((size_t)m * N + n + dn);
+          out[part * slot] = v;
+          if (full)
+            for (int q = part + 1; q < steps_per_split; ++q) out[q * slot] = 0.f;
         });
-        acc[0][0][0] = acc[0][0][1] = acc[0][0][2] = acc[0][0][3] = 0.f;
-        head = true;
+#pragma unroll
+        for (int i = 0; i < N_TILES; ++i)
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt)
+            acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
         if (full) cs = 0, lq += lq_rb, lso += W_ROWS * (uint32_t)(K / groups.size);
       }
     }
@@ -872,8 +905,44 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       const int sk_slots =
           sk_slots_on.get([&] { return tile::resident_slots(sk, WARPS * 32, kResidentXBytes); });
       const int sk_blocks = std::min(sk_slots, row_blocks);
+      // (a share of at least `steps` items: a row block in at most two parts)
       return run(sk, dim3(1, sk_blocks, 1), sk_smem, dim3(1, 1, 1),
-                 at::empty({2, M, N}, x.options().dtype(at::kFloat)), steps, false);
+                 at::empty({2, M, N}, x.options().dtype(at::kFloat)), 2, false);
+    }
+  }
+  if constexpr (KR == 1 && N_TILES == 2 && RT == 2) {
+    // The 16-row kernel (two blocks per SM for 4- and 8-bit codes, three for
+    // 2-bit) where its grid is left unsplit (more than half as many row
+    // blocks as SMs) yet does not fill the slots: stream-K through the ring,
+    // one block per slot, each as many steps as the next, where that gives
+    // each at least 8 steps (its prologue fills the ring). At (8192, 28672)
+    // the split grid has 224 blocks of 64 steps, stream-K 264 of 54. H100,
+    // g128, medians of three alternating rounds, split grid / stream-K (us):
+    // float16 w4 (8192, 28672) M = 16 69.1 / 67.8, M = 9 68.2 / 67.1, g64
+    // 73.2 / 69.4; bfloat16 70.3 / 66.9; w2 60.9 / 59.1; w8 110.7 / 109.8.
+    // Not where the grid splits K already, whose slots it nearly fills and
+    // whose workspace stream-K makes larger (a row block in up to six parts
+    // at (28672, 8192) against four splits): w4 M = 16 (28672, 8192) 64.1 /
+    // 64.9, (14336, 4096) 23.3 / 25.5, (4096, 14336) 24.6 / 25.1; w2 (28672,
+    // 8192) 55.3 / 57.5 (scripts/results/ab_h100_stream_k16.log).
+    // MPQ_OPS_CUDA_STREAM_K=0 keeps the split grid (A/B runs).
+    const long runs = (long)row_blocks * (steps / U);
+    if (tile::stream_k() && M <= x_rows && N % w_rows == 0 && steps % U == 0 && !tail &&
+        tiles_splits(row_blocks, steps) == 1 && row_blocks < slots &&
+        runs * U >= 8L * slots) {
+      const auto sk = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED,
+                                       LATE, 1, 0, false, true>;
+      static tile::PerDevice ring_slots_on;
+      const int ring_slots =
+          ring_slots_on.get([&] { return tile::resident_slots(sk, WARPS * 32, SMEM); });
+      // (std::min<long>(ring_slots, runs) here stopped nvcc 13.0's front end
+      // with an internal error)
+      const int sk_blocks = runs < ring_slots ? (int)runs : ring_slots;
+      // A row block in at most this many parts: blocks take at least `share` items.
+      const int share = U * (int)(runs / sk_blocks);
+      const int parts = std::min(sk_blocks, (steps + share - 1) / share + 1);
+      return run(sk, dim3(1, sk_blocks, 1), SMEM, dim3(1, 1, 1),
+                 at::empty({parts, M, N}, x.options().dtype(at::kFloat)), parts, false);
     }
   }
   const long blocks = (long)m_chunks * row_blocks;
@@ -1034,11 +1103,34 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       x, qweight, scales, zeros, bias, y, group_size);
 }
 
+// Whether 5 to 8 rows of x against W-bit codes take the 16-row kernel
+// (gemm_bits' case 2) rather than the 8-row one: 4-bit codes where K > N
+// and the 16-row kernel's split grid (K split until about two blocks per
+// SM) fills nine tenths of its two blocks per SM or more. H100, float16 w4
+// g128, M = 8, medians of three alternating rounds, 8-row / 16-row kernel
+// (us): (28672, 8192) 65.7 / 63.3, (14336, 4096) 23.6 / 23.0, g32 (28672,
+// 8192) 81.8 / 80.7; but (4096, 1024) 9.2 / 9.7 (64 blocks), (4096, 4096)
+// 12.9 / 13.2, (8192, 28672) 62.5 / 66.5 in stream-K, M = 5 62.8 / 66.1,
+// (4096, 14336) 22.1 / 24.0 (scripts/results/ab_h100_x16_for_5_to_8.log).
+// MPQ_OPS_CUDA_X16=1 takes it for all such rows of 4-bit codes, =0 for none
+// (tests of both kernels at these rows, A/B runs).
+template <int W>
+bool x16_for_few_rows(int64_t M, int64_t K, int64_t N) {
+  if (W != 4 || M < 5 || M > 8) return false;
+  if (const char* v = std::getenv("MPQ_OPS_CUDA_X16")) return std::strcmp(v, "0") != 0;
+  const long row_blocks = (N + 127) / 128, steps = (K + step_inputs(W) - 1) / step_inputs(W);
+  return K > N && 10 * row_blocks * tiles_splits(row_blocks, steps) >= 9 * 2L * tile::sm_count();
+}
+
 template <typename T, int W>
 void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
                int64_t group_size) {
   const bool small = small_grid<W>(x.size(0), x.size(1), qweight.size(0));
+  if constexpr (W == 4) {
+    if (x16_for_few_rows<W>(x.size(0), x.size(1), qweight.size(0)))
+      return launch<T, W, 2, 2, 2>(x, qweight, scales, zeros, bias, y, group_size);
+  }
   switch (x_tiles(x.size(0), W)) {
     // One W tile per warp for one x tile: twice the warps, as many MMAs per weight.
     // Five blocks per SM (late scaling needs 105 registers uncapped, which
@@ -1071,13 +1163,7 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // (scripts/results/ab_h200_one_row_depth_clean.log); on an H100 likewise,
     // w4 (8192, 28672) 50.0 -> 54.5 / 51.6, (28672, 8192) 51.5 -> 56.2 / 63.4
     // (ab_h100_one_row_depth_clean.log).
-    // Measured and not yet a rule: 5 to 8 rows of 4-bit codes in the 16-row
-    // kernel (case 2) ran faster where K > N and slower elsewhere. H100, g128,
-    // two alternating rounds, this kernel / the 16-row one (us): float16
-    // (28672, 8192) M = 8 66.4 / 63.9, M = 5 65.5 / 63.1, (14336, 4096) 23.7 /
-    // 23.2, bfloat16 (28672, 8192) 67.4 / 64.1; (8192, 28672) 63.0 / 68.8,
-    // (4096, 14336) 22.1 / 23.9 (branch exp/x16-for-5-to-8;
-    // scripts/results/ab_h100_x16_for_5_to_8.log).
+    // (5 to 8 rows of 4-bit codes take case 2 where x16_for_few_rows says.)
     case 1: return launch<T, W, 1, 1, 2, 4, 5>(x, qweight, scales, zeros, bias, y, group_size);
     // 2-bit codes: one step in flight and three blocks per SM (H100, M = 16,
     // g128: (8192, 28672) 70.0 -> 67.8 us, (28672, 8192) 65.2 -> 61.7; 4- and

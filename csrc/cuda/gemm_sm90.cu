@@ -11,7 +11,8 @@ bool sm90_preferred(int64_t M, int64_t N, int64_t K, int64_t w_bit) {
   if (w_bit == 2) return M > kGemmMaxRowsSm90W2;
   if (w_bit != 4) return false;
   if (M > kGemmMaxRowsSm90) return true;
-  return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count();
+  return M > kGemmMaxRowsSm90Wide && 4 * sm90::weight_tiles(N) >= 3 * tile::sm_count() &&
+         tile::peak_dram_gbps() >= kSm90WideMinGbps;
 }
 
 bool sm90_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

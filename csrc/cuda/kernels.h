@@ -47,6 +47,14 @@ constexpr int64_t kGemmMaxRows = 128;
 // (49.0 - 49.6 at (8192, 28672)), one 8-row tile at 5 to 8 (59.8 at M = 8).
 constexpr int64_t kGemmMaxRowsSm90 = 16;
 constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the SMs
+// ... and the memory is that fast (GB/s, tile::peak_dram_gbps): on the H200
+// (4915) the wgmma kernel was ahead there (above), on the H100 (3352) the
+// staged kernel, in stream-K where its grid is unsplit (gemm.cuh's
+// launch_kernel). H100, g128, medians of three alternating rounds, staged /
+// wgmma (us): float16 w4 (8192, 28672) M = 16 67.8 / 71.1, M = 9 67.1 /
+// 70.2, g64 69.4 / 75.4; bfloat16 66.9 / 72.6; (4096, 14336) 24.6 / 24.6
+// (scripts/results/ab_h100_stream_k16.log).
+constexpr int kSm90WideMinGbps = 4000;
 // 8-bit codes: the wgmma kernel from 9 rows, and from 5 for weights of 2^27
 // codes or more, against the staged kernel up to 128 rows (whose 8-row tiles
 // serve 5 to 8) and dequantize + cuBLAS above. H200, w8 g128, medians of two

@@ -546,6 +546,14 @@ inline bool small_grids() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// MPQ_OPS_CUDA_STREAM_K=0 keeps the 16-row staged kernel on its split grid
+// where stream-K would fill the slots it leaves idle (gemm.cuh's
+// launch_kernel; A/B runs).
+inline bool stream_k() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_STREAM_K");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Whether all of `grid` runs at once in clusters of `cluster` blocks: a
 // cluster starts only where one GPC has room for all its blocks, so clusters
 // may fit fewer blocks than the plain occupancy does. Cached per kernel,
@@ -607,6 +615,20 @@ inline int sm_count() {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return sms;
+}
+
+// Peak DRAM bandwidth of the current device in GB/s: memory clock (kHz) x 2
+// transfers per clock x bus width (bits) / 8; H100 SXM 3352, H200 4915 (0
+// where the driver does not tell).
+inline int peak_dram_gbps() {
+  static PerDevice gbps_on;
+  return gbps_on.get([] {
+    int device = 0, khz = 0, bits = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrMemoryClockRate, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bits, cudaDevAttrGlobalMemoryBusWidth, device));
+    return static_cast<int>(2.0 * khz * bits / 8.0 / 1e6);
+  });
 }
 
 // Blocks of `kernel` (threads, dynamic shared memory smem) resident on the
