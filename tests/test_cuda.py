@@ -618,12 +618,17 @@ def test_reduce_overhead_runs_under_cuda_graphs():
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] >= 0
 
 
-@pytest.mark.parametrize("N,K,M", [(256, 1024, 2), (22016, 1024, 1), (64, 8192, 3)])
+@pytest.mark.parametrize("N,K,M", [(256, 1024, 2), (22016, 1024, 1), (64, 8192, 3),
+                                   (28672, 2048, 16)])
 def test_raw_cuda_graph_capture_and_replay(N, K, M, monkeypatch):
     """Capture and replay with new x: the split grids' sums through the
     workspace (on Hopper in a kernel launched programmatically after the one
-    before), one row of x in stream-K past one wave of blocks (22016 rows)."""
+    before), one row of x in stream-K past one wave of blocks (22016 rows),
+    16 rows in the staged 16-row kernel's stream-K (28672 rows: more row
+    blocks than SMs, fewer than its slots; forced to the staged kernel)."""
     monkeypatch.setenv("MPQ_OPS_CUDA_SPLIT_SUM", "workspace")
+    if M == 16:
+        monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     qweight, scales, zeros = make_weight(N, K, 4, 128, torch.float16, "cuda")
     static_x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
