@@ -137,14 +137,38 @@ def test_default_policy_many_rows(w_bit, dtype):
 def test_default_policy_wide_weights(w_bit, dtype):
     """The default path for 8 to 33 rows against weights whose 128-row tiles
     outnumber the SMs: on Hopper the wgmma kernel takes 4-bit codes from 9
-    rows here (16-row tiles) and from 17 (32-row tiles), the staged kernel the
-    rest; each against the float64 reference, outputs poisoned."""
+    rows here where the DRAM is fast (16-row tiles; the H200, below) and from
+    17 (32-row tiles), the staged kernel the rest; each against the float64
+    reference, outputs poisoned."""
     N, K, group_size = 17000, 512, 128
     weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
     bias = torch.randn(N, device="cuda").to(dtype)
     for M in (8, 9, 16, 17, 32, 33):
         x = make_x((M,), K, dtype, "cuda", noncontig=M % 2 == 1)
         check_matmul(x, weight, w_bit, group_size, bias, (M,))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_wide_weights_policy_by_bandwidth(dtype, monkeypatch):
+    """9 to 16 rows of 4-bit codes against weights whose tiles cover 3/4 of
+    the SMs: on Hopper the wgmma kernel where the DRAM's peak bandwidth
+    (memory clock x 2 x bus width) is 4 TB/s or more (H200), else the staged
+    kernel (H100); each against float64."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    props = torch.cuda.get_device_properties(0)
+    khz, bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not khz or not bits:
+        pytest.skip("this torch does not report the memory clock and bus width")
+    monkeypatch.delenv("MPQ_OPS_CUDA_KERNEL", raising=False)
+    kernel = "gemm_sm90_kernel" if 2 * khz * bits / 8 / 1e6 >= 4000 else "gemm_cuda_kernel"
+    N = 128 * props.multi_processor_count
+    weight = make_weight(N, 512, 4, 128, dtype, "cuda")
+    for M in (9, 16):
+        x = make_x((M,), 512, dtype, "cuda", noncontig=M % 2 == 1)
+        check_matmul(x, weight, 4, 128, None, (M,))
+        names = launched_kernels(lambda: torch.ops.mpq.matmul(x, *weight, 4, 128))
+        assert any(kernel in n for n in names), (M, khz, bits, names)
 
 
 # K not a whole number of the fused kernels' steps (128 inputs for 4-bit codes,

@@ -554,7 +554,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     // (SK: the items' steps, from one row block into the next)
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (SK ? i < i_end - i_begin : s_begin + i < s_end) copy_step(SK ? copy_next : s_begin + i, i);
+      if (SK ? i < i_end - i_begin : s_begin + i < s_end)
+        copy_step(SK ? copy_next : s_begin + i, i);
       copy_next = copy_next + 1 == steps ? 0 : copy_next + 1;
       cp_async_commit();
     }

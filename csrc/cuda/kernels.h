@@ -48,7 +48,7 @@ constexpr int64_t kGemmMaxRows = 128;
 constexpr int64_t kGemmMaxRowsSm90 = 16;
 constexpr int64_t kGemmMaxRowsSm90Wide = 8;  // where its tiles cover 3/4 of the SMs
 // ... and the memory is that fast (GB/s, tile::peak_dram_gbps): on the H200
-// (4915) the wgmma kernel was ahead there (above), on the H100 (3352) the
+// (4.8 TB/s) the wgmma kernel was ahead there (above), on the H100 (3352) the
 // staged kernel, in stream-K where its grid is unsplit (gemm.cuh's
 // launch_kernel). H100, g128, medians of three alternating rounds, staged /
 // wgmma (us): float16 w4 (8192, 28672) M = 16 67.8 / 71.1, M = 9 67.1 /

@@ -618,8 +618,9 @@ inline int sm_count() {
 }
 
 // Peak DRAM bandwidth of the current device in GB/s: memory clock (kHz) x 2
-// transfers per clock x bus width (bits) / 8; H100 SXM 3352, H200 4915 (0
-// where the driver does not tell).
+// transfers per clock x bus width (bits) / 8; H100 SXM 3352 (2619 MHz, 5120
+// bits; the H200's HBM3e is 4.8 TB/s by its specification). 0 where the
+// driver does not tell.
 inline int peak_dram_gbps() {
   static PerDevice gbps_on;
   return gbps_on.get([] {
