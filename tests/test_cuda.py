@@ -324,6 +324,13 @@ def staged_launches(names):
     return [[a.strip() for a in m.group(1).split(",")] for m in found if m]
 
 
+def tiles_splits(row_blocks, steps):
+    """K splits of the staged kernel's grid of several x tiles (gemm.cuh's
+    tiles_splits): until about two blocks per SM, at least 4 steps a split."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return max(1, min(2 * sms // row_blocks, max(1, steps // 4)))
+
+
 def expect_ring_stream_k(N, K, w_bit):
     """Whether the 16-row staged kernel takes stream-K against an [N, K]
     weight (gemm.cuh's launch_kernel): where its grid of 128-row blocks is
@@ -334,8 +341,8 @@ def expect_ring_stream_k(N, K, w_bit):
     step, runs_of = {2: (256, 1), 4: (128, 2), 8: (64, 2)}[w_bit]
     row_blocks, steps = N // 128, K // step
     slots = (3 if w_bit == 2 else 2) * sms
-    splits = max(1, min(2 * sms // row_blocks, max(1, steps // 4)))
-    return (N % 128 == 0 and K % step == 0 and steps % runs_of == 0 and splits == 1
+    return (N % 128 == 0 and K % step == 0 and steps % runs_of == 0
+            and tiles_splits(row_blocks, steps) == 1
             and row_blocks < slots and row_blocks * steps >= 8 * slots)
 
 
@@ -390,8 +397,8 @@ def expect_x_tiles(N, K, w_bit, M):
         return 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     row_blocks, steps = -(-N // 128), -(-K // 128)
-    splits = max(1, min(2 * sms // row_blocks, max(1, steps // 4)))
-    few = w_bit == 4 and M >= 5 and K > N and 10 * row_blocks * splits >= 18 * sms
+    few = (w_bit == 4 and M >= 5 and K > N
+           and 10 * row_blocks * tiles_splits(row_blocks, steps) >= 18 * sms)
     return 2 if few else 1
 
 
