@@ -356,19 +356,22 @@ def test_sixteen_row_stream_k(w_bit, dtype, stream_k, monkeypatch):
     workspace slots as blocks it spans and zeros past its last part; or with
     MPQ_OPS_CUDA_STREAM_K=0 the split grid; and where stream-K is not taken
     (N not a whole number of row blocks, a grid that splits K, a partial
-    last step: K one lane's 16 bytes of codes past whole steps). 9 to 16
-    rows, and for 4-bit codes 5 to 8 rows in the 16-row kernel too
-    (MPQ_OPS_CUDA_X16=1); groups of whole steps (late scaling), within a step
-    and per row; with and without bias; odd M from a non-contiguous x. Which
-    kernel ran is checked from the profiler's kernel names."""
+    last step: K 32 inputs or one lane's 16 bytes of codes past whole steps,
+    whichever is more). 9 to 16 rows, and for 4-bit codes 5 to 8 rows in the
+    16-row kernel too (MPQ_OPS_CUDA_X16=1); groups of whole steps (late
+    scaling), within a step and per row; with and without bias; odd M from a
+    non-contiguous x. Which kernel ran is checked from the profiler's kernel
+    names."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     monkeypatch.setenv("MPQ_OPS_CUDA_X16", "1")
     if not stream_k:
         monkeypatch.setenv("MPQ_OPS_CUDA_STREAM_K", "0")
     k = 4096 if w_bit == 2 else 2048
     lane = 4 * 32 // w_bit  # inputs in a lane's 16 bytes of codes
+    # (K a multiple of 32, as the format asks: 8-bit codes' tail is two lanes' chunks)
+    tail = max(lane, 32)
     shapes = ((28672, k, 128, True), (28672, k, -1, False), (20480, 2 * k, 64, True),
-              (28600, k, 128, False), (4096, 16384, 128, True), (28672, k + lane, -1, True))
+              (28600, k, 128, False), (4096, 16384, 128, True), (28672, k + tail, -1, True))
     rows = (5, 8, 9, 12, 16) if w_bit == 4 else (9, 12, 16)
     for N, K, group_size, with_bias in shapes:
         weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")

@@ -1054,7 +1054,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // block from its resident slice instead of the MMA with A = 1 (half the
 // MMAs, a longer prologue): w4 (8192, 28672) 60.3 -> 58.7 and (4096, 14336)
 // 19.8 -> 18.9, but (28672, 8192) 57.8 -> 61.5 and w8 slower on four of five
-// shapes (e.g. (4096, 14336) 29.4 -> 31.3).
+// shapes (e.g. (4096, 14336) 29.4 -> 31.3). Nor for the 16-row kernel's ring:
+// each warp made the sums of its share of a staged step's chunks (one such
+// MMA per chunk and x tile) a step ahead into shared memory, which every warp
+// then read, 36 MMAs per 4-bit step and warp instead of 48, the ring one step
+// shallower; slower wherever it took 4- or 8-bit codes. H100, medians of three
+// alternating rounds, per-warp MMAs / shared sums (us): float16 w4 M = 16
+// (8192, 28672) 68.1 / 71.1, (28672, 8192) 63.9 / 64.7, (4096, 14336) 24.4 /
+// 25.0; bfloat16 67.1 / 70.6; M = 9 66.9 / 70.3; w8 109.6 / 110.3; w2 g256
+// 51.4 / 50.7 (scripts/results/ab_h100_xsum_shared.log).
 template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_BLOCKS = 1>
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
