@@ -14,7 +14,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   // 8192) 34.3, w4 43.2, w8 71.4, against 36.6, 32.6, 42.8, 71.1 in the
   // benchmark's run of this form, bench_h200_m1_16. Nor did an L2 cache
   // policy, .L2::cache_hint: evict_first level at M = 1, w4 43.1, w8 70.2,
-  // an explicit evict_normal slower, 46.7, 73.7; ab_h200_l2_policy.)
+  // an explicit evict_normal slower, 46.7, 73.7; ab_h200_l2_policy. Nor,
+  // for the staged kernels of 16 rows of x or more, whose loads read 64
+  // bytes of a row per step, .L2::128B / .L2::256B: H100, float16 g128,
+  // medians of three alternating rounds, plain / 128B / 256B (us): w4 M = 16
+  // (8192, 28672) 68.0 / 67.8 / 70.3, (28672, 8192) 63.9 / 63.4 / 70.8,
+  // (4096, 14336) 24.8 / 24.4 / 26.5, M = 64 135.4 / 135.5 / 138.0; w8 M = 16
+  // 109.7 / 109.5 / 117.6; w2 59.2 / 60.5 / 62.6; ab_h100_l2_hint_16_rows.)
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
