@@ -319,7 +319,7 @@ def test_four_bit_codes_policy(dtype, monkeypatch):
 def staged_launches(names):
     """Template arguments of each staged-kernel launch among the profiler's
     (demangled) kernel names: gemm_cuda_kernel<T, W, N_TILES, RT, WARPS,
-    STAGES, U, MIN_BLOCKS, PAIRED, LATE, KR, XR, WIDE, SK, TAIL>."""
+    STAGES, U, MIN_BLOCKS, PAIRED, LATE, KR, XR, WIDE, SK, TAIL, MB>."""
     found = [re.search(r"gemm_cuda_kernel<([^>]*)>", n) for n in names]
     return [[a.strip() for a in m.group(1).split(",")] for m in found if m]
 
@@ -346,10 +346,12 @@ def expect_ring_stream_k(N, K, w_bit):
             and row_blocks < slots and row_blocks * steps >= 8 * slots)
 
 
-@pytest.mark.parametrize("stream_k", (True, False), ids=("stream_k", "split_grid"))
+@pytest.mark.parametrize("stream_k,ring_sync", (
+    (True, "mbarrier"), (True, "barrier"), (False, "mbarrier")),
+    ids=("stream_k", "stream_k-barrier", "split_grid"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (2, 4, 8))
-def test_sixteen_row_stream_k(w_bit, dtype, stream_k, monkeypatch):
+def test_sixteen_row_stream_k(w_bit, dtype, stream_k, ring_sync, monkeypatch):
     """The staged 16-row kernel over one wave in stream-K: blocks of equal
     work across row-block boundaries, x copied through the ring step by step
     from one row block into the next, a row block's parts in as many
@@ -360,12 +362,15 @@ def test_sixteen_row_stream_k(w_bit, dtype, stream_k, monkeypatch):
     whichever is more). 9 to 16 rows, and for 4-bit codes 5 to 8 rows in the
     16-row kernel too (MPQ_OPS_CUDA_X16=1); groups of whole steps (late
     scaling), within a step and per row; with and without bias; odd M from a
-    non-contiguous x. Which kernel ran is checked from the profiler's kernel
-    names."""
+    non-contiguous x. Stream-K's ring of paired x (4- and 8-bit codes) syncs
+    through mbarriers on sm_90, or with MPQ_OPS_CUDA_RING_SYNC=barrier through
+    a block barrier per step. Which kernel ran is checked from the profiler's
+    kernel names."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     monkeypatch.setenv("MPQ_OPS_CUDA_X16", "1")
-    if not stream_k:
-        monkeypatch.setenv("MPQ_OPS_CUDA_STREAM_K", "0")
+    monkeypatch.setenv("MPQ_OPS_CUDA_STREAM_K", "1" if stream_k else "0")
+    monkeypatch.setenv("MPQ_OPS_CUDA_RING_SYNC", ring_sync)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
     k = 4096 if w_bit == 2 else 2048
     lane = 4 * 32 // w_bit  # inputs in a lane's 16 bytes of codes
     # (K a multiple of 32, as the format asks: 8-bit codes' tail is two lanes' chunks)
@@ -386,6 +391,8 @@ def test_sixteen_row_stream_k(w_bit, dtype, stream_k, monkeypatch):
                 lambda: torch.ops.mpq.matmul(x, *weight, w_bit, group_size, None, bias)))
             assert len(launches) == 1 and launches[0][2] == "2", (N, K, M, launches)
             assert (launches[0][13] == "true") == expected, (N, K, M, launches)
+            mb = expected and w_bit != 2 and sm90 and ring_sync == "mbarrier"
+            assert (launches[0][15] == "true") == mb, (N, K, M, launches)
     if stream_k and torch.cuda.get_device_properties(0).multi_processor_count in range(100, 200):
         # (where 28672 rows are more row blocks than SMs and fewer than slots)
         assert expect_ring_stream_k(28672, k, w_bit)

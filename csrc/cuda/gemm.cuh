@@ -209,9 +209,24 @@ __device__ __forceinline__ void sum_in_cluster(const Rows& rows, const Acc& acc,
 // (tile::WeightRows::load). The ring of staged steps, one k range, scales
 // applied before the MMAs (LATE needs groups of whole steps, which such a K
 // cannot hold).
+// MB (stream-K through the ring, paired x, sm_90): mbarriers instead of a
+// block barrier per step. Each thread pairs its chunks of the next item's
+// x, as soon as they have landed, before it computes this item, and
+// arrives on that slot's `full` barrier; computing an item waits for its
+// slot's `full` (every chunk paired), and after it the thread arrives on
+// the slot's `empty`, on which the refill of the slot waits. So a warp
+// waits for the others only where it is a step ahead of the slowest, where
+// the barrier held every warp of the block in step at every item. (With no
+// barrier at all, a timing-only build whose outputs are wrong, the barrier
+// measured 4.6 us of 67.9 at (8192, 28672) M = 16 on an H100,
+// scripts/results/ablate_h100_m16_staged.log.) H100, medians of three
+// alternating rounds, barrier / mbarriers (us): float16 w4 (8192, 28672) M =
+// 16 67.7 / 65.2, M = 9 66.4 / 64.3, g64 69.2 / 68.6; bfloat16 66.6 / 66.3;
+// w8 108.2 / 107.8; (4096, 28672) 39.0 / 39.0
+// (scripts/results/ab_h100_ring_mbarrier.log).
 template <typename T, int W, int N_TILES, int RT, int WARPS, int STAGES, int U, int MIN_BLOCKS,
           bool PAIRED, bool LATE, int KR, int XR = 0, bool WIDE = false, bool SK = false,
-          bool TAIL = false>
+          bool TAIL = false, bool MB = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     gemm_cuda_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
                      const T* __restrict__ scales, const T* __restrict__ zeros,
@@ -275,6 +290,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   static_assert(!SK || (RESIDENT && KR == 2 && N_TILES == 1) || (!RESIDENT && KR == 1 && !TAIL),
                 "stream-K: one row of x resident, or one x tile through the ring");
   static_assert(!TAIL || (KR == 1 && !RESIDENT && !LATE), "a partial last step: the ring");
+  static_assert(!MB || (SK && !RESIDENT && PAIRED && STAGES >= 3),
+                "mbarriers: stream-K through the ring, paired x");
   const int steps = TAIL ? (K + Rows::STEP_K - 1) / Rows::STEP_K : K / Rows::STEP_K;
   // Items go in runs of U (steps % U == 0), so that a run lies in one row block.
   const long sk_runs = SK ? (long)(N / W_ROWS) * (steps / U) : 0;
@@ -542,6 +559,16 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   int cs = i_begin - rb0 * steps;
   int copy_next = cs;
 
+  // MB: slot i's `full` and `empty` barriers after the ring.
+  const uint32_t mb_full = x_base + 16u * (STAGES * STAGE), mb_empty = mb_full + 8u * STAGES;
+  if constexpr (MB) {
+    if (threadIdx.x < STAGES) {
+      tile::mbar_init(mb_full + 8u * threadIdx.x, THREADS);
+      tile::mbar_init(mb_empty + 8u * threadIdx.x, THREADS);
+    }
+    __syncthreads();
+  }
+
   // Prologue: STAGES - 1 steps of x in flight (RESIDENT: all of them), U
   // steps of weights in registers.
   if constexpr (COLS) {
@@ -569,6 +596,13 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   };
   if constexpr (SK) {
     if (i_end > i_begin) load_run(next, cs, 0, 0);
+    if constexpr (MB) {
+      if (i_end > i_begin) {  // the first item's x paired
+        cp_async_wait<STAGES - 2>();
+        pair_up(0);
+        tile::mbar_arrive(mb_full);
+      }
+    }
   } else {
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -609,6 +643,28 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       for (int u = 0; u < U; ++u) {
         if constexpr (RESIDENT) {
           compute(cur[u], cs + u);
+        } else if constexpr (MB) {
+          const int i = (i_end - i_begin - left) + u;  // the block's items before this one
+          const int ns = stage + 1 == STAGES ? 0 : stage + 1;
+          const int ps = stage == 0 ? STAGES - 1 : stage - 1;
+          // The next item's copies (this thread's) have landed once at most
+          // one newer group is pending (the item after it).
+          cp_async_wait<STAGES - 3>();
+          if (u + 1 < left) {
+            pair_up(ns);
+            tile::mbar_arrive(mb_full + 8u * ns);
+          }
+          tile::mbar_wait(mb_full + 8u * stage, (i / STAGES) & 1);
+          compute(cur[u], stage);
+          tile::mbar_arrive(mb_empty + 8u * stage);
+          // Item i + STAGES - 1 into the slot of item i - 1, once every thread is done with it.
+          if (u + STAGES - 1 < left) {
+            if (i > 0) tile::mbar_wait(mb_empty + 8u * ps, ((i - 1) / STAGES) & 1);
+            copy_step(copy_next, ps);
+            copy_next = copy_next + 1 == steps ? 0 : copy_next + 1;
+          }
+          cp_async_commit();
+          stage = ns;
         } else {
           // (as in the loop below; an item's copy is ahead by STAGES - 1 items)
           cp_async_wait<STAGES - 2>();
@@ -931,18 +987,24 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     if (tile::stream_k() && M <= x_rows && N % w_rows == 0 && steps % U == 0 && !tail &&
         tiles_splits(row_blocks, steps) == 1 && row_blocks < slots &&
         runs * U >= 8L * slots) {
-      const auto sk = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED,
-                                       LATE, 1, 0, false, true>;
-      static tile::PerDevice ring_slots_on;
-      const int ring_slots =
-          ring_slots_on.get([&] { return tile::resident_slots(sk, WARPS * 32, SMEM); });
+      // (PAIRED and sm_90: mbarriers instead of a barrier per step,
+      // gemm_cuda_kernel's MB; MPQ_OPS_CUDA_RING_SYNC=barrier keeps the barrier)
+      const bool mb = PAIRED && sm90 && tile::ring_mbarriers();
+      const auto sk = mb ? gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS,
+                                            PAIRED, LATE, 1, 0, false, true, false, PAIRED>
+                         : gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS,
+                                            PAIRED, LATE, 1, 0, false, true>;
+      const int sk_smem = SMEM + (mb ? 2 * STAGES * 8 : 0);
+      static tile::PerDevice ring_slots_on[2];
+      const int ring_slots = ring_slots_on[mb].get(
+          [&] { return tile::resident_slots(sk, WARPS * 32, sk_smem); });
       // (std::min<long>(ring_slots, runs) here stopped nvcc 13.0's front end
       // with an internal error)
       const int sk_blocks = runs < ring_slots ? (int)runs : ring_slots;
       // A row block in at most this many parts: blocks take at least `share` items.
       const int share = U * (int)(runs / sk_blocks);
       const int parts = std::min(sk_blocks, (steps + share - 1) / share + 1);
-      return run(sk, dim3(1, sk_blocks, 1), SMEM, dim3(1, 1, 1),
+      return run(sk, dim3(1, sk_blocks, 1), sk_smem, dim3(1, 1, 1),
                  at::empty({parts, M, N}, x.options().dtype(at::kFloat)), parts, false);
     }
   }

@@ -64,6 +64,39 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
+// Shared-memory barriers (mbarrier) of `count` arrivals per phase, CTA scope:
+// arrive releases the thread's writes, wait acquires those of every thread
+// that arrived in the phase. sm_90 (try_wait); launch_kernel asks for them
+// only there.
+__device__ __forceinline__ void mbar_init(uint32_t addr, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(addr), "r"(count) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}" ::"r"(addr)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+// Until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT;\n}" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
 // v, through a move the compiler cannot see into: a value so passed stays in
 // its register, where the compiler otherwise recomputes it from the thread
 // index wherever it is used (the per-step loads' offsets: 20 instructions per
@@ -552,6 +585,14 @@ inline bool small_grids() {
 inline bool stream_k() {
   const char* v = std::getenv("MPQ_OPS_CUDA_STREAM_K");
   return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
+// 16-row kernel's stream-K ring instead of its mbarriers (gemm.cuh's MB;
+// tests of both, A/B runs).
+inline bool ring_mbarriers() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_RING_SYNC");
+  return v == nullptr || std::strcmp(v, "barrier") != 0;
 }
 
 // Whether all of `grid` runs at once in clusters of `cluster` blocks: a
