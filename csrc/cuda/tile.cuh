@@ -564,35 +564,37 @@ bool sm90_launchable(Kernel kernel) {
   return device_sm90() && built_for_sm90(kernel);
 }
 
+// The A/B switches below: on unless the variable is set to `off`.
+inline bool switched_on(const char* var, const char* off) {
+  const char* v = std::getenv(var);
+  return v == nullptr || std::strcmp(v, off) != 0;
+}
+
 // MPQ_OPS_CUDA_SPLIT_SUM=workspace adds split-K partial sums through the
 // float32 workspace even where clusters could (tests of both ways, A/B runs).
 inline bool split_sum_in_cluster() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_SPLIT_SUM");
-  return v == nullptr || std::strcmp(v, "workspace") != 0;
+  return switched_on("MPQ_OPS_CUDA_SPLIT_SUM", "workspace");
 }
 
 // MPQ_OPS_CUDA_SMALL_GRID=0 keeps 9 to 128 rows of x against few weight rows
 // on the staged kernel's 128-row tiles instead of its small-grid kernel
 // (gemm.cuh's small_grid; A/B runs).
 inline bool small_grids() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_SMALL_GRID");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return switched_on("MPQ_OPS_CUDA_SMALL_GRID", "0");
 }
 
 // MPQ_OPS_CUDA_STREAM_K=0 keeps the 16-row staged kernel on its split grid
 // where stream-K would fill the slots it leaves idle (gemm.cuh's
 // launch_kernel; A/B runs).
 inline bool stream_k() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_STREAM_K");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return switched_on("MPQ_OPS_CUDA_STREAM_K", "0");
 }
 
 // MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
 // 16-row kernel's stream-K ring instead of its mbarriers (gemm.cuh's MB;
 // tests of both, A/B runs).
 inline bool ring_mbarriers() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_RING_SYNC");
-  return v == nullptr || std::strcmp(v, "barrier") != 0;
+  return switched_on("MPQ_OPS_CUDA_RING_SYNC", "barrier");
 }
 
 // Whether all of `grid` runs at once in clusters of `cluster` blocks: a
@@ -627,8 +629,7 @@ bool clusters_fit_one_wave(void (*kernel)(Params...), dim3 grid, int threads, in
 // MPQ_OPS_CUDA_PDL=0 launches the fused kernels in plain stream order, not
 // overlapping the kernel before (A/B runs; tools that serialize launches).
 inline bool programmatic_launches() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_PDL");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return switched_on("MPQ_OPS_CUDA_PDL", "0");
 }
 
 // kernel<<<grid, threads, smem, stream>>>(args...), in clusters of `cluster`
