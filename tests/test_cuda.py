@@ -513,6 +513,23 @@ def test_late_scaling_with_offset_x(w_bit, kernel, dtype, monkeypatch):
             check_matmul(x, weight, w_bit, group_size, None, (offset, M))
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("w_bit", (2, 4, 8))
+def test_small_x_within_tolerance(w_bit, dtype):
+    """x far below 1 (scaled by 2^-14 and 2^-16: float16 subnormals and near
+    them) within the float64 reference's tolerance, as at the scale of 1: the
+    kernels take x as given, where rescaling its values (to spare an
+    instruction on the codes' side, tile::WeightRows::mma_sums) would push
+    them into float16's subnormal range and lose their low bits. One row (its
+    k ranges), 3 and 16 rows (staged tiles), 64 rows (wgmma kernel)."""
+    N, K, group_size = 1024, 8192, 128
+    weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
+    for e in (14, 16):
+        for M in (1, 3, 16, 64):
+            x = (make_x((M,), K, torch.float32, "cuda") * 2.0 ** -e).to(dtype)
+            check_matmul(x, weight, w_bit, group_size, None, (e, M))
+
+
 @pytest.mark.parametrize("kernel", ("gemv", "gemm", "sm90", "dequantize"))
 def test_opcheck_each_forced_path(kernel, monkeypatch):
     """opcheck (schema, fake kernel, autograd registration, dynamic shapes) with

@@ -478,8 +478,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       return;
     }
     uint4 xc8[W == 8 ? N_TILES : 1];  // 8-bit codes: x chunks shared by words j, j + 1
-    // LATE: this step's sums of x * code and of x (Rows::apply).
-    float part[LATE ? N_TILES : 1][RT][4] = {}, xsum[LATE ? N_TILES : 1][4] = {};
+    // LATE: this step's sums of x * code, and of x (Rows::mma_sums) per x tile.
+    float part[LATE ? N_TILES : 1][RT][4] = {}, xs[LATE ? N_TILES : 1][4] = {};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       V d[R][P / 2];
@@ -537,14 +537,27 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
         for (int mi = 0; mi < P / 4; ++mi) {
           if constexpr (LATE) {
             Rows::mma(part[nt], d, mi, b[mi][0], b[mi][1]);
-            Rows::mma_ones(xsum[nt], b[mi][0], b[mi][1]);
           } else {
             Rows::mma(acc[nt], d, mi, b[mi][0], b[mi][1]);
           }
         }
+        if constexpr (LATE) {
+          // The sums of x: one MMA per two of codes (8-bit codes: per chunk, at odd j).
+          if constexpr (W == 8) {
+            if (j % 2 == 1) Rows::mma_sums(xs[nt], xc8[nt].x, xc8[nt].y, xc8[nt].z, xc8[nt].w);
+          } else {
+#pragma unroll
+            for (int q = 0; q < P / 8; ++q)
+              Rows::mma_sums(xs[nt], b[2 * q][0], b[2 * q][1], b[2 * q + 1][0], b[2 * q + 1][1]);
+          }
+        }
       }
     }
-    if constexpr (LATE) Rows::template apply<N_TILES>(st, part, xsum, acc);
+    if constexpr (LATE) {
+      float xsum[N_TILES][4];
+      Rows::sums_of_columns(xs, xsum);
+      Rows::template apply<N_TILES>(st, part, xsum, acc);
+    }
   };
 
   // Launched to overlap the kernel before (programmatic dependent launch,

@@ -262,8 +262,8 @@ struct WeightRows {
   // Late scaling, for groups that no step straddles (group_size % SUPER_K
   // == 0): the MMAs take the codes (word j of every row, as pairs like
   // dequant's) into per-step partial sums, and apply() scales them once per
-  // step: acc += s * (sum_k x c - z * sum_k x). The sum of x comes from one
-  // more MMA per word with A = 1. float16 codes enter as subnormals
+  // step: acc += s * (sum_k x c - z * sum_k x). The sums of x come from one
+  // more MMA per two (mma_sums). float16 codes enter as subnormals
   // (c * 2^-24: the word masked, nothing added), 4-bit bfloat16 codes biased
   // by the magic value 128 (late_codes); apply() undoes both with s and z:
   // no packed subtract per pair. H200, g128, medians of three alternating
@@ -277,10 +277,43 @@ struct WeightRows {
 #pragma unroll
     for (int r = 0; r < R; ++r) late_codes<T, W>((&st.w[r].x)[j], d[r]);
   }
-  __device__ __forceinline__ static void mma_ones(float (&xsum)[4], uint32_t b0, uint32_t b1) {
+  // The sums of x per column of B (x row, or row and k range) for apply(),
+  // from the B fragments of two MMAs of codes taken as A against B = 1: A
+  // rows g and g + 8 are lane g's column, its first (e0, e1: k 2t, 2t + 1)
+  // and second (o0, o1: k 2t + 8, 2t + 9) halves, which for paired x are one
+  // 16-byte chunk's words in order (no register moves). One MMA per two of
+  // codes, where A = 1 against each MMA's own B (x as the codes see it) took
+  // one per MMA of codes. H100, medians of three alternating rounds, one /
+  // two per two MMAs of codes (us): float16 w4 g128 (8192, 28672) M = 16
+  // 65.2 / 64.3, M = 9 63.8 / 63.6, (28672, 8192) M = 16 63.0 / 62.9,
+  // (4096, 14336) 24.4 / 24.1; bfloat16 66.0 / 65.3; w8 101.5 / 101.1; M = 1
+  // 54.7 / 54.5, M = 4 57.3 / 57.2 (scripts/results/ab_h100_x_sums.log).
+  // Not taken, on top of it: float16 x's odd pairs staged times 1/16 so that
+  // the 4-bit codes at bit 4 of their bytes enter as masked, without
+  // late_codes' packed multiply (64.3 -> 64.2, 63.6 -> 63.1, 57.2 -> 56.9):
+  // x below 2^-10 then loses bits as a float16 subnormal. Error against
+  // float64 for x scaled by 2^-12 / 2^-14 / 2^-16 (ppm, (8192, 4096) M =
+  // 16): 832 / 3254 / 12891 against 207 / 208 / 209 as it is (cuBLAS on
+  // the dequantized weights: 292 / 295 / 296).
+  __device__ __forceinline__ static void mma_sums(float (&xs)[4], uint32_t e0, uint32_t o0,
+                                                  uint32_t e1, uint32_t o1) {
     const uint32_t one = pack_pair<T>(T(1.f), T(1.f));
-    const uint32_t a[4] = {one, one, one, one};
-    mma_16816<T>(xsum, a, b0, b1);
+    const uint32_t a[4] = {e0, o0, e1, o1};
+    mma_16816<T>(xs, a, one, one);
+  }
+  // xsum[nt][c]: the sum of x over column 2t + c (mma's, for_each_output's)
+  // of x tile nt, from lane 4 (2t + c), which holds that column's halves in
+  // xs[nt][0] (A row g) and xs[nt][2] (A row g + 8).
+  template <int N_TILES>
+  __device__ __forceinline__ static void sums_of_columns(const float (&xs)[N_TILES][4],
+                                                         float (&xsum)[N_TILES][4]) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt) {
+      const float v = xs[nt][0] + xs[nt][2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) xsum[nt][c] = __shfl_sync(0xffffffffu, v, 4 * (2 * t + c));
+    }
   }
   // Rows (g, g + 8) of tile rt are c[0..1] and c[2..3]; x rows 2t and 2t + 1
   // are c[0], c[2] and c[1], c[3], whose sums of x are xsum[0] and xsum[1].
