@@ -283,8 +283,8 @@ struct WeightRows {
   // and second (o0, o1: k 2t + 8, 2t + 9) halves, which for paired x are one
   // 16-byte chunk's words in order (no register moves). One MMA per two of
   // codes, where A = 1 against each MMA's own B (x as the codes see it) took
-  // one per MMA of codes. H100, medians of three alternating rounds, one /
-  // two per two MMAs of codes (us): float16 w4 g128 (8192, 28672) M = 16
+  // one per MMA of codes. H100, medians of three alternating rounds, one per
+  // MMA of codes / one per two (us): float16 w4 g128 (8192, 28672) M = 16
   // 65.2 / 64.3, M = 9 63.8 / 63.6, (28672, 8192) M = 16 63.0 / 62.9,
   // (4096, 14336) 24.4 / 24.1; bfloat16 66.0 / 65.3; w8 101.5 / 101.1; M = 1
   // 54.7 / 54.5, M = 4 57.3 / 57.2 (scripts/results/ab_h100_x_sums.log).
