@@ -576,8 +576,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   const uint32_t mb_full = x_base + 16u * (STAGES * STAGE), mb_empty = mb_full + 8u * STAGES;
   if constexpr (MB) {
     if (threadIdx.x < STAGES) {
-      tile::mbar_init(mb_full + 8u * threadIdx.x, THREADS);
-      tile::mbar_init(mb_empty + 8u * threadIdx.x, THREADS);
+      mbar_init(mb_full + 8u * threadIdx.x, THREADS);
+      mbar_init(mb_empty + 8u * threadIdx.x, THREADS);
     }
     __syncthreads();
   }
@@ -613,7 +613,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       if (i_end > i_begin) {  // the first item's x paired
         cp_async_wait<STAGES - 2>();
         pair_up(0);
-        tile::mbar_arrive(mb_full);
+        mbar_arrive(mb_full);
       }
     }
   } else {
@@ -665,14 +665,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
           cp_async_wait<STAGES - 3>();
           if (u + 1 < left) {
             pair_up(ns);
-            tile::mbar_arrive(mb_full + 8u * ns);
+            mbar_arrive(mb_full + 8u * ns);
           }
-          tile::mbar_wait(mb_full + 8u * stage, (i / STAGES) & 1);
+          mbar_wait(mb_full + 8u * stage, (i / STAGES) & 1);
           compute(cur[u], stage);
-          tile::mbar_arrive(mb_empty + 8u * stage);
+          mbar_arrive(mb_empty + 8u * stage);
           // Item i + STAGES - 1 into the slot of item i - 1, once every thread is done with it.
           if (u + STAGES - 1 < left) {
-            if (i > 0) tile::mbar_wait(mb_empty + 8u * ps, ((i - 1) / STAGES) & 1);
+            if (i > 0) mbar_wait(mb_empty + 8u * ps, ((i - 1) / STAGES) & 1);
             copy_step(copy_next, ps);
             copy_next = copy_next + 1 == steps ? 0 : copy_next + 1;
           }

@@ -19,6 +19,7 @@
 
 #include "decode.cuh"
 #include "load_stream.cuh"
+#include "mbarrier.cuh"
 
 namespace mpq::cuda::tile {
 
@@ -62,39 +63,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
-}
-
-// Shared-memory barriers (mbarrier) of `count` arrivals per phase, CTA scope:
-// arrive releases the thread's writes, wait acquires those of every thread
-// that arrived in the phase. sm_90 (try_wait); launch_kernel asks for them
-// only there.
-__device__ __forceinline__ void mbar_init(uint32_t addr, uint32_t count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(addr), "r"(count) : "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}" ::"r"(addr)
-               : "memory");
-#else
-  __trap();
-#endif
-}
-// Until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n .reg .pred done;\n WAIT:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra WAIT;\n}" ::"r"(addr),
-      "r"(parity)
-      : "memory");
-#else
-  __trap();
-#endif
 }
 
 // v, through a move the compiler cannot see into: a value so passed stays in
