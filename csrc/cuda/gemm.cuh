@@ -640,7 +640,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // instructions per MMA (w4 g128: 11.6 -> 10.9), the loads still ahead of
   // the MMAs, yet slower on every shape, H200, M = 1, g128 (us): w4 (8192,
   // 28672) 52.8 -> 60.6, (28672, 8192) 49.9 -> 61.0; w8 74.9 -> 91.8; w2
-  // 43.6 -> 47.8.)
+  // 43.6 -> 47.8. Nor, for the ring's kernels, copying and reloading one
+  // step at a time, `cur[u] = next[u]` and the load of the next run's step u
+  // right before step u is computed, so that a step waits only for its own
+  // codes (fp16 w4 stream-K with mbarriers 198 -> 182 registers): H100, g128,
+  // medians of three alternating rounds (us), M = 16 float16 w4 (8192,
+  // 28672) 64.2 -> 76.5, (28672, 8192) 62.8 -> 88.6, (4096, 14336) 24.0 ->
+  // 27.9; bfloat16 65.1 -> 77.1; M = 8 (28672, 8192) 62.1 -> 87.6; with
+  // three blocks per SM on top (145-168 registers) 82.4 at (8192, 28672)
+  // (scripts/results/ab_h100_per_step_reloads.log).)
   if constexpr (SK) {
     int stage = 0;
     for (int left = i_end - i_begin; left > 0; left -= U) {
