@@ -57,6 +57,14 @@ def main():
                     help="L2 emptied by a read before each run instead of do_bench's zero-fill")
     args = ap.parse_args()
     builds = [b.split(":", 1) for b in args.builds.split(";")]
+    # (asked in a process of its own, so that this one holds no CUDA context
+    # while the rounds run)
+    device = subprocess.run([sys.executable, "-c",
+                             "import torch; print(torch.cuda.get_device_name())"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    print(f"device: {device}; do_bench median, "
+          f"{'L2 emptied by a read' if args.clean_l2 else 'L2 flushed by a write'}; "
+          "us (error against float64, ppm)", flush=True)
     tests = os.path.join(HERE, "..", "tests")
     saved = tempfile.NamedTemporaryFile(suffix=".so", delete=False).name
     shutil.copyfile(SO, saved)
