@@ -23,6 +23,7 @@
 #include <cooperative_groups.h>
 
 #include "kernels.h"
+#include "mbarrier.cuh"
 #include "tile.cuh"
 
 namespace mpq::cuda {

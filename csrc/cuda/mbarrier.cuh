@@ -1,5 +1,5 @@
 // Shared-memory barriers (mbarrier) of `count` arrivals per phase, CTA scope,
-// for the staged kernels' ring (tile.cuh, gemm.cuh) and the wgmma kernels'
+// for the staged kernels' ring (gemm.cuh) and the wgmma kernels'
 // (tma.cuh, gemm_sm90.cuh): arrive releases the thread's writes, wait
 // acquires those of every thread that arrived in the phase. sm_90 and later
 // (try_wait); the launches ask for them only there, and elsewhere they trap.

@@ -19,7 +19,6 @@
 
 #include "decode.cuh"
 #include "load_stream.cuh"
-#include "mbarrier.cuh"
 
 namespace mpq::cuda::tile {
 
