@@ -649,7 +649,18 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // 28672) 64.2 -> 76.5, (28672, 8192) 62.8 -> 88.6, (4096, 14336) 24.0 ->
   // 27.9; bfloat16 65.1 -> 77.1; M = 8 (28672, 8192) 62.1 -> 87.6; with
   // three blocks per SM on top (145-168 registers) 82.4 at (8192, 28672)
-  // (scripts/results/ab_h100_per_step_reloads.log).)
+  // (scripts/results/ab_h100_per_step_reloads.log). Nor the codes through
+  // the stream-K ring beside x, by TMA: thread 0 asked for a box of the
+  // block's 128 rows by a step's 64 bytes per slot on the slot's `full`
+  // mbarrier, and (late scaling) each thread loaded its row's scale and
+  // zero an item ahead into the slot, so that the computing warps issued no
+  // global loads at all (198 -> 138 registers, three blocks per SM; branch
+  // exp/ring-codes-tma): H100, g128, medians of three alternating rounds,
+  // loads / TMA (us): float16 w4 (8192, 28672) M = 16 64.5 / 71.4, M = 9
+  // 63.6 / 70.6, g64 68.5 / 76.9; bfloat16 65.0 / 71.6; w8 101.3 / 102.0;
+  // at four blocks per SM (120 registers, no spills) 78.9 for float16 w4
+  // (scripts/results/ab_h100_ring_codes_tma*.log). More blocks streaming
+  // more rows at once ran slower, not faster.)
   if constexpr (SK) {
     int stage = 0;
     for (int left = i_end - i_begin; left > 0; left -= U) {
