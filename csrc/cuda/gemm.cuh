@@ -658,7 +658,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // exp/ring-codes-tma): H100, g128, medians of three alternating rounds,
   // loads / TMA (us): float16 w4 (8192, 28672) M = 16 64.5 / 71.4, M = 9
   // 63.6 / 70.6, g64 68.5 / 76.9; bfloat16 65.0 / 71.6; w8 101.3 / 102.0;
-  // at four blocks per SM (120 registers, no spills) 78.9 for float16 w4
+  // at four blocks per SM (120 registers, no spills) 78.9 for float16 w4,
+  // and held to two blocks per SM by eight stages 83.2 against the loads'
+  // 64.7, so the ring itself costs, not the third block
   // (scripts/results/ab_h100_ring_codes_tma*.log). More blocks streaming
   // more rows at once ran slower, not faster.)
   if constexpr (SK) {
