@@ -11,7 +11,8 @@
 //   rows512  the eight-range kernel's: a warp's item is 2 rows x 512 bytes,
 //            each load 512 bytes of one row
 // With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
-// memset (dirty, as do_bench's flush); median of 20 runs. If kpair takes
+// memset (dirty, as do_bench's flush); median of 20 runs; each under four L2
+// policies of the load (load_stream_as). If kpair takes
 // as long as the kernel (8192 x 28672 w4 M = 1: 42 us on the H200 with a
 // clean L2, against 31.4 for a plain read of its bytes), its order of loads
 // sets the pace; if it is near flat, the kernel's work around the loads does.
@@ -29,7 +30,30 @@
 
 #include "../csrc/cuda/load_stream.cuh"  // the kernels' own load of the codes
 
-using mpq::cuda::tile::load_stream;
+// The same 16-byte load under a policy for L2. 0: the kernels' own (none
+// given); 1: an evict_first cache policy (createpolicy, .L2::cache_hint); 2:
+// an evict_unchanged one; 3: the streaming cache operation, .cs. (sm_90's
+// .L2::evict_first qualifier takes only 32-byte loads.)
+template <int POL>
+__device__ __forceinline__ uint4 load_stream_as(const uint4* p) {
+  if constexpr (POL == 0) return mpq::cuda::tile::load_stream(p);
+  uint4 v;
+  if constexpr (POL == 3) {
+    asm volatile("ld.global.cs.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  } else {
+    uint64_t policy;
+    if constexpr (POL == 1)
+      asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    else
+      asm("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p), "l"(policy));
+  }
+  return v;
+}
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
@@ -54,7 +78,7 @@ __device__ __forceinline__ long offset(long i, int r, long row_bytes) {
   return row * row_bytes + s * 512 + lane * 16;
 }
 
-template <int ORDER, int U>
+template <int ORDER, int U, int POL>
 __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long row_bytes,
                                                      long items, uint32_t* out) {
   const long i0 = items * blockIdx.x / gridDim.x, i1 = items * (blockIdx.x + 1) / gridDim.x;
@@ -64,7 +88,7 @@ __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long 
     if (i0 + u < i1)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        buf[u][r] = load_stream(reinterpret_cast<const uint4*>(codes + offset<ORDER>(i0 + u, r, row_bytes)));
+        buf[u][r] = load_stream_as<POL>(reinterpret_cast<const uint4*>(codes + offset<ORDER>(i0 + u, r, row_bytes)));
   uint32_t acc = 0;
   for (long i = i0; i < i1; i += U) {
 #pragma unroll
@@ -75,7 +99,7 @@ __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long 
         if (i + u + U < i1)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            buf[u][r] = load_stream(
+            buf[u][r] = load_stream_as<POL>(
                 reinterpret_cast<const uint4*>(codes + offset<ORDER>(i + u + U, r, row_bytes)));
       }
     }
@@ -92,9 +116,14 @@ __global__ void read_flush(const uint4* p, long n, uint32_t* out) {
 
 using Kernel = void (*)(const uint8_t*, long, long, uint32_t*);
 
+template <int ORDER, int POL>
+Kernel pick_u(int U) {
+  return U == 2 ? stream_kernel<ORDER, 2, POL> : stream_kernel<ORDER, 4, POL>;
+}
 template <int ORDER>
-Kernel pick(int U) {
-  return U == 2 ? stream_kernel<ORDER, 2> : U == 3 ? stream_kernel<ORDER, 3> : stream_kernel<ORDER, 4>;
+Kernel pick(int U, int pol) {
+  return pol == 1 ? pick_u<ORDER, 1>(U) : pol == 2 ? pick_u<ORDER, 2>(U)
+       : pol == 3 ? pick_u<ORDER, 3>(U) : pick_u<ORDER, 0>(U);
 }
 
 int main(int argc, char** argv) {
@@ -119,7 +148,8 @@ int main(int argc, char** argv) {
     for (int order = 0; order < 3; ++order) {
       for (int per_sm : {4, 5, 8}) {
         for (int U : {2, 4}) {
-          const Kernel k = order == kFlat ? pick<kFlat>(U) : order == kKPair ? pick<kKPair>(U) : pick<kRows512>(U);
+         for (int pol = 0; pol < 4; ++pol) {
+          const Kernel k = order == kFlat ? pick<kFlat>(U, pol) : order == kKPair ? pick<kKPair>(U, pol) : pick<kRows512>(U, pol);
           const int grid = per_sm * sms;
           std::vector<float> ts;
           for (int rep = 0; rep < 25; ++rep) {
@@ -137,8 +167,9 @@ int main(int argc, char** argv) {
           CK(cudaGetLastError());
           std::sort(ts.begin(), ts.end());
           const float us = ts[ts.size() / 2];
-          printf("%-5s %-8s U %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
-                 clean ? "clean" : "dirty", names[order], U, per_sm, grid, us, bytes / us / 1e6);
+          printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
+                 clean ? "clean" : "dirty", names[order], U, pol, per_sm, grid, us, bytes / us / 1e6);
+         }
         }
       }
     }
