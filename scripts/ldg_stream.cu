@@ -36,9 +36,10 @@
 // .L2::evict_first qualifier takes only 32-byte loads.)
 template <int POL>
 __device__ __forceinline__ uint4 load_stream_as(const uint4* p) {
-  if constexpr (POL == 0) return mpq::cuda::tile::load_stream(p);
   uint4 v;
-  if constexpr (POL == 3) {
+  if constexpr (POL == 0) {
+    v = mpq::cuda::tile::load_stream(p);
+  } else if constexpr (POL == 3) {
     asm volatile("ld.global.cs.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
@@ -144,32 +145,39 @@ int main(int argc, char** argv) {
   cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
   printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
   const char* names[] = {"flat", "kpair", "rows512"};
+  // Median of 20 runs of k over grid blocks, each after its flush.
+  const auto median_us = [&](Kernel k, int grid, bool clean) {
+    std::vector<float> ts;
+    for (int rep = 0; rep < 25; ++rep) {
+      if (clean)
+        read_flush<<<4 * sms, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, out);
+      else
+        CK(cudaMemsetAsync(flush, rep, flush_bytes));
+      CK(cudaEventRecord(a));
+      k<<<grid, 128>>>(codes, row_bytes, items, out);
+      CK(cudaEventRecord(b));
+      CK(cudaEventSynchronize(b));
+      float ms; CK(cudaEventElapsedTime(&ms, a, b));
+      if (rep >= 5) ts.push_back(ms * 1000.f);
+    }
+    CK(cudaGetLastError());
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2];
+  };
   for (int clean = 1; clean >= 0; --clean) {
     for (int order = 0; order < 3; ++order) {
       for (int per_sm : {4, 5, 8}) {
         for (int U : {2, 4}) {
-         for (int pol = 0; pol < 4; ++pol) {
-          const Kernel k = order == kFlat ? pick<kFlat>(U, pol) : order == kKPair ? pick<kKPair>(U, pol) : pick<kRows512>(U, pol);
-          const int grid = per_sm * sms;
-          std::vector<float> ts;
-          for (int rep = 0; rep < 25; ++rep) {
-            if (clean)
-              read_flush<<<4 * sms, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, out);
-            else
-              CK(cudaMemsetAsync(flush, rep, flush_bytes));
-            CK(cudaEventRecord(a));
-            k<<<grid, 128>>>(codes, row_bytes, items, out);
-            CK(cudaEventRecord(b));
-            CK(cudaEventSynchronize(b));
-            float ms; CK(cudaEventElapsedTime(&ms, a, b));
-            if (rep >= 5) ts.push_back(ms * 1000.f);
+          for (int pol = 0; pol < 4; ++pol) {
+            const Kernel k = order == kFlat    ? pick<kFlat>(U, pol)
+                             : order == kKPair ? pick<kKPair>(U, pol)
+                                               : pick<kRows512>(U, pol);
+            const int grid = per_sm * sms;
+            const float us = median_us(k, grid, clean);
+            printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
+                   clean ? "clean" : "dirty", names[order], U, pol, per_sm, grid, us,
+                   bytes / us / 1e6);
           }
-          CK(cudaGetLastError());
-          std::sort(ts.begin(), ts.end());
-          const float us = ts[ts.size() / 2];
-          printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
-                 clean ? "clean" : "dirty", names[order], U, pol, per_sm, grid, us, bytes / us / 1e6);
-         }
         }
       }
     }
