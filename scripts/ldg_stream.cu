@@ -10,9 +10,13 @@
 //            rows x 128 bytes, each load 4 rows x 128 bytes
 //   rows512  the eight-range kernel's: a warp's item is 2 rows x 512 bytes,
 //            each load 512 bytes of one row
+//   rows64   the 2-bit one-row kernel's (KR = 1): a warp's item is 16 rows x
+//            64 bytes, each load 8 rows x 64 bytes (for its bytes, pass
+//            half of its K: 2-bit codes of K inputs are 4-bit codes of K / 2)
 // With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
 // memset (dirty, as do_bench's flush); median of 20 runs; each under four L2
-// policies of the load (load_stream_as). If kpair takes
+// policies of the load (load_stream_as); with a third argument `quick`, only
+// the kernels' own load, U = 2 and five blocks per SM. If kpair takes
 // as long as the kernel (8192 x 28672 w4 M = 1: 42 us on the H200 with a
 // clean L2, against 31.4 for a plain read of its bytes), its order of loads
 // sets the pace; if it is near flat, the kernel's work around the loads does.
@@ -20,12 +24,14 @@
 //
 //     nvcc -arch=sm_90a -O3 -std=c++17 scripts/ldg_stream.cu -o /tmp/ldg_stream
 //     /tmp/ldg_stream 28672 8192    # N K
+//     /tmp/ldg_stream 28672 4096 quick
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../csrc/cuda/load_stream.cuh"  // the kernels' own load of the codes
@@ -58,7 +64,7 @@ __device__ __forceinline__ uint4 load_stream_as(const uint4* p) {
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
-enum Order { kFlat = 0, kKPair = 1, kRows512 = 2 };
+enum Order { kFlat = 0, kKPair = 1, kRows512 = 2, kRows64 = 3 };
 constexpr int kItemBytes = 4096;  // per block and item, in every order
 
 // Byte offset of load r (0, 1) of this thread for item i.
@@ -72,6 +78,12 @@ __device__ __forceinline__ long offset(long i, int r, long row_bytes) {
     const int g = lane >> 2, t = lane & 3;
     const long row = rb * 32 + warp * 8 + (g >> 1) + 4 * r;
     return row * row_bytes + s * 128 + (4 * (g & 1) + t) * 16;
+  }
+  if (ORDER == kRows64) {
+    const long steps = row_bytes / 64;
+    const long rb = i / steps, s = i % steps;
+    const long row = rb * 64 + warp * 16 + 8 * r + (lane >> 2);
+    return row * row_bytes + s * 64 + (lane & 3) * 16;
   }
   const long steps = row_bytes / 512;
   const long rb = i / steps, s = i % steps;
@@ -130,8 +142,10 @@ Kernel pick(int U, int pol) {
 int main(int argc, char** argv) {
   const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
   const long row_bytes = K / 2;  // 4-bit codes
-  if (N <= 0 || K <= 0 || N % 32 != 0 || row_bytes % 512 != 0) {
-    printf("ldg_stream N K: N a positive multiple of 32, K of 1024, got %ld %ld\n", N, K);
+  const bool quick = argc > 3 && std::string(argv[3]) == "quick";
+  if (N <= 0 || K <= 0 || N % 64 != 0 || row_bytes % 512 != 0) {
+    printf("ldg_stream N K [quick]: N a positive multiple of 64, K of 1024, got %ld %ld\n", N,
+           K);
     return 2;
   }
   const long bytes = N * row_bytes, items = bytes / kItemBytes;
@@ -144,7 +158,7 @@ int main(int argc, char** argv) {
   uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
   cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
   printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
-  const char* names[] = {"flat", "kpair", "rows512"};
+  const char* names[] = {"flat", "kpair", "rows512", "rows64"};
   // Median of 20 runs of k over grid blocks, each after its flush.
   const auto median_us = [&](Kernel k, int grid, bool clean) {
     std::vector<float> ts;
@@ -165,13 +179,15 @@ int main(int argc, char** argv) {
     return ts[ts.size() / 2];
   };
   for (int clean = 1; clean >= 0; --clean) {
-    for (int order = 0; order < 3; ++order) {
+    for (int order = 0; order < 4; ++order) {
       for (int per_sm : {4, 5, 8}) {
         for (int U : {2, 4}) {
           for (int pol = 0; pol < 4; ++pol) {
-            const Kernel k = order == kFlat    ? pick<kFlat>(U, pol)
-                             : order == kKPair ? pick<kKPair>(U, pol)
-                                               : pick<kRows512>(U, pol);
+            if (quick && (per_sm != 5 || U != 2 || pol != 0)) continue;
+            const Kernel k = order == kFlat      ? pick<kFlat>(U, pol)
+                             : order == kKPair   ? pick<kKPair>(U, pol)
+                             : order == kRows512 ? pick<kRows512>(U, pol)
+                                                 : pick<kRows64>(U, pol);
             const int grid = per_sm * sms;
             const float us = median_us(k, grid, clean);
             printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
