@@ -935,6 +935,17 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // won: w4 (4096, 14336) 19.8 / 20.2, (28672, 8192) 57.5 / 61.4, (8192,
     // 28672) 60.1 / 62.7; w8 30.5 / 33.0, 101.1 / 101.6, 98.4 / 99.6.
     // Its x slice stays resident unsplit (kResidentXBytes, below).
+    // Not taken past one wave either: eight ranges in stream-K (x resident
+    // over all of K, up to 56 KB at four blocks per SM; branch
+    // exp/one-row-ranges-sk), though their order of loads alone streams the
+    // bytes faster (scripts/ldg_stream.cu after do_bench's kind of flush, 5
+    // blocks per SM: 49.9 against 52.6 us at (8192, 28672), 50.4 / 53.9 at
+    // (28672, 8192)). H100, g128, M = 1, medians of three alternating rounds,
+    // eight ranges / k-paired stream-K or split grid (us): float16 w4 (8192,
+    // 28672) 57.1 / 56.0, (28672, 8192) 59.9 / 56.0, (4096, 14336) 21.4 /
+    // 18.9; bfloat16 57.3 / 56.2, 59.7 / 56.0; g64 62.6 / 62.2, 64.6 / 63.1;
+    // w8 98.3 / 96.9, 102.5 / 99.3, 31.4 / 29.2
+    // (scripts/results/ab_h100_one_row_ranges_sk.log).
     using Ranges8 = tile::WeightRows<T, W, RT, 8>;
     constexpr int ROWS8 = Ranges8::ROWS * RT * WARPS;  // weight rows per block
     if (M == 1 && K % Ranges8::STEP_K == 0 && (N + ROWS8 - 1) / ROWS8 <= slots &&
