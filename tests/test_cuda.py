@@ -471,23 +471,40 @@ def test_one_row_stream_k(w_bit, dtype):
         check_matmul(x, weight, w_bit, group_size, bias, (N, K, group_size))
 
 
+@pytest.mark.parametrize("ranges", ("pairs", "one", "default"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_two_bit_one_row_late_scaling(dtype):
+def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
     """One row of x, 2-bit codes, groups of 64 or more: late scaling with each
     lane's range of a step in its own B column (gemm.cuh's COLS), for groups of
     a quarter, a half and a whole step and per row; ragged N, with bias, x
-    centred and offset (sum(x) large against sum(x * code)). A split's slice
-    of x must fit the shared memory it may take (63 steps): 65 steps on 300
-    row blocks, which alone would take one split (on 132 SMs), take two; K =
-    8448 (33 steps) on 120 rows leaves a split of the eight with no step."""
+    centred and offset (sum(x) large against sum(x * code)). With
+    MPQ_OPS_CUDA_W2_RANGES=2 k-paired rows (two ranges per step, 32-row
+    blocks) where K is a whole number of their 512-input steps, else, and by
+    default or with =1, one range per row; which ran is checked from the
+    profiler's kernel names. A split's
+    slice of x must fit the shared memory it may take (63 steps of one range,
+    35 of two): 65 steps on 300 row blocks, which alone would take one split
+    (on 132 SMs), take two; K = 8448 (33 steps of one range) on 120 rows
+    leaves a split of the eight with no step, as K = 16896 does (33 of two)."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
+    if ranges == "default":
+        monkeypatch.delenv("MPQ_OPS_CUDA_W2_RANGES", raising=False)
+    else:
+        monkeypatch.setenv("MPQ_OPS_CUDA_W2_RANGES", "2" if ranges == "pairs" else "1")
     for N, K, group_size in ((1000, 4096, 64), (1003, 4096, 128), (517, 8192, 256),
                              (200, 6144, -1), (64, 65536, 128), (64, 65536, 256),
-                             (120, 8448, 64), (19200, 16640, 128)):
+                             (120, 8448, 64), (120, 16896, 64), (19200, 16640, 128),
+                             (19200, 16384, 128)):
         weight = make_weight(N, K, 2, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
         for offset in (0.0, 8.0):
             x = (make_x((1,), K, torch.float32, "cuda") + offset).to(dtype)
             check_matmul(x, weight, 2, group_size, bias, (N, K, group_size, offset))
+        launches = staged_launches(launched_kernels(
+            lambda: torch.ops.mpq.matmul(x, *weight, 2, group_size, None, bias)))
+        kr = "2" if ranges == "pairs" and K % 512 == 0 else "1"
+        # (KR, XR, WIDE: the resident x in late scaling over B columns)
+        assert len(launches) == 1 and launches[0][10:13] == [kr, kr, "true"], (N, K, launches)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

@@ -129,6 +129,19 @@ __device__ __forceinline__ float2 pair_chunks_w2_cols(uint4* a, uint4* b) {
 constexpr int kColsRange = 10;
 constexpr int kColsZeroAt = 1;
 constexpr int kColsZero = 8 + kColsZeroAt;
+// The same with two k ranges per row (KR = 2: eight lane ranges per step,
+// eight lanes reading x, two per quarter warp, ranges q and q + 4): ranges 9
+// chunks apart, so that q and q + 4 lie on different bank quads, and the
+// lanes reading zeros start at chunk g / 2 + 1 of the zero chunks (g / 2 is
+// the quarter warp), off the quads of both.
+template <int KR>
+constexpr int cols_range() {
+  return KR == 1 ? kColsRange : 9;
+}
+template <int KR>
+constexpr int cols_zero() {
+  return KR == 1 ? kColsZero : 8 + 4;
+}
 
 // Split K without a workspace (Hopper): the gridDim.z blocks that split a
 // tile's K form one thread block cluster. Each leaves its partial sums in its
@@ -265,12 +278,20 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // the range's sums of x (plain and weighted, pair_chunks_w2_cols), and a
   // chunk of padding (ranges 160 bytes apart, so that the four lanes reading
   // x hit four different bank quads).
+  // KR = 2 (k-paired rows, tile::WeightRows): A rows g and g + 8 are weight
+  // rows g / 2 and 4 + g / 2 over k range g % 2 of a step of two; range
+  // (g % 2, t) goes to column 2t + g % 2, so that a row's product over a
+  // lane's chunk is element g % 2 (row g) and 2 + g % 2 (row g + 8) of D;
+  // lanes g / 2 = t read x (range g % 2), the others zeros.
   constexpr bool COLS = W == 2 && LATE && RESIDENT && WIDE;
-  static_assert(!COLS || (N_TILES == 1 && XR == 1 && KR == 1), "COLS: one row of x");
+  static_assert(!COLS || (N_TILES == 1 && XR == KR && (KR == 1 || KR == 2)),
+                "COLS: one row of x");
+  static_assert(W != 2 || KR == 1 || COLS, "2-bit codes: k ranges only in COLS");
   constexpr int CLS = COLS ? 4 : 1;  // classes of codes (bit offsets within a byte)
-  constexpr int RANGE = kColsRange;  // COLS: chunks per lane range and step
+  constexpr int RANGE = cols_range<KR>();  // COLS: chunks per lane range and step
+  constexpr int RANGES = 4 * KR;           // COLS: lane ranges per step
   // Chunks between consecutive steps of x in shared memory.
-  constexpr int X_STEP = COLS ? 4 * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
+  constexpr int X_STEP = COLS ? RANGES * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
   extern __shared__ uint4 x_stages[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -383,9 +404,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // the sums of x and the zero chunk after the slice.
   const auto cols_slice = [&](bool pair) {
     const int n_steps = s_end - s_begin;
+    constexpr int STEP_CHUNKS = KR * CHUNKS;  // of x per step
     if (!pair) {
-      for (int i = threadIdx.x; i < n_steps * CHUNKS; i += THREADS) {
-        const int c = i % CHUNKS, st = i / CHUNKS;
+      for (int i = threadIdx.x; i < n_steps * STEP_CHUNKS; i += THREADS) {
+        const int c = i % STEP_CHUNKS, st = i / STEP_CHUNKS;
         uint4* dst = x_stages + st * X_STEP + (c / 8) * RANGE + c % 8;
         cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)),
                    x + (size_t)(s_begin + st) * Rows::STEP_K + c * 8, 16);
@@ -393,12 +415,12 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       return;
     }
     // (a split past the last step has none: n_steps <= 0)
-    if (threadIdx.x < kColsZero && n_steps > 0)
+    if (threadIdx.x < cols_zero<KR>() && n_steps > 0)
       x_stages[n_steps * X_STEP + threadIdx.x] = make_uint4(0, 0, 0, 0);
     // Words 4r .. 4r + 3 of a step are range r: four consecutive threads.
-    const int words = n_steps * (CHUNKS / 2);
+    const int words = n_steps * (STEP_CHUNKS / 2);
     for (int i0 = 0; i0 < words; i0 += THREADS) {
-      const int i = i0 + threadIdx.x, st = i / (CHUNKS / 2), w = i % (CHUNKS / 2);
+      const int i = i0 + threadIdx.x, st = i / (STEP_CHUNKS / 2), w = i % (STEP_CHUNKS / 2);
       uint4* p = x_stages + st * X_STEP + (w / 4) * RANGE + 2 * (w % 4);
       float2 sum = i < words ? pair_chunks_w2_cols<T>(p, p + 1) : make_float2(0.f, 0.f);
 #pragma unroll
@@ -442,10 +464,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // step (0 for the zero chunk), and its range's sum of x.
   uint32_t cols_x = 0, cols_stride = 0, cols_sum = 0;
   if constexpr (COLS) {
-    const uint32_t zero = x_base + 16u * (uint32_t)((s_end - s_begin) * X_STEP + kColsZeroAt);
-    cols_x = tile::opaque(g == 2 * t ? x_base + 16u * (t * RANGE) : zero);
-    cols_stride = tile::opaque(g == 2 * t ? 16u * X_STEP : 0u);
-    cols_sum = tile::opaque(x_base + 16u * (t * RANGE + 8));
+    const uint32_t zeros = x_base + 16u * (uint32_t)((s_end - s_begin) * X_STEP);
+    // (the lane's range, and whether it reads x)
+    const int q = KR == 1 ? t : 4 * (g & 1) + t;
+    const bool reads = KR == 1 ? g == 2 * t : g >> 1 == t;
+    const uint32_t zero = zeros + 16u * (KR == 1 ? kColsZeroAt : (g >> 1) + 1);
+    cols_x = tile::opaque(reads ? x_base + 16u * (q * RANGE) : zero);
+    cols_stride = tile::opaque(reads ? 16u * X_STEP : 0u);
+    cols_sum = tile::opaque(x_base + 16u * (q * RANGE + 8));
   }
 
   const auto load_step = [&](int s, Step& st) { rows.template load<TAIL>(s, st); };
@@ -474,7 +500,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
       }
       const uint32_t sums = cols_sum + 16u * X_STEP * stage;
       Rows::template apply_cols<CLS>(
-          st, part, __uint_as_float(tile::lds32(sums)),
+          st, part, KR == 1 ? 0 : g & 1, __uint_as_float(tile::lds32(sums)),
           ColsCodes<T>::kBias != 0.f ? __uint_as_float(tile::lds32(sums + 4)) : 0.f, acc[0]);
       return;
     }
@@ -788,7 +814,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 
   if constexpr (COLS) {
     // Lane (g, t) holds rows g and g + 8 over range t; a row's four ranges
-    // meet across the quad.
+    // meet across the quad. KR = 2: its rows' k range g % 2 in column 2t +
+    // g % 2; lane g ^ 1 (lane ^ 4) holds the same rows' other range.
+    // (Rows::apply_cols sums a row's products into element 2 hr either way)
+    const int col = KR == 1 ? 0 : g & 1;
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
@@ -796,7 +825,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
         float v = acc[0][rt][2 * hr];
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
-        if (t == 0) Rows::put(v, m0, rows.row[2 * rt + hr], M, N, blockIdx.z, ws, bias, y);
+        if constexpr (KR == 2) v += __shfl_xor_sync(0xffffffffu, v, 4);
+        if (t == 0 && col == 0)
+          Rows::put(v, m0, rows.row[2 * rt + hr], M, N, blockIdx.z, ws, bias, y);
       }
     }
     return;
@@ -880,8 +911,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   constexpr int STAGES = std::min(4, 48 * 1024 / STAGE_BYTES);
   static_assert(STAGES >= 2, "a staged step must leave room for two");
   constexpr int SMEM = STAGES * STAGE_BYTES;
+  // 2-bit codes in k ranges: only late scaling over B columns (gemm_cuda_kernel's COLS).
+  constexpr bool COLS_ONLY = W == 2 && KR > 1;
   const auto kernel =
-      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, LATE, KR>;
+      gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, COLS_ONLY || PAIRED,
+                       LATE, KR, COLS_ONLY ? KR : 0, COLS_ONLY>;
   using Rows = tile::WeightRows<T, W, RT, KR>;
   const int M = x.size(0), K = x.size(1), N = qweight.size(0);
   const int x_rows = BM / KR, w_rows = Rows::ROWS * RT * WARPS;
@@ -926,7 +960,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // in stream-K instead where it can (below).
   static tile::PerDevice slots_on;
   const int slots = slots_on.get([&] { return tile::resident_slots(kernel, WARPS * 32, SMEM); });
-  if constexpr (KR == 2) {
+  if constexpr (KR == 2 && W != 2) {
     // One row of x: eight k ranges per row (tile::WeightRows), whose loads read
     // 512 bytes of a row at a time and whose grid has four times the blocks,
     // where that grid fits one wave unsplit. H100, g128, M = 1, KR = 2 / 8
@@ -1059,8 +1093,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // (gemm_cuda_kernel's COLS): 160 bytes of shared memory per step (x, its
   // sums, padding) and a zero chunk, split at least so that a slice stays
   // within kResidentXBytes (groups of less than a step need that kernel).
-  constexpr int COLS_STEP_BYTES = 4 * kColsRange * 16, COLS_ZERO_BYTES = kColsZero * 16;
+  constexpr int COLS_STEP_BYTES = 4 * KR * cols_range<KR>() * 16;
+  constexpr int COLS_ZERO_BYTES = cols_zero<KR>() * 16;
   const bool cols = W == 2 && LATE && N_TILES == 1 && M == 1;
+  TORCH_INTERNAL_ASSERT(W != 2 || KR == 1 || (cols && group_size % 64 == 0),
+                        "2-bit codes in k ranges: late scaling over B columns only");
   // the most steps per slice
   const int cols_steps = (kResidentXBytes - COLS_ZERO_BYTES) / COLS_STEP_BYTES;
   const int one_tile_splits =
@@ -1109,10 +1146,12 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, PAIRED, false,
                                   1, 0, false, false, true>;
   }
+  TORCH_INTERNAL_ASSERT(!COLS_ONLY || resident, "2-bit codes in k ranges: a resident x");
   if constexpr (N_TILES == 1) {
     if (resident) {
-      launched =
-          gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE, KR, XR>;
+      if constexpr (!COLS_ONLY)
+        launched =
+            gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE, KR, XR>;
       if constexpr (W == 2) {
         if (group_size % 64 == 0)
           launched = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true, LATE,
@@ -1206,10 +1245,26 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // instructions per two steps: float16 586 -> 329, bfloat16 663 -> 408).
   // Error of y against float64 lower too (float16 g128 512 -> 287 ppm: no
   // float16 rounding of each weight).
+  // With MPQ_OPS_CUDA_W2_RANGES=2, k-paired rows (gemm_cuda_kernel's COLS
+  // with KR = 2: two ranges per step, a row's 128 bytes at a time, 32-row
+  // blocks) where K is a whole number of such steps. Alone, their order of
+  // loads reads the 2-bit bytes of (8192, 28672) in 29.4 us after do_bench's
+  // kind of flush, against 35.7 in the one-range order (16 rows x 64 bytes
+  // per warp and step; scripts/results/ldg_orders_h100.log), yet the kernel
+  // gained little: H100, M = 1, medians of three alternating rounds, k-paired
+  // / one range (us): float16 g128 (8192, 28672) 36.4 / 37.0, (28672, 8192)
+  // 36.5 / 36.8, (4096, 14336) 14.8 / 16.4, (4096, 4096) 10.7 / 10.0;
+  // bfloat16 (8192, 28672) 37.0 / 36.8; g64 (28672, 8192) 40.2 / 42.4
+  // (scripts/results/ab_h100_w2_k_pairs.log). Off until a rule for where it
+  // wins (here: 4096 rows lost, 8192 and more gained or tied) is confirmed.
   if constexpr (W == 2 && N_TILES == 1) {
-    if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0)
+    if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0) {
+      if (x.size(1) % (2 * SUPER_K) == 0 && tile::two_bit_k_pairs())
+        return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
+            x, qweight, scales, zeros, bias, y, group_size);
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
           x, qweight, scales, zeros, bias, y, group_size);
+    }
   }
   if constexpr (N_TILES <= 2) {
     if (late)

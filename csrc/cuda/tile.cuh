@@ -144,7 +144,7 @@ struct WeightRows {
   static constexpr int STEP_K = KR * SUPER_K;  // inputs per step
   static constexpr int ROWS = 16 / KR;         // weight rows per tile
   static_assert(KR == 1 || KR == 2 || KR == 8, "k ranges per row: 1, 2 or 8");
-  static_assert(KR == 1 || (RT == 1 && W != 2), "k ranges: one tile of 4- or 8-bit codes");
+  static_assert(KR == 1 || RT == 1, "k ranges: one tile");
   // Everything a step reads from W's side, so that it can be loaded ahead:
   // the packed words of the lane's rows and their scales and zeros.
   struct Step {
@@ -313,17 +313,21 @@ struct WeightRows {
   // one group: the lane's scale and zero.
   template <int CLS>
   __device__ __forceinline__ static void apply_cols(const Step& st,
-                                                    const float (&part)[CLS][RT][4], float xs,
-                                                    float xb, float (&acc)[RT][4]) {
+                                                    const float (&part)[CLS][RT][4], int col,
+                                                    float xs, float xb, float (&acc)[RT][4]) {
     using C = ColsCodes<T>;
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        float v = part[0][rt][2 * hr];
+        // (selected, not indexed by col: an index known only at run time
+        // would put both arrays in local memory)
+        const auto pick = [&](int c) {
+          return col ? part[c][rt][2 * hr + 1] : part[c][rt][2 * hr];
+        };
+        float v = pick(0);
 #pragma unroll
-        for (int c = 1; c < CLS; ++c)
-          v = fmaf(part[c][rt][2 * hr], 1.f / float(1 << C::shift(c)), v);
+        for (int c = 1; c < CLS; ++c) v = fmaf(pick(c), 1.f / float(1 << C::shift(c)), v);
         if constexpr (C::kBias != 0.f) v -= xb;
         const float sc = float(st.s[2 * rt + hr][0]) * (1.f / C::kUnit);
         const float zc = float(st.z[2 * rt + hr][0]) * C::kUnit;
@@ -588,6 +592,14 @@ inline bool small_grids() {
 // launch_kernel; A/B runs).
 inline bool stream_k() {
   return switched_on("MPQ_OPS_CUDA_STREAM_K", "0");
+}
+
+// MPQ_OPS_CUDA_W2_RANGES=2 takes one row of x against 2-bit codes in
+// k-paired rows instead of one k range per row (gemm.cuh's launch; off by
+// default: tests of both, A/B runs).
+inline bool two_bit_k_pairs() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_W2_RANGES");
+  return v != nullptr && std::strcmp(v, "2") == 0;
 }
 
 // MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
