@@ -2,7 +2,7 @@
 // weight, with nothing else in the kernel: the same 16-byte loads
 // (load_stream.cuh), the same grid (one block of four warps per
 // resident slot, stream-K shares of (row block, step) items), U items in
-// flight per warp, each loaded word only XORed into a sum. Three orders of the
+// flight per warp, each loaded word only XORed into a sum. Four orders of the
 // same bytes:
 //   flat     each block's share as one run of memory, 4 KB per item (a plain
 //            read's order)

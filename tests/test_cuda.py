@@ -481,11 +481,11 @@ def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
     MPQ_OPS_CUDA_W2_RANGES=2 k-paired rows (two ranges per step, 32-row
     blocks) where K is a whole number of their 512-input steps, else, and by
     default or with =1, one range per row; which ran is checked from the
-    profiler's kernel names. A split's
-    slice of x must fit the shared memory it may take (63 steps of one range,
-    35 of two): 65 steps on 300 row blocks, which alone would take one split
-    (on 132 SMs), take two; K = 8448 (33 steps of one range) on 120 rows
-    leaves a split of the eight with no step, as K = 16896 does (33 of two)."""
+    profiler's kernel names. A split's slice of x must fit the shared memory
+    it may take (63 steps of one range, 35 of two): 65 steps on 300 row
+    blocks, which alone would take one split (on 132 SMs), take two; K = 8448
+    (33 steps of one range) on 120 rows leaves a split of the eight with no
+    step, as K = 16896 does (33 of two)."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     if ranges == "default":
         monkeypatch.delenv("MPQ_OPS_CUDA_W2_RANGES", raising=False)
