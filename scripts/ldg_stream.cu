@@ -27,14 +27,13 @@
 //     /tmp/ldg_stream 28672 4096 quick
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 #include "../csrc/cuda/load_stream.cuh"  // the kernels' own load of the codes
+#include "stream_timing.cuh"             // CK, median_us
 
 // The same 16-byte load under a policy for L2. 0: the kernels' own (none
 // given); 1: an evict_first cache policy (createpolicy, .L2::cache_hint); 2:
@@ -61,8 +60,6 @@ __device__ __forceinline__ uint4 load_stream_as(const uint4* p) {
   }
   return v;
 }
-
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 enum Order { kFlat = 0, kKPair = 1, kRows512 = 2, kRows64 = 3 };
 constexpr int kItemBytes = 4096;  // per block and item, in every order
@@ -156,27 +153,18 @@ int main(int argc, char** argv) {
   CK(cudaMemset(flush, 3, flush_bytes));
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
-  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
   printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
   const char* names[] = {"flat", "kpair", "rows512", "rows64"};
-  // Median of 20 runs of k over grid blocks, each after its flush.
-  const auto median_us = [&](Kernel k, int grid, bool clean) {
-    std::vector<float> ts;
-    for (int rep = 0; rep < 25; ++rep) {
-      if (clean)
-        read_flush<<<4 * sms, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, out);
-      else
-        CK(cudaMemsetAsync(flush, rep, flush_bytes));
-      CK(cudaEventRecord(a));
-      k<<<grid, 128>>>(codes, row_bytes, items, out);
-      CK(cudaEventRecord(b));
-      CK(cudaEventSynchronize(b));
-      float ms; CK(cudaEventElapsedTime(&ms, a, b));
-      if (rep >= 5) ts.push_back(ms * 1000.f);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2];
+  // k over grid blocks, each run after its flush (clean: a read, else a memset).
+  const auto time_us = [&](Kernel k, int grid, bool clean) {
+    return median_us(
+        [&](int rep) {
+          if (clean)
+            read_flush<<<4 * sms, 512>>>(static_cast<const uint4*>(flush), flush_bytes / 16, out);
+          else
+            CK(cudaMemsetAsync(flush, rep, flush_bytes));
+        },
+        [&] { k<<<grid, 128>>>(codes, row_bytes, items, out); });
   };
   for (int clean = 1; clean >= 0; --clean) {
     for (int order = 0; order < 4; ++order) {
@@ -189,7 +177,7 @@ int main(int argc, char** argv) {
                              : order == kRows512 ? pick<kRows512>(U, pol)
                                                  : pick<kRows64>(U, pol);
             const int grid = per_sm * sms;
-            const float us = median_us(k, grid, clean);
+            const float us = time_us(k, grid, clean);
             printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
                    clean ? "clean" : "dirty", names[order], U, pol, per_sm, grid, us,
                    bytes / us / 1e6);

@@ -19,10 +19,9 @@
 #include <vector>
 
 #include "../csrc/cuda/tma.cuh"  // the kernel's own mbarrier and copy helpers
+#include "stream_timing.cuh"     // CK, median_us
 
 using namespace mpq::cuda::sm90;
-
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 // Block b: rows [128 b, 128 b + 128), all columns, in boxes of R rows x BW
 // bytes: for each column chunk, the 128 / R boxes down the tile. With
@@ -86,7 +85,6 @@ int main(int argc, char** argv) {
   CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &st));
   auto encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
   printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld blocks of 128 rows\n", N, K, N * row_bytes / 1e6, sms, N / 128);
   struct Shape { int R, BW, S; CUtensorMapL2promotion promo; const char* pname; };
   std::vector<Shape> shapes;
@@ -133,20 +131,12 @@ int main(int argc, char** argv) {
     int smem = sh.S * (box_bytes + x_bytes) + 8 * sh.S + 1024;
     if (per_sm_cap > 0) smem = std::max(smem, 200 * 1024 / per_sm_cap);  // fewer blocks fit
     CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    std::vector<float> ts;
-    for (int rep = 0; rep < 25; ++rep) {
-      CK(cudaMemsetAsync(flush, rep, flush_bytes));
-      CK(cudaEventRecord(a));
-      stream_kernel<<<N / 128, 32, smem>>>(map, x_map, sh.R, sh.BW, row_bytes, sh.S, box_bytes,
-                                           x_rows);
-      CK(cudaEventRecord(b));
-      CK(cudaEventSynchronize(b));
-      float ms; CK(cudaEventElapsedTime(&ms, a, b));
-      if (rep >= 5) ts.push_back(ms * 1000.f);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    const float us = ts[ts.size() / 2];
+    const float us = median_us(
+        [&](int rep) { CK(cudaMemsetAsync(flush, rep, flush_bytes)); },
+        [&] {
+          stream_kernel<<<N / 128, 32, smem>>>(map, x_map, sh.R, sh.BW, row_bytes, sh.S,
+                                               box_bytes, x_rows);
+        });
     int per_sm = 0; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, stream_kernel, 32, smem));
     printf("box %3d rows x %3d B  stages %2d (%3d KB in flight/block, %d blocks/SM)  L2 promo %-4s  x rows %3d  %7.1f us  %5.2f TB/s of codes\n",
            sh.R, sh.BW, sh.S, sh.S * (box_bytes + x_bytes) / 1024, per_sm, sh.pname, x_rows, us,
