@@ -471,6 +471,27 @@ def test_one_row_stream_k(w_bit, dtype):
         check_matmul(x, weight, w_bit, group_size, bias, (N, K, group_size))
 
 
+def two_bit_pairs_by_rule(N, K, sms, blocks_per_sm):
+    """gemm.cuh's launch_kernel rule for one row of x against 2-bit codes,
+    written out again: k-paired rows (32-row blocks, 512-input steps, 35 of
+    them in a resident slice) where one range per row (64-row blocks,
+    256-input steps, 63 per slice) would split K and the k-paired grid fills
+    one wave unsplit; each grid split as a streaming GEMV's."""
+    if K % 512:
+        return False
+    slots = sms * blocks_per_sm
+
+    def splits(blocks, steps, most_steps):
+        if blocks > slots:
+            return 2  # (past one wave: not taken either way)
+        fill = max(1, min(4 * slots // (5 * blocks), 8, max(1, steps // 4)))
+        return max(fill, -(-steps // most_steps))
+
+    pair_blocks = -(-N // 32)
+    return (splits(-(-N // 64), K // 256, 63) > 1 and pair_blocks <= slots
+            and splits(pair_blocks, K // 512, 35) == 1)
+
+
 @pytest.mark.parametrize("ranges", ("pairs", "one", "default"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
@@ -479,22 +500,26 @@ def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
     a quarter, a half and a whole step and per row; ragged N, with bias, x
     centred and offset (sum(x) large against sum(x * code)). With
     MPQ_OPS_CUDA_W2_RANGES=2 k-paired rows (two ranges per step, 32-row
-    blocks) where K is a whole number of their 512-input steps, else, and by
-    default or with =1, one range per row; which ran is checked from the
-    profiler's kernel names. A split's slice of x must fit the shared memory
-    it may take (63 steps of one range, 35 of two): 65 steps on 300 row
-    blocks, which alone would take one split (on 132 SMs), take two; K = 8448
-    (33 steps of one range) on 120 rows leaves a split of the eight with no
-    step, as K = 16896 does (33 of two)."""
+    blocks) where K is a whole number of their 512-input steps, with =1 one
+    range per row, and by default as the rule picks (two_bit_pairs_by_rule,
+    at four or five blocks per SM; where the two counts disagree either
+    kernel passes); which ran is checked from the profiler's kernel names. A
+    split's slice of x must fit the shared memory it may take (63 steps of
+    one range, 35 of two): 65 steps on 300 row blocks, which alone would take
+    one split (on 132 SMs), take two; K = 8448 (33 steps of one range) on 120
+    rows leaves a split of the eight with no step, as K = 16896 does (33 of
+    two). 96 rows per SM (ragged) with K = 4096: one range per row would split
+    K in two, k-paired rows fill the wave unsplit, so the rule takes them."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     if ranges == "default":
         monkeypatch.delenv("MPQ_OPS_CUDA_W2_RANGES", raising=False)
     else:
         monkeypatch.setenv("MPQ_OPS_CUDA_W2_RANGES", "2" if ranges == "pairs" else "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for N, K, group_size in ((1000, 4096, 64), (1003, 4096, 128), (517, 8192, 256),
                              (200, 6144, -1), (64, 65536, 128), (64, 65536, 256),
                              (120, 8448, 64), (120, 16896, 64), (19200, 16640, 128),
-                             (19200, 16384, 128)):
+                             (19200, 16384, 128), (96 * sms - 5, 4096, 128)):
         weight = make_weight(N, K, 2, group_size, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
         for offset in (0.0, 8.0):
@@ -502,9 +527,16 @@ def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
             check_matmul(x, weight, 2, group_size, bias, (N, K, group_size, offset))
         launches = staged_launches(launched_kernels(
             lambda: torch.ops.mpq.matmul(x, *weight, 2, group_size, None, bias)))
-        kr = "2" if ranges == "pairs" and K % 512 == 0 else "1"
+        if ranges == "default":
+            by_rule = {two_bit_pairs_by_rule(N, K, sms, b) for b in (4, 5)}
+            krs = {"2" if pairs else "1" for pairs in by_rule}
+            if N == 96 * sms - 5:
+                assert krs == {"2"}, (N, K)
+        else:
+            krs = {"2" if ranges == "pairs" and K % 512 == 0 else "1"}
         # (KR, XR, WIDE: the resident x in late scaling over B columns)
-        assert len(launches) == 1 and launches[0][10:13] == [kr, kr, "true"], (N, K, launches)
+        assert len(launches) == 1 and launches[0][10] in krs, (N, K, launches)
+        assert launches[0][11:13] == [launches[0][10], "true"], (N, K, launches)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

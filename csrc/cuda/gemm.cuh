@@ -853,6 +853,19 @@ inline long tiles_splits(long blocks, long steps) {
   return std::max(1L, std::min(2L * tile::sm_count() / blocks, std::max(1L, steps / 4)));
 }
 
+// K splits of a grid of `blocks` blocks of one x tile, each walking `steps`
+// steps, on `slots` resident blocks (launch_kernel's rule for a streaming
+// GEMV, whose workspace is tiny): past one wave, so that the last wave is
+// full (up to 4 splits); within one, until about 4/5 of the wave is filled,
+// up to 8 splits of at least 4 steps.
+inline int tile_splits_one_x(long blocks, int steps, int slots) {
+  if (blocks > slots)
+    return tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)),
+                                     true, true);
+  return (int)std::max<long>(
+      1, std::min<long>({4L * slots / (5L * blocks), 8L, std::max(1, steps / 4)}));
+}
+
 // Whether M rows of x, in the x tiles gemm_bits takes for them (x_tiles: 9
 // rows or more, so more than one tile of 8), against an [N, K] weight of
 // W-bit codes take the small-grid kernel (gemm_bits): where
@@ -1100,12 +1113,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                         "2-bit codes in k ranges: late scaling over B columns only");
   // the most steps per slice
   const int cols_steps = (kResidentXBytes - COLS_ZERO_BYTES) / COLS_STEP_BYTES;
-  const int one_tile_splits =
-      blocks > slots
-          ? tile::wave_filling_splits(blocks, steps, slots, std::min(4, std::max(1, steps / 4)),
-                                      true, true)
-          : (int)std::max<long>(
-                1, std::min<long>({4L * slots / (5L * blocks), 8L, std::max(1, steps / 4)}));
+  const int one_tile_splits = tile_splits_one_x(blocks, steps, slots);
   const int splits =
       cols ? std::max(one_tile_splits, (steps + cols_steps - 1) / cols_steps)
       : N_TILES == 1 && W == 2 ? std::min(4, std::max(1, steps / 4))
@@ -1121,6 +1129,42 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
           return std::max(1, (steps + per - 1) / per);
         }()
                      : (int)tiles_splits(blocks, steps);
+  if constexpr (W == 2 && KR == 1 && N_TILES == 1 && LATE) {
+    // One row of x against 2-bit codes: k-paired rows (KR = 2, 32-row blocks)
+    // where one range per row (64-row blocks) would split K and their grid of
+    // twice the blocks fills a wave unsplit, so that no partial sums go
+    // through the workspace and no second kernel adds them. Their order of
+    // loads alone reads the 2-bit bytes of (8192, 28672) in 29.4 us after
+    // do_bench's kind of flush, against 35.7 in the one-range order (16 rows x
+    // 64 bytes per warp and step; scripts/results/ldg_orders_h100.log), yet
+    // where both grids split or neither does, neither is ahead by much. H100,
+    // M = 1, medians of five alternating rounds, k-paired / one range (us):
+    // taken, 14336 rows: float16 g128 K = 4096 15.6 / 16.5, 8192 22.5 / 24.3,
+    // 14336 33.8 / 34.5; bfloat16 15.8 / 16.8; g64 16.7 / 18.1; g256 15.3 /
+    // 16.0. Not taken: 4096 rows, K = 4096 / 8192 / 14336 / 28672 11.1 /
+    // 10.3, 12.4 / 12.7, 15.7 / 16.3, 22.7 / 22.4; 8192 rows 13.3 / 12.5,
+    // 17.5 / 16.9, 23.1 / 22.4, 37.2 / 37.6; 28672 rows (896 blocks of 32 rows
+    // for 660 slots) 23.3 / 21.8, 36.4 / 37.0, g256 34.8 / 33.3, g64 40.4 /
+    // 40.2 (scripts/results/ab_h100_w2_k_pairs_rule.log).
+    if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 0) {
+      using Pairs = tile::WeightRows<T, W, RT, 2>;
+      constexpr int PAIR_ROWS = Pairs::ROWS * RT * WARPS;
+      constexpr int PAIR_STEP_BYTES = 4 * 2 * cols_range<2>() * 16;
+      constexpr int PAIR_ZERO_BYTES = cols_zero<2>() * 16;
+      const auto pairs = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true,
+                                          LATE, 2, 2, true>;
+      static tile::PerDevice pair_slots_on;
+      const int pair_slots =
+          pair_slots_on.get([&] { return tile::resident_slots(pairs, WARPS * 32, SMEM); });
+      const long pair_blocks = (N + PAIR_ROWS - 1) / PAIR_ROWS;
+      const int pair_steps = K / Pairs::STEP_K;
+      if (pair_blocks <= pair_slots && pair_steps * PAIR_STEP_BYTES + PAIR_ZERO_BYTES <=
+                                           kResidentXBytes &&
+          tile_splits_one_x(pair_blocks, pair_steps, pair_slots) == 1)
+        return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 2>(
+            x, qweight, scales, zeros, bias, y, group_size);
+    }
+  }
   const int per_split = (steps + splits - 1) / splits;
   // One row of x: its whole slice per block in shared memory (gemm_cuda_kernel's
   // XR) where that takes at most kResidentXBytes.
@@ -1245,21 +1289,14 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // instructions per two steps: float16 586 -> 329, bfloat16 663 -> 408).
   // Error of y against float64 lower too (float16 g128 512 -> 287 ppm: no
   // float16 rounding of each weight).
-  // With MPQ_OPS_CUDA_W2_RANGES=2, k-paired rows (gemm_cuda_kernel's COLS
-  // with KR = 2: two ranges per step, a row's 128 bytes at a time, 32-row
-  // blocks) where K is a whole number of such steps. Alone, their order of
-  // loads reads the 2-bit bytes of (8192, 28672) in 29.4 us after do_bench's
-  // kind of flush, against 35.7 in the one-range order (16 rows x 64 bytes
-  // per warp and step; scripts/results/ldg_orders_h100.log), yet the kernel
-  // gained little: H100, M = 1, medians of three alternating rounds, k-paired
-  // / one range (us): float16 g128 (8192, 28672) 36.4 / 37.0, (28672, 8192)
-  // 36.5 / 36.8, (4096, 14336) 14.8 / 16.4, (4096, 4096) 10.7 / 10.0;
-  // bfloat16 (8192, 28672) 37.0 / 36.8; g64 (28672, 8192) 40.2 / 42.4
-  // (scripts/results/ab_h100_w2_k_pairs.log). Off until a rule for where it
-  // wins (here: 4096 rows lost, 8192 and more gained or tied) is confirmed.
+  // k-paired rows (gemm_cuda_kernel's COLS with KR = 2: two ranges per step, a
+  // row's 128 bytes at a time, 32-row blocks) where K is a whole number of
+  // their steps and launch_kernel's rule takes them (their grid fills a wave
+  // unsplit where one range per row would split K); MPQ_OPS_CUDA_W2_RANGES=2
+  // takes them wherever K allows.
   if constexpr (W == 2 && N_TILES == 1) {
     if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0) {
-      if (x.size(1) % (2 * SUPER_K) == 0 && tile::two_bit_k_pairs())
+      if (x.size(1) % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 2)
         return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
             x, qweight, scales, zeros, bias, y, group_size);
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(

@@ -595,11 +595,12 @@ inline bool stream_k() {
 }
 
 // MPQ_OPS_CUDA_W2_RANGES=2 takes one row of x against 2-bit codes in
-// k-paired rows instead of one k range per row (gemm.cuh's launch; off by
-// default: tests of both, A/B runs).
-inline bool two_bit_k_pairs() {
+// k-paired rows wherever K allows, =1 one k range per row; unset (0), the
+// rule in gemm.cuh's launch_kernel picks (tests of all three, A/B runs).
+inline int two_bit_ranges() {
   const char* v = std::getenv("MPQ_OPS_CUDA_W2_RANGES");
-  return v != nullptr && std::strcmp(v, "2") == 0;
+  if (v == nullptr) return 0;
+  return std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "1") == 0 ? 1 : 0;
 }
 
 // MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
