@@ -6,7 +6,7 @@
 // same bytes:
 //   flat     each block's share as one run of memory, 4 KB per item (a plain
 //            read's order)
-//   kpair    the two-range kernel's (gemm.cuh, KR = 2): a warp's item is 8
+//   kpair    the two-range kernel's (gemm_kernel.cuh, KR = 2): a warp's item is 8
 //            rows x 128 bytes, each load 4 rows x 128 bytes
 //   rows512  the eight-range kernel's: a warp's item is 2 rows x 512 bytes,
 //            each load 512 bytes of one row

@@ -496,7 +496,7 @@ def two_bit_pairs_by_rule(N, K, sms, blocks_per_sm):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
     """One row of x, 2-bit codes, groups of 64 or more: late scaling with each
-    lane's range of a step in its own B column (gemm.cuh's COLS), for groups of
+    lane's range of a step in its own B column (gemm_kernel.cuh's COLS), for groups of
     a quarter, a half and a whole step and per row; ragged N, with bias, x
     centred and offset (sum(x) large against sum(x * code)). With
     MPQ_OPS_CUDA_W2_RANGES=2 k-paired rows (two ranges per step, 32-row

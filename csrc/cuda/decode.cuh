@@ -156,7 +156,7 @@ __device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type
   }
 }
 
-// 2-bit codes for gemm.cuh's COLS (late scaling over B columns, where MMA mi
+// 2-bit codes for gemm_kernel.cuh's COLS (late scaling over B columns, where MMA mi
 // of a word takes pairs mi and mi + 4): pair j as (a(c_j), a(c_{j+8})) with
 // one LOP3 per pair (bfloat16: and a shift for a quarter of them), no float
 // instruction, a(c) = kUnit * (kBias + 2^shift(j % 4) * c):
@@ -166,7 +166,7 @@ __device__ __forceinline__ void late_codes(uint32_t word, typename Pair<T>::type
 //   at offset 6, whose second bit would fall past bfloat16's 7 mantissa bits:
 //   shifted down to offset 4 there (128 + 16 c).
 // The caller undoes the factors in float32, once per step, and the bias with
-// the sum of x weighted by kBias / 2^shift (gemm.cuh).
+// the sum of x weighted by kBias / 2^shift (gemm_kernel.cuh).
 template <typename T>
 struct ColsCodes {
   using V = typename Pair<T>::type;

@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMM_SM90_WIDTH(2);
+MPQ_FUSED_WIDTH(gemm_sm90_w, 2);
 
 }  // namespace mpq::cuda

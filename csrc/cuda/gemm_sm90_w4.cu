@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMM_SM90_WIDTH(4);
+MPQ_FUSED_WIDTH(gemm_sm90_w, 4);
 
 }  // namespace mpq::cuda

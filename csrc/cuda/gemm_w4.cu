@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMM_WIDTH(4);
+MPQ_FUSED_WIDTH(gemm_w, 4);
 
 }  // namespace mpq::cuda

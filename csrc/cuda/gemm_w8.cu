@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMM_WIDTH(8);
+MPQ_FUSED_WIDTH(gemm_w, 8);
 
 }  // namespace mpq::cuda

@@ -207,12 +207,6 @@ void gemv_w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   });
 }
 
-#define MPQ_GEMV_WIDTH(W)                                                                    \
-  template void gemv_w<W>(const at::Tensor&, const at::Tensor&, const at::Tensor&,          \
-                          const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, \
-                          int64_t)
-extern MPQ_GEMV_WIDTH(2);
-extern MPQ_GEMV_WIDTH(4);
-extern MPQ_GEMV_WIDTH(8);
+MPQ_FUSED_WIDTHS_ELSEWHERE(gemv_w);
 
 }  // namespace mpq::cuda

@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMV_WIDTH(2);
+MPQ_FUSED_WIDTH(gemv_w, 2);
 
 }  // namespace mpq::cuda

@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMV_WIDTH(4);
+MPQ_FUSED_WIDTH(gemv_w, 4);
 
 }  // namespace mpq::cuda

@@ -3,6 +3,6 @@
 
 namespace mpq::cuda {
 
-MPQ_GEMV_WIDTH(8);
+MPQ_FUSED_WIDTH(gemv_w, 8);
 
 }  // namespace mpq::cuda

@@ -1,6 +1,6 @@
 // Shared-memory barriers (mbarrier) of `count` arrivals per phase, CTA scope,
-// for the staged kernels' ring (gemm.cuh) and the wgmma kernels'
-// (tma.cuh, gemm_sm90.cuh): arrive releases the thread's writes, wait
+// for the staged kernels' ring (gemm_kernel.cuh) and the wgmma kernels'
+// (tma.cuh, gemm_sm90_kernel.cuh): arrive releases the thread's writes, wait
 // acquires those of every thread that arrived in the phase. sm_90 and later
 // (try_wait); the launches ask for them only there, and elsewhere they trap.
 // Needs no torch: only the CUDA headers.

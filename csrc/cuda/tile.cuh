@@ -104,6 +104,20 @@ void by_dtype(const at::Tensor& x, F&& f) {
   }
 }
 
+// The fused kernels' entry points (gemv_w, gemm_w, gemm_sm90_w: x, qweight,
+// scales, zeros, bias, y, group_size) are templates over the codes' width,
+// each width instantiated in a .cu file of its own (MPQ_FUSED_WIDTH(fn, W)),
+// so that the widths build in parallel; the extern declarations
+// (MPQ_FUSED_WIDTHS_ELSEWHERE(fn)) keep every other file that includes the
+// header from compiling them again.
+#define MPQ_FUSED_WIDTH(fn, W)                                                                \
+  template void fn<W>(const at::Tensor&, const at::Tensor&, const at::Tensor&,               \
+                      const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, int64_t)
+#define MPQ_FUSED_WIDTHS_ELSEWHERE(fn) \
+  extern MPQ_FUSED_WIDTH(fn, 2);       \
+  extern MPQ_FUSED_WIDTH(fn, 4);       \
+  extern MPQ_FUSED_WIDTH(fn, 8)
+
 // The weight side of a warp's RT tiles of 16 output features, as both fused
 // kernels walk it: lane (g, t) owns rows g and g + 8 of each tile and reads a
 // 16-byte chunk of each per step of SUPER_K inputs (a quad of lanes covers 64
@@ -306,7 +320,7 @@ struct WeightRows {
     }
   }
 
-  // COLS (gemm.cuh): lane (g, t)'s sums of x * code over its range t of a
+  // COLS (gemm_kernel.cuh): lane (g, t)'s sums of x * code over its range t of a
   // step, class c of codes (ColsCodes) in part[c], are column 2t of the MMAs:
   // elements 0 and 2 (rows g, g + 8). xs is the range's sum of x, xb its sum
   // weighted by ColsCodes' bias over each class's factor. The range lies in
@@ -557,7 +571,7 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
 }
 
 // Thread block clusters (Hopper and later): the most blocks of one that
-// sum_in_cluster (gemm.cuh) adds up, the portable cluster size.
+// sum_in_cluster (gemm_kernel.cuh) adds up, the portable cluster size.
 constexpr int kMaxCluster = 8;
 
 // Whether `kernel` may be launched in clusters or programmatically (after
@@ -604,7 +618,7 @@ inline int two_bit_ranges() {
 }
 
 // MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
-// 16-row kernel's stream-K ring instead of its mbarriers (gemm.cuh's MB;
+// 16-row kernel's stream-K ring instead of its mbarriers (gemm_kernel.cuh's MB;
 // tests of both, A/B runs).
 inline bool ring_mbarriers() {
   return switched_on("MPQ_OPS_CUDA_RING_SYNC", "barrier");

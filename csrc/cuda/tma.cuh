@@ -1,5 +1,5 @@
 // Bulk tensor copies (TMA) of Hopper (sm_90a) and the mbarriers they complete, for the wgmma
-// kernels (gemm_sm90.cuh) and scripts/tma_stream.cu. Needs no torch: only the
+// kernels (gemm_sm90_kernel.cuh) and scripts/tma_stream.cu. Needs no torch: only the
 // CUDA headers. Everything here compiles only in the sm_90a pass.
 #pragma once
 

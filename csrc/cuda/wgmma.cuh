@@ -1,5 +1,5 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) for the large-M fused kernel
-// (gemm_sm90.cuh): A, the dequantized weights, from registers; B, the rows of
+// (gemm_sm90_kernel.cuh): A, the dequantized weights, from registers; B, the rows of
 // x, from shared memory in the 128-byte swizzled K-major layout; float32
 // accumulators. Everything here compiles only in the sm_90a pass
 // (__CUDA_ARCH_FEAT_SM90_ALL); the host uses it only where setup.py built
