@@ -123,7 +123,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // grids held 448-512 blocks of the 660 slots, e.g. (14336, 4096) 24.8 us with
   // 4 splits -> 22.9 with 8, (4096, 14336) 25.6 -> 23.8 with 2, (8192, 28672)
   // 65.3 -> 64.4 with 1, (28672, 8192) 62.0 with 4, as before, when a fixed 4
-  // was the rule. 2-bit codes keep the fixed 4 (half the bytes per step: at
+  // was the rule. Checked again with the k-paired rows (H100, g128, M = 1,
+  // medians of three alternating rounds, the rule / 1 / 2 / 3 / 4 / 6 splits
+  // forced, us): w8 (28672, 8192) 96.1 (2 splits) / 110.4 / 96.1 / 97.2 /
+  // 101.5 / 95.0, bfloat16 96.5 / 111.9 / 96.5 / 112.4 / 102.0 / 101.7; w4
+  // 54.4 / 63.2 / 54.5 / 63.9 / 58.5 / 58.8; w8 (4096, 14336) 28.6 (1) / 28.7
+  // / 32.4 / 30.7 / 30.8 / 30.3, w4 17.9 / 18.5 / 21.4 / 20.9 / 20.7 / 21.9;
+  // w8 (28672, 4096) 52.6 (4) / 83.0 / 58.6 / 55.3 / 52.5 / 52.3: the rule's
+  // count the fastest or within 1.1 us of it (branch exp/one-row-splits,
+  // scripts/results/ab_h100_one_row_splits.log). 2-bit codes keep the fixed 4 (half the bytes per step: at
   // (8192, 28672) one split took 61.5 us against 56.9 with 4), except in late
   // scaling over B columns (COLS, below), whose fewer instructions per step
   // take the rule above. H200, w2 g128, medians of three alternating rounds,
