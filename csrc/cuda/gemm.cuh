@@ -325,9 +325,11 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // 14336 33.8 / 34.5; bfloat16 15.8 / 16.8; g64 16.7 / 18.1; g256 15.3 /
     // 16.0. Not taken: 4096 rows, K = 4096 / 8192 / 14336 / 28672 11.1 /
     // 10.3, 12.4 / 12.7, 15.7 / 16.3, 22.7 / 22.4; 8192 rows 13.3 / 12.5,
-    // 17.5 / 16.9, 23.1 / 22.4, 37.2 / 37.6; 28672 rows (896 blocks of 32 rows
-    // for 660 slots) 23.3 / 21.8, 36.4 / 37.0, g256 34.8 / 33.3, g64 40.4 /
-    // 40.2 (scripts/results/ab_h100_w2_k_pairs_rule.log).
+    // 17.5 / 16.9, 23.1 / 22.4, 37.2 / 37.6 (K = 28672, both split: bfloat16
+    // 37.2 / 38.0, g64 40.2 / 42.3, ahead there but on one shape only); 28672
+    // rows (896 blocks of 32 rows for 660 slots) 23.3 / 21.8, 36.4 / 37.0,
+    // g256 34.8 / 33.3, g64 40.4 / 40.2
+    // (scripts/results/ab_h100_w2_k_pairs_rule.log).
     if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 0) {
       using Pairs = tile::WeightRows<T, W, RT, 2>;
       constexpr int PAIR_ROWS = Pairs::ROWS * RT * WARPS;
