@@ -131,8 +131,9 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // / 32.4 / 30.7 / 30.8 / 30.3, w4 17.9 / 18.5 / 21.4 / 20.9 / 20.7 / 21.9;
   // w8 (28672, 4096) 52.6 (4) / 83.0 / 58.6 / 55.3 / 52.5 / 52.3: the rule's
   // count the fastest or within 1.1 us of it (branch exp/one-row-splits,
-  // scripts/results/ab_h100_one_row_splits.log). 2-bit codes keep the fixed 4 (half the bytes per step: at
-  // (8192, 28672) one split took 61.5 us against 56.9 with 4), except in late
+  // scripts/results/ab_h100_one_row_splits.log). 2-bit codes keep the fixed
+  // 4 (half the bytes per step: at (8192, 28672) one split took 61.5 us
+  // against 56.9 with 4), except in late
   // scaling over B columns (COLS, below), whose fewer instructions per step
   // take the rule above. H200, w2 g128, medians of three alternating rounds,
   // 4 splits / the rule (us): (8192, 28672) 37.3 / 36.2 (1 split), (4096,
@@ -314,21 +315,21 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   if constexpr (W == 2 && KR == 1 && N_TILES == 1 && LATE) {
     // One row of x against 2-bit codes: k-paired rows (KR = 2, 32-row blocks)
     // where one range per row (64-row blocks) would split K and their grid of
-    // twice the blocks fills a wave unsplit, so that no partial sums go
-    // through the workspace and no second kernel adds them. Their order of
-    // loads alone reads the 2-bit bytes of (8192, 28672) in 29.4 us after
-    // do_bench's kind of flush, against 35.7 in the one-range order (16 rows x
-    // 64 bytes per warp and step; scripts/results/ldg_orders_h100.log), yet
-    // where both grids split or neither does, neither is ahead by much. H100,
-    // M = 1, medians of five alternating rounds, k-paired / one range (us):
-    // taken, 14336 rows: float16 g128 K = 4096 15.6 / 16.5, 8192 22.5 / 24.3,
-    // 14336 33.8 / 34.5; bfloat16 15.8 / 16.8; g64 16.7 / 18.1; g256 15.3 /
-    // 16.0. Not taken: 4096 rows, K = 4096 / 8192 / 14336 / 28672 11.1 /
-    // 10.3, 12.4 / 12.7, 15.7 / 16.3, 22.7 / 22.4; 8192 rows 13.3 / 12.5,
-    // 17.5 / 16.9, 23.1 / 22.4, 37.2 / 37.6 (K = 28672, both split: bfloat16
-    // 37.2 / 38.0, g64 40.2 / 42.3, ahead there but on one shape only); 28672
-    // rows (896 blocks of 32 rows for 660 slots) 23.3 / 21.8, 36.4 / 37.0,
-    // g256 34.8 / 33.3, g64 40.4 / 40.2
+    // twice the blocks fills a wave unsplit, so that no partial sums go through
+    // the workspace and no second kernel adds them. Their order of loads alone
+    // reads the 2-bit bytes of (8192, 28672) in 29.4 us after do_bench's kind
+    // of flush, against 35.7 in the one-range order (16 rows x 64 bytes per
+    // warp and step; scripts/results/ldg_orders_h100.log), yet where both grids
+    // split K, or one range per row splits it not at all, neither is ahead by
+    // much. H100, M = 1, medians of five alternating rounds, k-paired / one
+    // range (us): taken, 14336 rows: float16 g128 K = 4096 15.6 / 16.5, 8192
+    // 22.5 / 24.3, 14336 33.8 / 34.5; bfloat16 15.8 / 16.8; g64 16.7 / 18.1;
+    // g256 15.3 / 16.0. Not taken: 4096 rows, K = 4096 / 8192 / 14336 / 28672
+    // 11.1 / 10.3, 12.4 / 12.7, 15.7 / 16.3, 22.7 / 22.4; 8192 rows 13.3 /
+    // 12.5, 17.5 / 16.9, 23.1 / 22.4, 37.2 / 37.6 (K = 28672, both split:
+    // bfloat16 37.2 / 38.0, g64 40.2 / 42.3, ahead there but on one shape
+    // only); 28672 rows (896 blocks of 32 rows for 660 slots) 23.3 / 21.8, 36.4
+    // / 37.0, g256 34.8 / 33.3, g64 40.4 / 40.2
     // (scripts/results/ab_h100_w2_k_pairs_rule.log).
     if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 0) {
       using Pairs = tile::WeightRows<T, W, RT, 2>;
