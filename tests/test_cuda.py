@@ -496,20 +496,20 @@ def two_bit_pairs_by_rule(N, K, sms, blocks_per_sm):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_two_bit_one_row_late_scaling(dtype, ranges, monkeypatch):
     """One row of x, 2-bit codes, groups of 64 or more: late scaling with each
-    lane's range of a step in its own B column (gemm_kernel.cuh's COLS), for groups of
-    a quarter, a half and a whole step and per row; ragged N, with bias, x
-    centred and offset (sum(x) large against sum(x * code)). With
+    lane's range of a step in its own B column (gemm_kernel.cuh's COLS), for
+    groups of a quarter, a half and a whole step and per row; ragged N, with
+    bias, x centred and offset (sum(x) large against sum(x * code)). With
     MPQ_OPS_CUDA_W2_RANGES=2 k-paired rows (two ranges per step, 32-row
     blocks) where K is a whole number of their 512-input steps, with =1 one
-    range per row, and by default as the rule picks (two_bit_pairs_by_rule,
-    at four or five blocks per SM; where the two counts disagree either
-    kernel passes); which ran is checked from the profiler's kernel names. A
-    split's slice of x must fit the shared memory it may take (63 steps of
-    one range, 35 of two): 65 steps on 300 row blocks, which alone would take
-    one split (on 132 SMs), take two; K = 8448 (33 steps of one range) on 120
-    rows leaves a split of the eight with no step, as K = 16896 does (33 of
-    two). 96 rows per SM (ragged) with K = 4096: one range per row would split
-    K in two, k-paired rows fill the wave unsplit, so the rule takes them."""
+    range per row, and by default as the rule picks (two_bit_pairs_by_rule, at
+    four or five blocks per SM; where the two counts disagree either kernel
+    passes); which ran is checked from the profiler's kernel names. A split's
+    slice of x must fit the shared memory it may take (63 steps of one range,
+    35 of two): 65 steps on 300 row blocks, which alone would take one split
+    (on 132 SMs), take two; K = 8448 (33 steps of one range) on 120 rows
+    leaves a split of the eight with no step, as K = 16896 does (33 of two).
+    96 rows per SM (ragged) with K = 4096: one range per row would split K in
+    two, k-paired rows fill the wave unsplit, so the rule takes them."""
     monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     if ranges == "default":
         monkeypatch.delenv("MPQ_OPS_CUDA_W2_RANGES", raising=False)
