@@ -539,7 +539,13 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // three / four steps in flight at five / four / four blocks per SM:
     // (8192, 28672) 36.4 / 37.3 / 39.3, (28672, 8192) 33.1 / 33.4 / 35.1,
     // (4096, 14336) 15.2 / 13.8 / 14.6, bfloat16 (8192, 28672) 38.8 / 37.7 /
-    // 42.0 (M = 4, whose kernel spills with four: 53.2 / 52.4 / 67.7).
+    // 42.0 (M = 4, whose kernel spills with four: 53.2 / 52.4 / 67.7). Nor
+    // two 16-row tiles per warp there (each x fragment feeding two MMAs;
+    // branch exp/w2-rt2). H100, M = 1, medians of three alternating rounds,
+    // one tile / two at three blocks per SM / two with one step in flight at
+    // four (us): float16 g128 (8192, 28672) 37.0 / 37.1 / 48.5, (28672, 8192)
+    // 37.5 / 37.9 / 44.8, (4096, 14336) 15.6 / 16.8 / 17.1; bfloat16 38.1 /
+    // 37.8 / 48.1; g64 41.1 / 40.7 / 52.1 (scripts/results/ab_h100_w2_rt2.log).
     // Also not taken: the codes brought in by cp.async into a ring of 3 / 4 /
     // 6 steps in shared memory, each thread reading back its own chunks (no
     // barrier; 95 -> 66 registers). H200, against the loads into registers
