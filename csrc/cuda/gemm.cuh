@@ -546,6 +546,10 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // four (us): float16 g128 (8192, 28672) 37.0 / 37.1 / 48.5, (28672, 8192)
     // 37.5 / 37.9 / 44.8, (4096, 14336) 15.6 / 16.8 / 17.1; bfloat16 38.1 /
     // 37.8 / 48.1; g64 41.1 / 40.7 / 52.1 (scripts/results/ab_h100_w2_rt2.log).
+    // Nor k-paired rows with registers capped for seven or six blocks per SM
+    // (branch exp/w2-pairs-occupancy): k-paired at five / seven / six blocks
+    // (us), float16 g128 (8192, 28672) 37.0 / 39.2 / 40.0, (28672, 8192) 37.4
+    // / 47.1 / 46.4 (scripts/results/ab_h100_w2_pair_occupancy.log).
     // Also not taken: the codes brought in by cp.async into a ring of 3 / 4 /
     // 6 steps in shared memory, each thread reading back its own chunks (no
     // barrier; 95 -> 66 registers). H200, against the loads into registers
