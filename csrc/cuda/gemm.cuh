@@ -13,6 +13,24 @@ namespace gemm_detail {
 // XR) may take per block, so that five blocks still fit an SM.
 constexpr int kResidentXBytes = 40 * 1024;
 
+// One row of x against 2-bit codes in late scaling over B columns
+// (gemm_cuda_kernel's COLS), its x resident in KR k ranges per row: the
+// shared memory per step (x, its sums, padding: cols_range chunks for each of
+// the 4 * KR lane ranges), the zero chunks after the slice, and the most
+// steps a slice holds within kResidentXBytes.
+template <int KR>
+constexpr int cols_step_bytes() {
+  return 4 * KR * cols_range<KR>() * 16;
+}
+template <int KR>
+constexpr int cols_zero_bytes() {
+  return cols_zero<KR>() * 16;
+}
+template <int KR>
+constexpr int cols_most_steps() {
+  return (kResidentXBytes - cols_zero_bytes<KR>()) / cols_step_bytes<KR>();
+}
+
 // Rows of x per block: 8, 16, 32 or 64 (32 at most for 2-bit codes, whose
 // 64-row stage would not fit three steps in 48 KB).
 inline int x_tiles(int64_t M, int w_bit) {
@@ -286,16 +304,13 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   }
   const long blocks = (long)m_chunks * row_blocks;
   // One row of x against 2-bit codes in late scaling over B columns
-  // (gemm_cuda_kernel's COLS): 160 bytes of shared memory per step (x, its
-  // sums, padding) and a zero chunk, split at least so that a slice stays
-  // within kResidentXBytes (groups of less than a step need that kernel).
-  constexpr int COLS_STEP_BYTES = 4 * KR * cols_range<KR>() * 16;
-  constexpr int COLS_ZERO_BYTES = cols_zero<KR>() * 16;
+  // (gemm_cuda_kernel's COLS), split at least so that a slice stays within
+  // kResidentXBytes (cols_most_steps; groups of less than a step need that
+  // kernel).
   const bool cols = W == 2 && LATE && N_TILES == 1 && M == 1;
   TORCH_INTERNAL_ASSERT(W != 2 || KR == 1 || (cols && group_size % 64 == 0),
                         "2-bit codes in k ranges: late scaling over B columns only");
-  // the most steps per slice
-  const int cols_steps = (kResidentXBytes - COLS_ZERO_BYTES) / COLS_STEP_BYTES;
+  constexpr int cols_steps = cols_most_steps<KR>();
   const int one_tile_splits = tile_splits_one_x(blocks, steps, slots);
   const int splits =
       cols ? std::max(one_tile_splits, (steps + cols_steps - 1) / cols_steps)
@@ -334,8 +349,6 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 0) {
       using Pairs = tile::WeightRows<T, W, RT, 2>;
       constexpr int PAIR_ROWS = Pairs::ROWS * RT * WARPS;
-      constexpr int PAIR_STEP_BYTES = 4 * 2 * cols_range<2>() * 16;
-      constexpr int PAIR_ZERO_BYTES = cols_zero<2>() * 16;
       const auto pairs = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true,
                                           LATE, 2, 2, true>;
       static tile::PerDevice pair_slots_on;
@@ -343,8 +356,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
           pair_slots_on.get([&] { return tile::resident_slots(pairs, WARPS * 32, SMEM); });
       const long pair_blocks = (N + PAIR_ROWS - 1) / PAIR_ROWS;
       const int pair_steps = K / Pairs::STEP_K;
-      if (pair_blocks <= pair_slots && pair_steps * PAIR_STEP_BYTES + PAIR_ZERO_BYTES <=
-                                           kResidentXBytes &&
+      if (pair_blocks <= pair_slots && pair_steps <= cols_most_steps<2>() &&
           tile_splits_one_x(pair_blocks, pair_steps, pair_slots) == 1)
         return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 2>(
             x, qweight, scales, zeros, bias, y, group_size);
@@ -357,7 +369,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // 14336) 20.5 -> 18.3, (8192, 28672) 60.9 -> 59.2; w2 at (8192, 28672)
   // 56.4 -> 52.5, (28672, 8192) 57.5 -> 54.0.
   constexpr int XR = KR;
-  const int resident_smem = cols ? per_split * COLS_STEP_BYTES + COLS_ZERO_BYTES
+  const int resident_smem = cols ? per_split * cols_step_bytes<KR>() + cols_zero_bytes<KR>()
                                  : per_split * XR * (SUPER_K / 8) * 16;
   // Its x is paired for 2-bit codes too (their ring is not: a word's pairs
   // span two chunks that two threads copy), and 2-bit codes with groups of
