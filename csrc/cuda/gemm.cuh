@@ -345,8 +345,13 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // bfloat16 37.2 / 38.0, g64 40.2 / 42.3, ahead there but on one shape
     // only); 28672 rows (896 blocks of 32 rows for 660 slots) 23.3 / 21.8, 36.4
     // / 37.0, g256 34.8 / 33.3, g64 40.4 / 40.2
-    // (scripts/results/ab_h100_w2_k_pairs_rule.log).
-    if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 0) {
+    // (scripts/results/ab_h100_w2_k_pairs_rule.log). MPQ_OPS_CUDA_W2_RANGES=2
+    // takes them wherever K is a whole number of their steps, =1 never.
+    const int ranges = tile::two_bit_ranges();
+    if (cols && K % (2 * SUPER_K) == 0 && ranges == 2)
+      return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, LATE, 2>(
+          x, qweight, scales, zeros, bias, y, group_size);
+    if (cols && splits > 1 && K % (2 * SUPER_K) == 0 && ranges == 0) {
       using Pairs = tile::WeightRows<T, W, RT, 2>;
       constexpr int PAIR_ROWS = Pairs::ROWS * RT * WARPS;
       const auto pairs = gemm_cuda_kernel<T, W, N_TILES, RT, WARPS, STAGES, U, MIN_BLOCKS, true,
@@ -486,19 +491,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // instructions per two steps: float16 586 -> 329, bfloat16 663 -> 408).
   // Error of y against float64 lower too (float16 g128 512 -> 287 ppm: no
   // float16 rounding of each weight).
-  // k-paired rows (gemm_cuda_kernel's COLS with KR = 2: two ranges per step, a
-  // row's 128 bytes at a time, 32-row blocks) where K is a whole number of
-  // their steps and launch_kernel's rule takes them (their grid fills a wave
-  // unsplit where one range per row would split K); MPQ_OPS_CUDA_W2_RANGES=2
-  // takes them wherever K allows.
+  // launch_kernel takes k-paired rows (gemm_cuda_kernel's COLS with KR = 2:
+  // two ranges per step, a row's 128 bytes at a time, 32-row blocks) instead
+  // where its rule or MPQ_OPS_CUDA_W2_RANGES says.
   if constexpr (W == 2 && N_TILES == 1) {
-    if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0) {
-      if (x.size(1) % (2 * SUPER_K) == 0 && tile::two_bit_ranges() == 2)
-        return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 2>(
-            x, qweight, scales, zeros, bias, y, group_size);
+    if (x.size(0) == 1 && group_size % 64 == 0 && x.size(1) % SUPER_K == 0)
       return launch_kernel<T, W, N_TILES, RT, U, WARPS, MIN_BLOCKS, PAIRED, true, 1>(
           x, qweight, scales, zeros, bias, y, group_size);
-    }
   }
   if constexpr (N_TILES <= 2) {
     if (late)
