@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,8 +87,8 @@ def child(shapes, reps, labels_path):
         shape = f"{K} x {N}"
         cases += [
             (shape, "read of the w4 bytes",
-             lambda a=rsrc, o=rout, m=rn, g=rgrid: _read_kernel[g](a, o, m, BLOCK=block,
-                                                                    num_warps=4)),
+             lambda a=rsrc, o=rout, m=rn, g=rgrid:
+                 _read_kernel[g](a, o, m, BLOCK=block, num_warps=4)),
             (shape, "mpq w4 M=1", mpq(x1, 4)),
             (shape, "mpq w2 M=1", mpq(x1, 2)),
             (shape, "mpq w8 M=1", mpq(x1, 8)),
@@ -169,6 +170,8 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.child:
         return child(shapes, args.reps, args.child)
+    if shutil.which("ncu") is None:
+        raise SystemExit("flush_traffic.py needs Nsight Compute's ncu on PATH")
     with tempfile.TemporaryDirectory() as tmp:
         labels_path, rep = os.path.join(tmp, "labels.json"), os.path.join(tmp, "traffic")
         cmd = ["ncu", "--cache-control", "none", "--clock-control", "none",
