@@ -82,15 +82,20 @@ def _read_kernel(src, out, n, BLOCK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(v, axis=0))
 
 
-def read_us(nbytes, timer=bench):
-    """Time (us; by `timer`, do_bench's by default) of a plain streaming read
-    of nbytes (one int32 buffer of that size, read once per run)."""
+def read_call(nbytes):
+    """A plain streaming read of nbytes: one int32 buffer of that size, read
+    once per call of the function returned."""
     n = (nbytes + 3) // 4
     src = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
     block = 1024
     grid = (triton.cdiv(n, block),)
     out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-    return timer(lambda: _read_kernel[grid](src, out, n, BLOCK=block, num_warps=4))
+    return lambda: _read_kernel[grid](src, out, n, BLOCK=block, num_warps=4)
+
+
+def read_us(nbytes, timer=bench):
+    """Time (us; by `timer`, do_bench's by default) of read_call(nbytes)."""
+    return timer(read_call(nbytes))
 
 
 def copy_bandwidth():

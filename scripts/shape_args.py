@@ -9,10 +9,15 @@ def add_shape_args(ap, example):
     ap.add_argument("--ms", default=None, help="e.g. 1,16 (rows of x)")
 
 
+def parse_shapes(text):
+    """'8192x28672,4096x4096' -> [(8192, 28672), (4096, 4096)] (K x N)."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
 def chosen_shapes(args, shapes, ms):
     """(shapes, ms): those the options name, else the defaults given."""
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = parse_shapes(args.shapes)
     if args.ms:
         ms = [int(m) for m in args.ms.split(",")]
     return shapes, ms
