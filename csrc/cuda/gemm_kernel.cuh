@@ -333,6 +333,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     for (int rt = 0; rt < RT; ++rt)
       acc[i][rt][0] = acc[i][rt][1] = acc[i][rt][2] = acc[i][rt][3] = 0.f;
 
+  // Each split one contiguous range of steps, so that a block streams each of
+  // its rows in order. (Dealt to the splits in turns of one or two steps, so
+  // that a row block's splits read neighbouring bytes at once, they ran
+  // slower: H100, w4 g128 M = 16 at (28672, 8192) 63.9 -> 72.4 / 67.8 us;
+  // scripts/results/ab_h100_split_interleave.log, branch exp/split-interleave.)
   const int s_begin = SK ? 0 : blockIdx.z * steps_per_split;
   const int s_end = SK ? steps : min(steps, s_begin + steps_per_split);
 
