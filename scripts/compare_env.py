@@ -14,7 +14,9 @@ do_bench's zero-fill, whose dirty lines are written back inside the timed call.
         [--clean-l2]
 
 A cell is dtype (fp16 / bf16 / fp32), w_bit, group_size, K, N, M; a setting is
-name:VAR=value,-VAR2 (-VAR2 unsets VAR2; none: the environment as it is)."""
+name:VAR=value,-VAR2 (-VAR2 unsets VAR2; none: the environment as it is).
+--dense times cuBLAS's F.linear on the dequantized weight in every round too
+(column `dense`), so that ratios to the anchor come from the same rounds."""
 import argparse
 import json
 import os
@@ -38,8 +40,14 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--clean-l2", action="store_true",
                     help="L2 emptied by a read before each run instead of do_bench's zero-fill")
+    ap.add_argument("--dense", action="store_true",
+                    help="time F.linear on the dequantized weight as well (column dense)")
     args = ap.parse_args()
     settings = parse_settings(args.settings)
+    if args.dense:
+        if any(name == "dense" for name, _ in settings):
+            raise SystemExit("--settings: `dense` names the --dense column")
+        settings.append(("dense", {}))
     timer = bench_clean_l2 if args.clean_l2 else bench
     rows = []
     flush = "L2 emptied by a read" if args.clean_l2 else "do_bench, L2 flushed by a write"
@@ -51,16 +59,22 @@ def main():
         def call():
             return torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)
 
+        dense = torch.ops.mpq.dequantize(qw, sc, ze, w, g) if args.dense else None
+
+        def dense_call():
+            return torch.nn.functional.linear(x, dense)
+
         times = {name: [] for name, _ in settings}
         errors = {}
         for r in range(args.rounds):
             for name, env in settings if r % 2 == 0 else settings[::-1]:
                 def run(name=name):
+                    fn = dense_call if name == "dense" and dense is not None else call
                     if name not in errors:
-                        out = call()
+                        out = fn()
                         finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
                         errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
-                    times[name].append(timer(call))
+                    times[name].append(timer(fn))
                 with_env(env, run)
         dt, _, _, K, N, M = cell.split(",")
         row = {"cell": f"{dt} w{w} g{g} {K}x{N} M={M}"}

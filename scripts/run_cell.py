@@ -6,7 +6,10 @@ reads its weights from DRAM as the benchmark's do.
     python scripts/run_cell.py fp16,4,128,8192,28672,16 [--calls 4]
 
 A cell is dtype, w_bit, group_size, K, N, M (as scripts/cells.py reads
-it). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply."""
+it). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply. --dense calls cuBLAS's
+F.linear on the dequantized weight instead (the anchor, profiled the same way).
+
+    python scripts/run_cell.py fp16,4,4096,14336,4096,4096 --dense"""
 import argparse
 import os
 import sys
@@ -22,12 +25,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cell")
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--dense", action="store_true", help="F.linear on the dequantized weight")
     args = ap.parse_args()
     x, qweight, scales, zeros, w, g = make_cell(args.cell)
+    if args.dense:
+        dense = torch.ops.mpq.dequantize(qweight, scales, zeros, w, g)
+
+        def call():
+            return torch.nn.functional.linear(x, dense)
+    else:
+        def call():
+            return torch.ops.mpq.matmul(x, qweight, scales, zeros, w, g, None, None)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(args.calls):
         flush.zero_()
-        torch.ops.mpq.matmul(x, qweight, scales, zeros, w, g, None, None)
+        call()
     torch.cuda.synchronize()
 
 
