@@ -695,6 +695,13 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // (scripts/results/ab_h100_ring_codes_tma*.log). More blocks streaming
   // more rows at once ran slower, not faster.)
   if constexpr (SK) {
+    // (No launch_dependents here: finish_split, launched programmatically,
+    // starts as the blocks end. Letting it start once a block's last run is
+    // computed, or from the block's start, measured level, H100, g128,
+    // medians of three alternating rounds, never / after the last run / at
+    // the start (us): M = 1 w4 (8192, 28672) 54.7 / 54.8 / 54.6, w8 94.8 /
+    // 94.9 / 94.9; M = 16 65.3 / 65.6 / 65.6, M = 9 64.1 / 64.2 / 64.1, w2
+    // 59.5 / 59.5 / 59.4; scripts/results/ab_h100_sk_trigger.log.)
     int stage = 0;
     for (int left = i_end - i_begin; left > 0; left -= U) {
       Step cur[U];
