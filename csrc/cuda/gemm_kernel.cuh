@@ -292,6 +292,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   constexpr int RANGES = 4 * KR;           // COLS: lane ranges per step
   // Chunks between consecutive steps of x in shared memory.
   constexpr int X_STEP = COLS ? RANGES * RANGE : RESIDENT ? XR * CHUNKS : STAGE;
+  // Staged rows per step of the resident slice, as a divisor: XR, or 1 where
+  // there is no slice (the slice's code is compiled but never runs there, and
+  // would otherwise take a remainder by zero).
+  constexpr int XR_ROWS = XR > 0 ? XR : 1;
   extern __shared__ uint4 x_stages[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -385,14 +389,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
     const int n = (s_end - s_begin) * X_STEP;
     if (W == 2 && pair) {  // chunks (2c, 2c + 1) of a staged row hold one word's x
       for (int i = threadIdx.x; i < n / 2; i += THREADS) {
-        const int c = 2 * (i % (CHUNKS / 2)), r = i / (CHUNKS / 2) % XR, st = i / (X_STEP / 2);
+        const int c = 2 * (i % (CHUNKS / 2)), r = i / (CHUNKS / 2) % XR_ROWS, st = i / (X_STEP / 2);
         uint4* row = x_stages + st * X_STEP + r * CHUNKS;
         pair_chunks_w2(row + swizzle(c, r), row + swizzle(c + 1, r));
       }
       return;
     }
     for (int i = threadIdx.x; i < n; i += THREADS) {
-      const int c = i % CHUNKS, r = i / CHUNKS % XR, st = i / X_STEP;
+      const int c = i % CHUNKS, r = i / CHUNKS % XR_ROWS, st = i / X_STEP;
       uint4* dst = x_stages + st * X_STEP + r * CHUNKS + swizzle(c, r);
       if (pair) {
         pair_chunk<W>(dst);
@@ -441,7 +445,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // for all of them (row parity = g's, span = t's), so the swizzled index is
   // one lane constant XOR jj, and the tile offset is an immediate.
   constexpr int CPL = CHUNKS / 4;
-  const int x_row = RESIDENT ? g % XR : g;
+  const int x_row = RESIDENT ? g % XR_ROWS : g;
   // The lane's reads of stage 0 are held in registers (tile::opaque; else the
   // compiler rebuilds them from the thread index at every step): with ADDRS
   // the shared-memory address of each of its chunks, a read one multiply-add
