@@ -335,7 +335,8 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
   constexpr int U = 2;  // steps per unit (one set of scales and zeros)
   constexpr int kPassSteps = D * U;
   const int passes_t = K / kStepK / kPassSteps;  // per tile (SK)
-  const long sk_items = SK ? static_cast<long>(sched.tiles()) * passes_t : 0;
+  // (1 without SK, where only the SK code, compiled but never run, divides by it)
+  const long sk_items = SK ? static_cast<long>(sched.tiles()) * passes_t : 1;
   const int pb0 = SK ? static_cast<int>(sk_items * blockIdx.x / gridDim.x) : 0;
   const int pb1 = SK ? static_cast<int>(sk_items * (blockIdx.x + 1) / gridDim.x) : 0;
   // The block whose share holds pass i.
