@@ -54,8 +54,9 @@ def openmp_flags():
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # The C++ standard is left to BuildExtension: it must match the one torch was built with.
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"] + openmp_flags()
+    # The C++ standard is left to BuildExtension: it must match the one torch was built with;
+    # so is Py_LIMITED_API, which it sets to the oldest CPython torch supports (py_limited_api).
+    cxx = ["-O3"] + openmp_flags()
     if want_cuda():
         cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
@@ -95,8 +96,7 @@ def mlx_extension():
     # which mpq_ops does before loading this library.
     return [CppExtension("mpq_ops._mlx", ["csrc/mlx/bridge.cpp", "csrc/checks.cpp"],
                          include_dirs=[inc], library_dirs=[lib], libraries=["mlx"],
-                         extra_compile_args={"cxx": ["-O2", "-DPy_LIMITED_API=0x03090000"]
-                                             + openmp_flags()},
+                         extra_compile_args={"cxx": ["-O2"] + openmp_flags()},
                          extra_link_args=[f"-Wl,-rpath,{lib}"] + openmp_flags(),
                          py_limited_api=True)]
 
@@ -104,5 +104,7 @@ def mlx_extension():
 setup(
     ext_modules=[extension()] + mlx_extension(),
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # (the stable ABI of CPython 3.10, the oldest that torch >= 2.11 supports and
+    # the Py_LIMITED_API that BuildExtension compiles for)
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
