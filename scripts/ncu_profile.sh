@@ -39,7 +39,8 @@ for cell in "$@"; do
     > "$WORK/$name.sass.csv" 2>&1
   python3 "$HERE/ncu_source_summary.py" "$WORK/$name.sass.csv" > "$OUT/$name.stalls.txt" 2>&1
   echo "== $cell"
-  grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|DRAM Throughput|Memory Throughput|Issue Slots Busy|Eligible Warps" \
-    "$OUT/$name.details.txt" | head -16
+  grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|DRAM Throughput" \
+    "$OUT/$name.details.txt" | head -8
+  grep -E "Memory Throughput|Issue Slots Busy|Eligible Warps" "$OUT/$name.details.txt" | head -8
   head -40 "$OUT/$name.stalls.txt"
 done

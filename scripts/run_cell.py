@@ -9,7 +9,7 @@ A cell is dtype, w_bit, group_size, K, N, M (as scripts/cells.py reads
 it). Environment switches (MPQ_OPS_CUDA_KERNEL=...) apply. --dense calls cuBLAS's
 F.linear on the dequantized weight instead (the anchor, profiled the same way).
 
-    python scripts/run_cell.py fp16,4,4096,14336,4096,4096 --dense"""
+    python scripts/run_cell.py fp16,4,128,14336,4096,4096 --dense"""
 import argparse
 import os
 import sys
