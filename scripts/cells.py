@@ -1,5 +1,5 @@
 """One benchmark cell, as the A/B and profiling scripts (compare_env.py,
-compare_builds.py, run_cell.py) name it: "dtype,w_bit,group_size,K,N,M",
+compare_builds.py, run_cell.py, sustained.py) name it: "dtype,w_bit,group_size,K,N,M",
 dtype one of bench.py's DTYPES. Callers put tests/ on sys.path (helpers)."""
 import torch
 
@@ -20,3 +20,17 @@ def make_cell(text, device="cuda"):
     qweight, scales, zeros = make_weight(N, K, w, g, dt, device, seed=0)
     x = make_x((M,), K, dt, device)
     return x, qweight, scales, zeros, w, g
+
+
+def cell_calls(x, qweight, scales, zeros, w_bit, group_size, dense=True):
+    """(mpq, dense): mpq::matmul on the cell, and cuBLAS's F.linear on its
+    weight dequantized once here (the anchor; None where dense is False)."""
+    def mpq():
+        return torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, None)
+    if not dense:
+        return mpq, None
+    weight = torch.ops.mpq.dequantize(qweight, scales, zeros, w_bit, group_size)
+
+    def linear():
+        return torch.nn.functional.linear(x, weight)
+    return mpq, linear

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
 from bench import bench, bench_clean_l2  # noqa: E402
-from cells import make_cell  # noqa: E402
+from cells import cell_calls, make_cell  # noqa: E402
 from helpers import ref_matmul, rel_err  # noqa: E402
 from shape_args import parse_settings, with_env  # noqa: E402
 
@@ -56,20 +56,13 @@ def main():
         x, qw, sc, ze, w, g = make_cell(cell)
         ref = ref_matmul(x, qw, sc, ze, w, g)
 
-        def call():
-            return torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)
-
-        dense = torch.ops.mpq.dequantize(qw, sc, ze, w, g) if args.dense else None
-
-        def dense_call():
-            return torch.nn.functional.linear(x, dense)
-
+        call, dense_call = cell_calls(x, qw, sc, ze, w, g, dense=args.dense)
         times = {name: [] for name, _ in settings}
         errors = {}
         for r in range(args.rounds):
             for name, env in settings if r % 2 == 0 else settings[::-1]:
                 def run(name=name):
-                    fn = dense_call if name == "dense" and dense is not None else call
+                    fn = dense_call if name == "dense" and dense_call is not None else call
                     if name not in errors:
                         out = fn()
                         finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
-from cells import make_cell  # noqa: E402
+from cells import cell_calls, make_cell  # noqa: E402
 
 
 def main():
@@ -27,15 +27,8 @@ def main():
     ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--dense", action="store_true", help="F.linear on the dequantized weight")
     args = ap.parse_args()
-    x, qweight, scales, zeros, w, g = make_cell(args.cell)
-    if args.dense:
-        dense = torch.ops.mpq.dequantize(qweight, scales, zeros, w, g)
-
-        def call():
-            return torch.nn.functional.linear(x, dense)
-    else:
-        def call():
-            return torch.ops.mpq.matmul(x, qweight, scales, zeros, w, g, None, None)
+    mpq, dense = cell_calls(*make_cell(args.cell), dense=args.dense)
+    call = dense if args.dense else mpq
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(args.calls):
         flush.zero_()

@@ -32,19 +32,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpq_ops  # noqa: E402,F401  (registers the ops)
 from bench import bench  # noqa: E402
-from cells import make_cell  # noqa: E402
+from cells import cell_calls, make_cell  # noqa: E402
 from shape_args import parse_settings, with_env  # noqa: E402
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
 
-def start_sampler(path):
-    """nvidia-smi sampling QUERY every 50 ms into `path`, or None without it."""
+def start_sampler(out):
+    """nvidia-smi sampling QUERY every 50 ms into the open file `out`, or None without it."""
     try:
         return subprocess.Popen(
             ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "-lms", "50",
              "-i", str(torch.cuda.current_device())],
-            stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+            stdout=out, stderr=subprocess.DEVNULL)
     except OSError:
         return None
 
@@ -93,6 +93,22 @@ def phase(fn, seconds, do_bench=False):
     return times[len(times) // 2], start, end
 
 
+def run_cells(args, settings):
+    """Each cell's phases: [{"cell", "phases": [{"setting", "us", "start", "end"}]}]."""
+    rows = []
+    for cell in args.cells.split(";"):
+        mpq, dense = cell_calls(*make_cell(cell))
+        fns = {name: (dense, {}) if env is None else (mpq, env) for name, env in settings}
+        phases = []
+        for p in range(args.phases):
+            for name, _ in (settings if p % 2 == 0 else settings[::-1]):
+                fn, env = fns[name]
+                us, t0, t1 = with_env(env, lambda fn=fn: phase(fn, args.seconds, args.do_bench))
+                phases.append({"setting": name, "us": us, "start": t0, "end": t1})
+        rows.append({"cell": cell, "phases": phases})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", required=True)
@@ -104,35 +120,21 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     settings = parse_settings(args.settings) + [("dense", None)]
-    samples_path = tempfile.mktemp(suffix=".csv")
-    sampler = start_sampler(samples_path)
-    time.sleep(0.5)
-    rows = []
     timer = "do_bench medians" if args.do_bench else "back to back, median call"
     print(f"device: {torch.cuda.get_device_name()}; us per call ({timer}), SM MHz, W, throttle")
-    try:
-        for cell in args.cells.split(";"):
-            x, qw, sc, ze, w, g = make_cell(cell)
-            dense = torch.ops.mpq.dequantize(qw, sc, ze, w, g)
-            fns = {}
-            for name, env in settings:
-                if env is None:
-                    fns[name] = (lambda: torch.nn.functional.linear(x, dense)), {}
-                else:
-                    fns[name] = (lambda: torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)), env
-            phases = []
-            for p in range(args.phases):
-                for name, _ in (settings if p % 2 == 0 else settings[::-1]):
-                    fn, env = fns[name]
-                    us, t0, t1 = with_env(env, lambda fn=fn: phase(fn, args.seconds, args.do_bench))
-                    phases.append({"setting": name, "us": us, "start": t0, "end": t1})
-            rows.append({"cell": cell, "phases": phases})
-        time.sleep(0.3)
-    finally:
-        if sampler is not None:
-            sampler.terminate()
-            sampler.wait()
-    samples = read_samples(samples_path) if sampler is not None else []
+    with tempfile.TemporaryDirectory() as tmp:
+        samples_path = os.path.join(tmp, "samples.csv")
+        with open(samples_path, "w") as out:
+            sampler = start_sampler(out)
+            time.sleep(0.5)
+            try:
+                rows = run_cells(args, settings)
+                time.sleep(0.3)
+            finally:
+                if sampler is not None:
+                    sampler.terminate()
+                    sampler.wait()
+        samples = read_samples(samples_path) if sampler is not None else []
     for row in rows:
         for ph in row["phases"]:
             # (the second half of a phase: the clock it settles to)
