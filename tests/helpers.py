@@ -165,6 +165,21 @@ def launched_kernels(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def capture_graph(fn):
+    """fn() warmed up on a side stream (first calls may allocate or set
+    things up, which a capture must not), then captured into a CUDA graph on
+    the current device; returns (graph, fn's output, which replays refill)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def meta_skeleton(model):
     """The model's architecture with its parameters on the meta device (its
     buffers real, as load_quantized needs them)."""

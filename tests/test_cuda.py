@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, launched_kernels, make_weight, make_x, random_gguf_blocks,
-                     ref_dequantize, ref_dequantize_t, ref_matmul, rel_err)
+from helpers import (REL_TOL, capture_graph, launched_kernels, make_weight, make_x,
+                     random_gguf_blocks, ref_dequantize, ref_dequantize_t, ref_matmul, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -701,6 +701,33 @@ def test_dequantize_past_2_31_slots():
     assert rel_err(W[rows], torch.from_numpy(ref)) < REL_TOL[torch.float16]
 
 
+@pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
+def test_concurrent_streams(split_sum, monkeypatch):
+    """Calls on four streams at once, all enqueued before any result is read,
+    so that their kernels share the SMs: stream-K grids sized to the slots,
+    split sums in clusters or through the workspace (each call's own, from the
+    allocator of its stream), the wgmma kernel and dequantize + cuBLAS. No
+    kernel's blocks may wait on blocks that another kernel keeps off the SMs."""
+    monkeypatch.setenv("MPQ_OPS_CUDA_SPLIT_SUM", split_sum)
+    # (w_bit, N, K, M)
+    cases = [(4, 22016, 1024, 1), (4, 28672, 1024, 16), (8, 1024, 8192, 1), (2, 1024, 8192, 4),
+             (4, 4096, 2048, 300), (2, 28672, 1024, 1), (8, 4096, 2048, 9), (4, 4096, 1024, 5000)]
+    weights = {c: make_weight(c[1], c[2], c[0], 128, torch.float16, "cuda") for c in cases}
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    torch.cuda.synchronize()
+    runs = []
+    for rep in range(3):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                for c in cases[i::2] + cases[rep::3]:
+                    x = make_x((c[3],), c[2], torch.float16, "cuda")
+                    runs.append((c, x, torch.ops.mpq.matmul(x, *weights[c], c[0], 128)))
+    torch.cuda.synchronize()
+    for (w_bit, N, K, M), x, y in runs:
+        ref = ref_matmul(x, *weights[(w_bit, N, K, M)], w_bit, 128)
+        assert rel_err(y, ref) < REL_TOL[torch.float16], (w_bit, N, K, M)
+
+
 class Model(nn.Module):
     def __init__(self):
         super().__init__()
@@ -740,14 +767,8 @@ def test_raw_cuda_graph_capture_and_replay(N, K, M, monkeypatch):
         monkeypatch.setenv("MPQ_OPS_CUDA_KERNEL", "gemm")
     qweight, scales, zeros = make_weight(N, K, 4, 128, torch.float16, "cuda")
     static_x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128)
+    g, static_y = capture_graph(
+        lambda: torch.ops.mpq.matmul(static_x, qweight, scales, zeros, 4, 128))
     for _ in range(3):
         static_x.copy_(torch.randn_like(static_x))
         g.replay()
@@ -830,14 +851,7 @@ def test_programmatic_launches_in_a_chain(w_bit, K, group_size, M, dtype, kernel
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     assert any(kernel in name for name in launched_kernels(lambda: chain(x)))
     if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain(x)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y = chain(x)
+        g, y = capture_graph(lambda: chain(x))
     for _ in range(3):
         if graph:
             x.copy_(torch.randn_like(x))
