@@ -3,8 +3,9 @@ build is a copy of mpq_ops/_C.abi3.so (e.g. one compiled with another -D in
 NVCC_APPEND_FLAGS). A round puts each build in place in turn, alternating the
 order from round to round, and times every cell in a fresh process
 (do_bench median, L2 flushed; with --clean-l2 L2 emptied by a read instead,
-bench_clean_l2), checked against float64 (ppm of the output's norm); the
-median over rounds is reported.
+bench_clean_l2), checked against float64 with its output allocated over a
+NaN-filled block (ppm of the output's norm); the median over rounds is
+reported.
 
     python scripts/compare_builds.py --builds 'base:/tmp/base.so;pf256:/tmp/pf.so' \\
         --cells 'fp16,2,128,8192,28672,1;fp16,4,128,8192,28672,1' [--rounds 3] [--out c.json] \\
@@ -33,10 +34,11 @@ sys.path[:0] = [sys.argv[1], sys.argv[3]]
 import mpq_ops
 from bench import bench, bench_clean_l2
 from cells import make_cell
-from helpers import ref_matmul, rel_err
+from helpers import poison_allocator, ref_matmul, rel_err
 for cell in sys.argv[2].split(";"):
     x, qw, sc, ze, w, g = make_cell(cell)
     call = lambda: torch.ops.mpq.matmul(x, qw, sc, ze, w, g, None, None)
+    poison_allocator(x.shape[0] * qw.shape[0], x.dtype)
     out = call()
     # (NaN for non-finite outputs: builds with parts left out compute garbage.)
     finite = bool(torch.isfinite(out).all())

@@ -4,8 +4,9 @@ sums through the workspace (MPQ_OPS_CUDA_SPLIT_SUM=workspace), or any switch a
 build reads per call. Each cell runs `--rounds` rounds; a round times every
 setting once (do_bench median, L2 flushed), alternating the order from round
 to round so that drift hits all alike; each setting's result is checked
-against the float64 reference once (error in ppm of the output's norm; nan
-where the output is not finite, as an ablation's may be). --clean-l2 times
+against the float64 reference once, its output allocated over a NaN-filled
+block (error in ppm of the output's norm; nan where the output is not
+finite, as an ablation's that leaves outputs unwritten is). --clean-l2 times
 with L2 emptied by a read before each run (bench_clean_l2) instead of
 do_bench's zero-fill, whose dirty lines are written back inside the timed call.
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mpq_ops  # noqa: E402,F401  (registers the ops)
 from bench import bench, bench_clean_l2  # noqa: E402
 from cells import cell_calls, make_cell  # noqa: E402
-from helpers import ref_matmul, rel_err  # noqa: E402
+from helpers import poison_allocator, ref_matmul, rel_err  # noqa: E402
 from shape_args import parse_settings, with_env  # noqa: E402
 
 
@@ -64,6 +65,7 @@ def main():
                 def run(name=name):
                     fn = dense_call if name == "dense" and dense_call is not None else call
                     if name not in errors:
+                        poison_allocator(x.shape[0] * qw.shape[0], x.dtype)
                         out = fn()
                         finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
                         errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")

@@ -165,6 +165,12 @@ def launched_kernels(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def poison_allocator(numel, dtype, device="cuda"):
+    """Leaves a NaN-filled block in `device`'s caching allocator, so that an
+    output allocated next (at::empty) starts as NaN and unwritten elements show."""
+    torch.full((numel,), float("nan"), device=device, dtype=dtype)
+
+
 def capture_graph(fn):
     """fn() warmed up on a side stream (first calls may allocate or set
     things up, which a capture must not), then captured into a CUDA graph on

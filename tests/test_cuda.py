@@ -12,15 +12,10 @@ import torch
 from torch import nn
 
 from helpers import (REL_TOL, capture_graph, launched_kernels, make_weight, make_x,
-                     random_gguf_blocks, ref_dequantize, ref_dequantize_t, ref_matmul, rel_err)
+                     poison_allocator, random_gguf_blocks, ref_dequantize, ref_dequantize_t,
+                     ref_matmul, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def poison_allocator(numel, dtype):
-    """Leaves a NaN-filled block in the caching allocator, so that an output
-    allocated next (at::empty) starts as NaN and unwritten elements show."""
-    torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
 
 
 def check_matmul(x, weight, w_bit, group_size, bias=None, context=()):

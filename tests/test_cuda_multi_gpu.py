@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, capture_graph, make_weight, make_x, ref_dequantize_t, ref_matmul,
-                     rel_err, torch_unpack_rows)
+from helpers import (REL_TOL, capture_graph, make_weight, make_x, poison_allocator,
+                     ref_dequantize_t, ref_matmul, rel_err, torch_unpack_rows)
 
 _INDICES = [int(i) for i in os.environ.get("MPQ_OPS_TEST_DEVICES", "0,1").split(",")]
 D0, D1 = (torch.device("cuda", i) for i in _INDICES)
@@ -40,15 +40,9 @@ CASES = ((100, 512, 128, (1, 5, 16, 33, 129)),
          (1024, 8192, -1, (1, 4, 16)))
 
 
-def poison(device, numel, dtype):
-    """A NaN-filled block left in `device`'s caching allocator: the op's output
-    allocated next starts as NaN, so unwritten elements show."""
-    torch.full((numel,), float("nan"), device=device, dtype=dtype)
-
-
 def check_on(device, x, weight, w_bit, group_size, bias=None, context=()):
     qweight, scales, zeros = weight
-    poison(device, x.shape[0] * qweight.shape[0], x.dtype)
+    poison_allocator(x.shape[0] * qweight.shape[0], x.dtype, device)
     y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
     assert y.device == device, (*context, y.device)
     err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
@@ -82,7 +76,7 @@ def test_dequantize_on_the_device_that_is_not_current():
     for w_bit, (N, K, group_size) in ((2, (300, 768, 256)), (4, (4096, 2048, 64)),
                                       (8, (37, 96, 32))):
         qweight, scales, zeros = make_weight(N, K, w_bit, group_size, torch.float16, D1)
-        poison(D1, N * K, torch.float16)
+        poison_allocator(N * K, torch.float16, D1)
         W = torch.ops.mpq.dequantize(qweight, scales, zeros, w_bit, group_size)
         assert W.device == D1
         ref = ref_dequantize_t(qweight, scales, zeros, w_bit, group_size)
@@ -94,7 +88,8 @@ def run_script(body):
     its output; fails with its stderr unless it printed OK."""
     script = ("import sys, torch, mpq_ops\n"
               f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-              "from helpers import REL_TOL, make_weight, make_x, ref_matmul, rel_err\n"
+              "from helpers import (REL_TOL, make_weight, make_x, poison_allocator, ref_matmul,\n"
+              "                     rel_err)\n"
               + textwrap.dedent(body) + "\nprint('OK')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600)
@@ -122,7 +117,7 @@ def test_each_device_first_in_a_fresh_process(second_first):
                 qweight, scales, zeros = make_weight(N, K, w_bit, group_size,
                                                      torch.float16, device)
                 x = make_x((M,), K, torch.float16, device)
-                torch.full((M * N,), float("nan"), device=device, dtype=torch.float16)
+                poison_allocator(M * N, torch.float16, device)
                 y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
                 err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size))
                 assert y.device == device and err < REL_TOL[torch.float16], (d, N, K, M, err)
