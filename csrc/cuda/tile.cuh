@@ -555,11 +555,12 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
   // Measured and not taken: four outputs per thread (16-byte loads of the
   // parts, an 8-byte store; branch exp/sum-vec). H100, g128, medians of three
   // alternating rounds, one / four per thread (us): w4 (8192, 28672) M = 1
-  // 55.8 / 55.5, M = 16 65.8 / 65.1, bfloat16 65.7 / 65.1, w2 M = 16 58.9 /
-  // 58.3, but w2 M = 1 37.1 / 37.5, (14336, 4096) M = 16 22.9 / 23.4: level
-  // within the rounds' spread. Nor is much left to take: with the sums not
-  // launched at all (outputs wrong) the calls took 1.6-2.4 us less, e.g.
-  // 53.8 and 63.0 us at (8192, 28672) (scripts/results/ab_h100_sum_tail.log).
+  // 55.8 / 55.5, M = 16 65.8 / 65.1, (4096, 14336) M = 16 23.9 / 23.5, but
+  // (14336, 4096) M = 16 (K split) 22.9 / 23.4, and w2 M = 1, which adds no
+  // parts here, 37.1 / 37.5: mixed, within 0.7 us either way. Nor is much
+  // left to take: with the sums not launched at all (outputs wrong) the calls
+  // took 1.6-2.4 us less, e.g. 53.8 and 63.0 us at (8192, 28672)
+  // (scripts/results/ab_h100_sum_tail.log).
   static PerDevice built_90_on;
   const bool built_90 = built_90_on.get([] {
     return built_for_sm90(finish_split_kernel<T>) ? 1 : 0;
