@@ -1,5 +1,5 @@
 """Test inputs and an independent float64 reference (numpy, or torch on a CUDA
-device; no mpq_ops code)."""
+device; no mpq_ops code), and the check that holds the CUDA op to it."""
 from __future__ import annotations
 
 import numpy as np
@@ -169,6 +169,19 @@ def poison_allocator(numel, dtype, device="cuda"):
     """Leaves a NaN-filled block in `device`'s caching allocator, so that an
     output allocated next (at::empty) starts as NaN and unwritten elements show."""
     torch.full((numel,), float("nan"), device=device, dtype=dtype)
+
+
+def check_matmul(x, weight, w_bit, group_size, bias=None, context=()):
+    """mpq::matmul of x against weight = (qweight, scales, zeros) on x's
+    device, its output allocated over a poisoned block, on that device and
+    within REL_TOL of the float64 reference; context names the case in the
+    failure message."""
+    qweight, scales, zeros = weight
+    poison_allocator(x.shape[0] * qweight.shape[0], x.dtype, x.device)
+    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
+    assert y.device == x.device, (*context, y.device)
+    err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
+    assert err < REL_TOL[x.dtype], (*context, err)
 
 
 def capture_graph(fn):

@@ -11,22 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, capture_graph, launched_kernels, make_weight, make_x,
-                     poison_allocator, random_gguf_blocks, ref_dequantize, ref_dequantize_t,
-                     ref_matmul, rel_err)
+from helpers import (REL_TOL, capture_graph, check_matmul, launched_kernels, make_weight,
+                     make_x, poison_allocator, random_gguf_blocks, ref_dequantize,
+                     ref_dequantize_t, ref_matmul, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def check_matmul(x, weight, w_bit, group_size, bias=None, context=()):
-    """mpq::matmul of x against weight = (qweight, scales, zeros), its output
-    allocated over a poisoned block, within REL_TOL of the float64 reference;
-    context names the case in the failure message."""
-    qweight, scales, zeros = weight
-    poison_allocator(x.shape[0] * qweight.shape[0], x.dtype)
-    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-    err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-    assert err < REL_TOL[x.dtype], (*context, err)
 
 
 @pytest.mark.parametrize("kernel", (None, "gemv", "gemm", "sm90", "dequantize"))

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (REL_TOL, capture_graph, make_weight, make_x, poison_allocator,
-                     ref_dequantize_t, ref_matmul, rel_err, torch_unpack_rows)
+from helpers import (REL_TOL, capture_graph, check_matmul, make_weight, make_x,
+                     poison_allocator, ref_dequantize_t, ref_matmul, rel_err, torch_unpack_rows)
 
 _INDICES = [int(i) for i in os.environ.get("MPQ_OPS_TEST_DEVICES", "0,1").split(",")]
 D0, D1 = (torch.device("cuda", i) for i in _INDICES)
@@ -38,15 +38,6 @@ CASES = ((100, 512, 128, (1, 5, 16, 33, 129)),
          (22016, 1024, 128, (1,)),
          (28672, 1024, 128, (16,)),
          (1024, 8192, -1, (1, 4, 16)))
-
-
-def check_on(device, x, weight, w_bit, group_size, bias=None, context=()):
-    qweight, scales, zeros = weight
-    poison_allocator(x.shape[0] * qweight.shape[0], x.dtype, device)
-    y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias)
-    assert y.device == device, (*context, y.device)
-    err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size, None, bias))
-    assert err < REL_TOL[x.dtype], (*context, err)
 
 
 @pytest.mark.parametrize("split_sum", ("cluster", "workspace"))
@@ -67,7 +58,7 @@ def test_every_path_on_the_device_that_is_not_current(w_bit, dtype, kernel, spli
         bias = torch.randn(N, device=D1).to(dtype)
         for M in ms:
             x = make_x((M,), K, dtype, D1, noncontig=M % 2 == 1)
-            check_on(D1, x, weight, w_bit, group_size, bias if M % 2 else None, (N, K, M))
+            check_matmul(x, weight, w_bit, group_size, bias if M % 2 else None, (N, K, M))
             assert torch.cuda.current_device() == D0.index
 
 
@@ -88,8 +79,7 @@ def run_script(body):
     its output; fails with its stderr unless it printed OK."""
     script = ("import sys, torch, mpq_ops\n"
               f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-              "from helpers import (REL_TOL, make_weight, make_x, poison_allocator, ref_matmul,\n"
-              "                     rel_err)\n"
+              "from helpers import check_matmul, make_weight, make_x\n"
               + textwrap.dedent(body) + "\nprint('OK')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600)
@@ -114,13 +104,9 @@ def test_each_device_first_in_a_fresh_process(second_first):
         for d in {(a, b, a)}:
             device = torch.device("cuda", d)
             for w_bit, N, K, group_size, M in {COLD_CALLS}:
-                qweight, scales, zeros = make_weight(N, K, w_bit, group_size,
-                                                     torch.float16, device)
+                weight = make_weight(N, K, w_bit, group_size, torch.float16, device)
                 x = make_x((M,), K, torch.float16, device)
-                poison_allocator(M * N, torch.float16, device)
-                y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
-                err = rel_err(y, ref_matmul(x, qweight, scales, zeros, w_bit, group_size))
-                assert y.device == device and err < REL_TOL[torch.float16], (d, N, K, M, err)
+                check_matmul(x, weight, w_bit, group_size, None, (d, N, K, M))
     """)
 
 
@@ -136,14 +122,9 @@ def test_threads_drive_both_devices_from_a_cold_start():
                 torch.cuda.set_device(device)
                 for rep in range(3):
                     for w_bit, N, K, group_size, M in {COLD_CALLS}:
-                        qweight, scales, zeros = make_weight(N, K, w_bit, group_size,
-                                                             torch.bfloat16, device)
+                        weight = make_weight(N, K, w_bit, group_size, torch.bfloat16, device)
                         x = make_x((M,), K, torch.bfloat16, device)
-                        y = torch.ops.mpq.matmul(x, qweight, scales, zeros, w_bit, group_size)
-                        ref = ref_matmul(x, qweight, scales, zeros, w_bit, group_size)
-                        assert y.device == device, (d, y.device)
-                        err = rel_err(y, ref)
-                        assert err < REL_TOL[torch.bfloat16], (d, rep, N, K, M, err)
+                        check_matmul(x, weight, w_bit, group_size, None, (d, rep, N, K, M))
             except BaseException as e:
                 errors.append((d, repr(e)))
         threads = [threading.Thread(target=work, args=(d,)) for d in {(D0.index, D1.index)}]
@@ -323,12 +304,10 @@ def test_threads_share_a_device_with_the_other_busy():
     def work(device, seed):
         try:
             torch.cuda.set_device(device)
-            qweight, scales, zeros = make_weight(4096, 2048, 4, 128, torch.float16, device, seed)
+            weight = make_weight(4096, 2048, 4, 128, torch.float16, device, seed)
             for M in (1, 16, 64, 1, 300) * 4:
                 x = make_x((M,), 2048, torch.float16, device)
-                y = torch.ops.mpq.matmul(x, qweight, scales, zeros, 4, 128)
-                err = rel_err(y, ref_matmul(x, qweight, scales, zeros, 4, 128))
-                assert err < REL_TOL[torch.float16], (device, M, err)
+                check_matmul(x, weight, 4, 128, None, (str(device), M))
         except BaseException as e:  # reported by the main thread
             errors.append((str(device), repr(e)))
 
