@@ -63,7 +63,7 @@ def main():
         for r in range(args.rounds):
             for name, env in settings if r % 2 == 0 else settings[::-1]:
                 def run(name=name):
-                    fn = dense_call if name == "dense" and dense_call is not None else call
+                    fn = dense_call if name == "dense" else call
                     if name not in errors:
                         poison_allocator(x.shape[0] * qw.shape[0], x.dtype)
                         out = fn()

@@ -545,13 +545,6 @@ template <typename T>
 void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits,
                   cudaStream_t stream) {
   const int64_t total = y.numel();
-  const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
-  // On Hopper and later the launch overlaps the end of the kernel before
-  // (programmatic dependent launch; launch_dependents, wait_prerequisites).
-  // H200, g128, medians of three alternating rounds (us): M = 1 w4 (8192,
-  // 28672) in stream-K 44.4 -> 42.9, w2 split in 4 42.9 -> 41.4; M = 3 w4
-  // 51.8 -> 50.4.
-  // (binaryVersion: the code loaded for this device, where a build holds several)
   // Measured and not taken: four outputs per thread (16-byte loads of the
   // parts, an 8-byte store; branch exp/sum-vec). H100, g128, medians of three
   // alternating rounds, one / four per thread (us): w4 (8192, 28672) M = 1
@@ -561,6 +554,13 @@ void finish_split(const at::Tensor& ws, const T* bias, at::Tensor& y, int splits
   // left to take: with the sums not launched at all (outputs wrong) the calls
   // took 1.6-2.4 us less, e.g. 53.8 and 63.0 us at (8192, 28672)
   // (scripts/results/ab_h100_sum_tail.log).
+  const int blocks = (int)std::min<int64_t>((total + 255) / 256, 4096);
+  // On Hopper and later the launch overlaps the end of the kernel before
+  // (programmatic dependent launch; launch_dependents, wait_prerequisites).
+  // H200, g128, medians of three alternating rounds (us): M = 1 w4 (8192,
+  // 28672) in stream-K 44.4 -> 42.9, w2 split in 4 42.9 -> 41.4; M = 3 w4
+  // 51.8 -> 50.4.
+  // (binaryVersion: the code loaded for this device, where a build holds several)
   static PerDevice built_90_on;
   const bool built_90 = built_90_on.get([] {
     return built_for_sm90(finish_split_kernel<T>) ? 1 : 0;
