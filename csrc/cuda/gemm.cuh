@@ -460,6 +460,17 @@ template <typename T, int W, int N_TILES, int RT, int U, int WARPS = 4, int MIN_
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& y,
             int64_t group_size) {
+  // 2-bit codes' ring of staged steps stays unpaired: each warp pairs its x
+  // fragments as it reads them. Measured and not taken: the ring paired as
+  // for 4- and 8-bit codes, each thread copying both chunks that hold a
+  // word's x and pairing them once landed (and in stream-K the mbarriers
+  // that pairing allows; 204 -> 170 registers for 32-row tiles, outputs the
+  // same bit for bit; branch exp/w2-ring-paired). Slower in every cell: H100,
+  // g128, medians of three alternating rounds, unpaired / paired (us):
+  // float16 M = 16 (8192, 28672) 59.0 / 60.5, (28672, 8192) 54.1 / 56.6,
+  // (4096, 14336) 21.9 / 22.8, (14336, 4096) 20.6 / 20.9; M = 9 57.5 / 59.8;
+  // bfloat16 61.2 / 62.6; g64 60.2 / 61.6; 32-row tiles (forced) M = 32 81.7
+  // / 90.3 (scripts/results/ab_h100_w2_ring_paired.log).
   constexpr bool PAIRED = W != 2;
   constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
   // (groups of whole steps: then so is K)
