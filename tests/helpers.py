@@ -1,6 +1,12 @@
 """Test inputs and an independent float64 reference (numpy, or torch on a CUDA
-device; no mpq_ops code), and the check that holds the CUDA op to it."""
+device; no mpq_ops code), the check that holds the CUDA op to it, and the
+runner of scripts in a fresh process."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -205,3 +211,16 @@ def meta_skeleton(model):
     from accelerate import init_empty_weights
     with init_empty_weights(include_buffers=False):
         return type(model)(model.config)
+
+
+def run_script(body, timeout=600):
+    """Runs body in a fresh Python process that has imported only torch and
+    mpq_ops (the op registrations) and has tests/ on its path; fails with its
+    exit status and stderr unless it printed OK. Returns its output."""
+    script = ("import sys, torch, mpq_ops\n"
+              f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+              + textwrap.dedent(body) + "\nprint('OK')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0 and "OK" in out.stdout, (out.returncode, out.stderr[-4000:])
+    return out.stdout

@@ -1,14 +1,11 @@
 """torch.compile, torch.export and AOTInductor over a small model of MPQ layers."""
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch import nn
 from torch.testing._internal.common_utils import TestCase
 
 import mpq_ops
+from helpers import run_script
 from mpq_ops import MPQLinear
 
 K, H = 64, 96
@@ -103,17 +100,12 @@ def test_export_save_load_in_fresh_process(tmp_path, strict):
     torch.export.save(ep, str(path))
     x = torch.randn(4, 7, K)
     torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
-    # The fresh process imports only mpq_ops (for the op registrations).
-    script = textwrap.dedent(f"""
-        import torch, mpq_ops
+    # The fresh process has imported only mpq_ops (for the op registrations).
+    run_script(f"""
         ep = torch.export.load({str(path)!r})
         io = torch.load({str(tmp_path / 'io.pt')!r})
         torch.testing.assert_close(ep.module()(io["x"]), io["y"])
-        print("OK")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    """, timeout=300)
 
 
 @pytest.mark.skipif(torch.__version__ < "2.12",

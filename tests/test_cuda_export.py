@@ -7,14 +7,11 @@ program runs the same op on the same inputs as eager, so its outputs must be
 eager's bit for bit; code that Inductor generates around the op (silu) may
 round differently, so there the comparison allows float16's rounding.
 Skipped without a GPU (the CPU versions are in test_compile_export.py)."""
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch import nn
 
+from helpers import run_script
 from mpq_ops import MPQLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,6 +61,14 @@ def export(model, strict):
 RTOL = ATOL = 2e-3
 
 
+def save_inputs_and_outputs(model, path):
+    """x for each M in MS (x1, x8, ...) and the model's eager outputs (y1, ...)."""
+    with torch.no_grad():
+        io = {f"x{M}": make_x(M) for M in MS}
+        io.update({f"y{M}": model(io[f"x{M}"]) for M in MS})
+    torch.save(io, path)
+
+
 def assert_near_eager(out, ref):
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
 
@@ -92,24 +97,16 @@ def test_export_save_load_on_cuda_in_fresh_process(tmp_path):
     ep = export(model, strict=False)
     path = tmp_path / "three.pt2"
     torch.export.save(ep, str(path))
-    with torch.no_grad():
-        io = {f"x{M}": make_x(M) for M in MS}
-        io.update({f"y{M}": model(io[f"x{M}"]) for M in MS})
-    torch.save(io, tmp_path / "io.pt")
-    # The fresh process imports only mpq_ops (for the op registrations).
-    script = textwrap.dedent(f"""
-        import torch, mpq_ops
+    save_inputs_and_outputs(model, tmp_path / "io.pt")
+    # The fresh process has imported only mpq_ops (for the op registrations).
+    run_script(f"""
         ep = torch.export.load({str(path)!r})
         io = torch.load({str(tmp_path / 'io.pt')!r})
         with torch.no_grad():
             for M in {MS!r}:
                 out = ep.module()(io[f"x{{M}}"])
                 assert out.is_cuda and torch.equal(out, io[f"y{{M}}"]), M
-        print("OK")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.skipif(torch.__version__ < "2.12",
@@ -121,12 +118,8 @@ def test_aoti_package_on_cuda_matches_eager(tmp_path):
     (so a crash inside AOTInductor fails this test, not the whole run)."""
     model = make_model()
     torch.export.save(export(model, strict=False), str(tmp_path / "three.pt2"))
-    with torch.no_grad():
-        io = {f"x{M}": make_x(M) for M in MS}
-        io.update({f"y{M}": model(io[f"x{M}"]) for M in MS})
-    torch.save(io, tmp_path / "io.pt")
-    script = textwrap.dedent(f"""
-        import torch, mpq_ops
+    save_inputs_and_outputs(model, tmp_path / "io.pt")
+    run_script(f"""
         ep = torch.export.load({str(tmp_path / 'three.pt2')!r})
         path = torch._inductor.aoti_compile_and_package(
             ep, package_path={str(tmp_path / 'three_aoti.pt2')!r})
@@ -137,11 +130,7 @@ def test_aoti_package_on_cuda_matches_eager(tmp_path):
                 out = runner(io[f"x{{M}}"])
                 assert out.is_cuda and out.shape == (2, M, {K}), (M, out.shape)
                 torch.testing.assert_close(out, io[f"y{{M}}"], rtol={RTOL}, atol={ATOL})
-        print("OK")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0 and "OK" in out.stdout, (out.returncode, out.stderr[-3000:])
+    """, timeout=900)
 
 
 def test_compile_on_cuda_one_graph_over_rows():

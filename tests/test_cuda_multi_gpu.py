@@ -10,8 +10,6 @@ Skipped without two GPUs. MPQ_OPS_TEST_DEVICES=0,0 runs them with both
 devices the same GPU (the tests' own logic on one GPU; those that need two
 distinct devices skip)."""
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 from helpers import (REL_TOL, capture_graph, check_matmul, make_weight, make_x,
                      poison_allocator, ref_dequantize_t, ref_matmul, rel_err, torch_unpack_rows)
 
@@ -75,16 +74,9 @@ def test_dequantize_on_the_device_that_is_not_current():
 
 
 def run_script(body):
-    """Runs body in a fresh Python process (tests/ on its path) and returns
-    its output; fails with its stderr unless it printed OK."""
-    script = ("import sys, torch, mpq_ops\n"
-              f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-              "from helpers import check_matmul, make_weight, make_x\n"
-              + textwrap.dedent(body) + "\nprint('OK')\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-4000:]
-    return out.stdout
+    """helpers.run_script with the checks of helpers imported."""
+    return helpers.run_script("from helpers import check_matmul, make_weight, make_x\n"
+                              + textwrap.dedent(body))
 
 
 # Calls that reach each path's per-device state under the default policy:
