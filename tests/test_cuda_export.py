@@ -1,12 +1,13 @@
 """torch.compile, torch.export and AOTInductor on CUDA: a float16 model of MPQ
 layers of every width (act-order perm and bias on one) exported with dynamic
-batch and sequence, run at row counts that take every fused path (one row,
-the 16-row kernel, the wgmma kernel's tiles, past them), saved and loaded in
-a fresh process, and compiled ahead of time into a package. The exported
-program runs the same op on the same inputs as eager, so its outputs must be
-eager's bit for bit; code that Inductor generates around the op (silu) may
-round differently, so there the comparison allows float16's rounding.
-Skipped without a GPU (the CPU versions are in test_compile_export.py)."""
+batch and sequence, run at row counts that take each fused kernel (on
+Hopper: 2 and 16 rows the staged kernel, but for 8-bit codes at 16 rows; 66
+and 300 the wgmma kernel), saved and loaded in a fresh process, and compiled
+ahead of time into a package. The exported program runs the same op on the
+same inputs as eager, so its outputs must be eager's bit for bit; code that
+Inductor generates around the op (silu) may round differently, so there the
+comparison allows float16's rounding. Skipped without a GPU (the CPU
+versions are in test_compile_export.py)."""
 import pytest
 import torch
 from torch import nn
@@ -17,8 +18,7 @@ from mpq_ops import MPQLinear
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 K, H = 512, 768
-# Rows of x per call: 2 x M, with M taking one row, 16 rows, the wgmma kernel's tiles
-# and more than 128 rows.
+# x is [2, M, K]: 2 x M rows per call (2, 16, 66, 300).
 MS = (1, 8, 33, 150)
 
 
