@@ -1,9 +1,10 @@
 """AOTInductor packages on this machine, each stage reported: a plain float16
 model (nn.Linear, SiLU) and tests/test_cuda_export.py's model of MPQ layers,
 each exported with dynamic batch and sequence, compiled into a package,
-loaded and run, in a process of its own (so that a crash in one shows which
-stage it reached and leaves the other to run). Tells a failure of AOTInductor
-itself on this torch from one that only packages holding mpq ops have.
+loaded and run, in a process of its own (each stage printed as it is
+reached, so that a crash or a run cut short shows how far it came, and the
+other still runs). Tells a failure of AOTInductor itself on this torch from
+one that only packages holding mpq ops have.
 
     python scripts/aoti_check.py [--device cuda|cpu]
 """
@@ -30,16 +31,16 @@ else:
 x = torch.randn(2, 5, 512, device=device, dtype=torch.float16)
 batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=4096)
 ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch, 1: seq},), strict=False)
-print("exported", flush=True)
+print(which, "exported", flush=True)
 path = torch._inductor.aoti_compile_and_package(ep, package_path=f"{out_dir}/{which}.pt2")
-print("compiled", flush=True)
+print(which, "compiled", flush=True)
 runner = torch._inductor.aoti_load_package(path)
-print("loaded", flush=True)
+print(which, "loaded", flush=True)
 with torch.no_grad():
     for M in (1, 8, 33):
         x = torch.randn(2, M, 512, device=device, dtype=torch.float16)
         err = (runner(x).float() - model(x).float()).abs().max().item()
-        print(f"ran M = {M}: largest difference from eager {err:.2e}", flush=True)
+        print(which, f"ran M = {M}: largest difference from eager {err:.2e}", flush=True)
 """
 
 
@@ -50,13 +51,13 @@ def main():
     tests = os.path.join(HERE, "..", "tests")
     with tempfile.TemporaryDirectory() as out_dir:
         for which in ("plain", "mpq"):
+            # (its stages print as they are reached, so a run cut short still shows them)
             proc = subprocess.run([sys.executable, "-c", ONE, which, args.device, out_dir, tests],
-                                  capture_output=True, text=True)
-            stages = proc.stdout.strip().splitlines()
-            status = "ok" if proc.returncode == 0 else f"exit status {proc.returncode}"
-            print(f"{which}: {status}; " + "; ".join(stages or ["no stage reached"]))
+                                  stderr=subprocess.PIPE, text=True)
+            print(which, "ok" if proc.returncode == 0 else f"exit status {proc.returncode}",
+                  flush=True)
             if proc.returncode != 0:
-                print("  " + "\n  ".join(proc.stderr.strip().splitlines()[-12:]))
+                print("  " + "\n  ".join(proc.stderr.strip().splitlines()[-12:]), flush=True)
 
 
 if __name__ == "__main__":
