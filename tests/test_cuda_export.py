@@ -110,9 +110,9 @@ def test_export_save_load_on_cuda_in_fresh_process(tmp_path):
 
 
 @pytest.mark.skipif(torch.__version__ < "2.12",
-                    reason="the package's process ends in SIGSEGV inside torch 2.11 (H100, as "
-                           "the CPU package's does there); scripts/aoti_check.py tells whether "
-                           "a package without mpq ops does too")
+                    reason="on torch 2.11 (H100) loading an AOTInductor package ends in "
+                           "SIGSEGV, a plain nn.Linear model's too (scripts/aoti_check.py, "
+                           "scripts/results/aoti_check_h100_torch211.log)")
 def test_aoti_package_on_cuda_matches_eager(tmp_path):
     """Compiled, loaded and run in a fresh process, which imports only mpq_ops
     (so a crash inside AOTInductor fails this test, not the whole run)."""

@@ -470,11 +470,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // float16 M = 16 (8192, 28672) 59.0 / 60.5, (28672, 8192) 54.1 / 56.6,
   // (4096, 14336) 21.9 / 22.8, (14336, 4096) 20.6 / 20.9; M = 9 57.5 / 59.8;
   // bfloat16 61.2 / 62.6; g64 60.2 / 61.6; 32-row tiles (forced) M = 32 81.7
-  // / 90.3 (scripts/results/ab_h100_w2_ring_paired.log). Not yet measured:
-  // pairing through shuffles instead, the copies left as they are (a lane
-  // per chunk), each lane swapping its landed chunk with its neighbour's and
-  // writing its own half of the pair (compiled for sm_90a, 147-157 registers
-  // at 16 rows, no spills).
+  // / 90.3 (scripts/results/ab_h100_w2_ring_paired.log). Nor pairing through
+  // shuffles, the copies left as they are (a lane per chunk, each swapping
+  // its landed chunk with its neighbour's and writing its own half of the
+  // pair, the mbarriers in stream-K; outputs the same; branch
+  // exp/w2-shfl2): unpaired / shuffled (us) float16 M = 16 (8192, 28672)
+  // 59.6 / 61.4, (28672, 8192) 55.6 / 56.9; bfloat16 61.8 / 63.7
+  // (scripts/results/ab_h100_codes_ring_w2_shfl.log).
   constexpr bool PAIRED = W != 2;
   constexpr int SUPER_K = tile::WeightRows<T, W, RT>::SUPER_K;
   // (groups of whole steps: then so is K)
