@@ -697,14 +697,18 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // and held to two blocks per SM by eight stages 83.2 against the loads'
   // 64.7, so the ring itself costs, not the third block
   // (scripts/results/ab_h100_ring_codes_tma*.log). More blocks streaming
-  // more rows at once ran slower, not faster. Nor each thread's own codes
-  // through a private ring in shared memory, copied by cp.async 4 to 7
-  // items ahead in x's copy groups and read back before the item's MMAs, no
-  // barrier added (164 registers; branch exp/codes-ring): H100, g128,
-  // medians of three alternating rounds, loads / ring of 8 / ring of 5
-  // (three blocks per SM) (us): float16 w4 (8192, 28672) M = 16 64.9 / 90.7
+  // more rows at once ran slower, not faster. Each thread's own codes
+  // through a private ring in shared memory by cp.async, read back before
+  // the item's MMAs (164 registers): the build measured put an item's codes
+  // in the copy group of x's item 4 (ring of 8) or 1 (ring of 5) before
+  // it, so the wait for x's next item also waited for codes copied only two
+  // items earlier; H100, g128, medians of three alternating rounds, loads /
+  // ring of 8 / ring of 5 (us): float16 w4 (8192, 28672) M = 16 64.9 / 90.7
   // / 88.5, M = 9 64.2 / 89.2 / 86.0, g64 69.2 / 95.6 / 94.1; bfloat16 65.9
-  // / 91.0 / 88.3 (scripts/results/ab_h100_codes_ring_w2_shfl.log).)
+  // / 91.0 / 88.3 (scripts/results/ab_h100_codes_ring_w2_shfl.log). Not yet
+  // measured: an item's codes in its own x's copy group and stage, the ring
+  // 8 or 6 stages deep, so that codes have 6 or 4 items to land (branch
+  // exp/codes-ring, MPQ_OPS_CUDA_CODES_RING=8|6; compiled for sm_90a).)
   if constexpr (SK) {
     // (No launch_dependents here: finish_split, launched programmatically,
     // starts as the blocks end. Letting it start once a block's last run is
