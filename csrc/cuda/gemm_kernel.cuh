@@ -707,8 +707,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // / 88.5, M = 9 64.2 / 89.2 / 86.0, g64 69.2 / 95.6 / 94.1; bfloat16 65.9
   // / 91.0 / 88.3 (scripts/results/ab_h100_codes_ring_w2_shfl.log). Not yet
   // measured: an item's codes in its own x's copy group and stage, the ring
-  // 8 or 6 stages deep, so that codes have 6 or 4 items to land (branch
-  // exp/codes-ring, MPQ_OPS_CUDA_CODES_RING=8|6; compiled for sm_90a).)
+  // 8 or 6 stages deep, so that codes have 6 or 4 items to land, in
+  // stream-K and in the split grid (branch exp/codes-ring,
+  // MPQ_OPS_CUDA_CODES_RING=8|6, its exp_run.sh; compiled for sm_90a).)
   if constexpr (SK) {
     // (No launch_dependents here: finish_split, launched programmatically,
     // starts as the blocks end. Letting it start once a block's last run is
