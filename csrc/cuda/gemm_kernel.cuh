@@ -709,7 +709,10 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // measured: an item's codes in its own x's copy group and stage, the ring
   // 8 or 6 stages deep, so that codes have 6 or 4 items to land, in
   // stream-K and in the split grid (branch exp/codes-ring,
-  // MPQ_OPS_CUDA_CODES_RING=8|6, its exp_run.sh; compiled for sm_90a).)
+  // MPQ_OPS_CUDA_CODES_RING=8|6, its exp_run.sh; compiled for sm_90a). A
+  // ring of that kind for the split grid, 3 / 4 / 6 steps deep, measured
+  // slower before, the deeper the slower (H200, 70.2 -> 75.0 / 74.4 / 85.4
+  // us; gemm.cuh's gemm_bits).)
   if constexpr (SK) {
     // (No launch_dependents here: finish_split, launched programmatically,
     // starts as the blocks end. Letting it start once a block's last run is
