@@ -705,14 +705,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // items earlier; H100, g128, medians of three alternating rounds, loads /
   // ring of 8 / ring of 5 (us): float16 w4 (8192, 28672) M = 16 64.9 / 90.7
   // / 88.5, M = 9 64.2 / 89.2 / 86.0, g64 69.2 / 95.6 / 94.1; bfloat16 65.9
-  // / 91.0 / 88.3 (scripts/results/ab_h100_codes_ring_w2_shfl.log). Not yet
-  // measured: an item's codes in its own x's copy group and stage, the ring
-  // 8 or 6 stages deep, so that codes have 6 or 4 items to land, in
-  // stream-K and in the split grid (branch exp/codes-ring,
-  // MPQ_OPS_CUDA_CODES_RING=8|6, its exp_run.sh; compiled for sm_90a). A
-  // ring of that kind for the split grid, 3 / 4 / 6 steps deep, measured
-  // slower before, the deeper the slower (H200, 70.2 -> 75.0 / 74.4 / 85.4
-  // us; gemm.cuh's gemm_bits).)
+  // / 91.0 / 88.3 (scripts/results/ab_h100_codes_ring_w2_shfl.log). With
+  // an item's codes in its own x's copy group and stage, 8 or 6 stages
+  // deep (6 or 4 items to land), exact outputs, no faster: 65.0 / 89.6 /
+  // 91.5 at M = 16, and in the split grid at (28672, 8192) 62.8 / 92.8 /
+  // 109.3 (scripts/results/ab_h100_codes_ring_own_stage.log, branch
+  // exp/codes-ring). A ring of that kind for the split grid, 3 / 4 / 6
+  // steps deep, measured slower on the H200 too (70.2 -> 75.0 / 74.4 /
+  // 85.4 us; gemm.cuh's gemm_bits). The codes stay loaded into registers.)
   if constexpr (SK) {
     // (No launch_dependents here: finish_split, launched programmatically,
     // starts as the blocks end. Letting it start once a block's last run is
