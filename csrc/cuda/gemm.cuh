@@ -617,7 +617,13 @@ void gemm_bits(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     // 70.5 / 73.7, (4096, 14336) 24.7 / 25.0 / 25.5, (14336, 4096) 23.3 / 24.2
     // / 24.8; bfloat16 (28672, 8192) 64.6 / 68.7 / 86.3
     // (scripts/results/ab_h100_two_tile_occupancy.log, branch
-    // exp/two-tile-occupancy).
+    // exp/two-tile-occupancy). Nor blocks of eight warps (256 rows, one block
+    // per SM, the same warps per SM), whose one copy of each step of x serves
+    // twice the rows (half the copies and reads of x from L2): H100, 4-bit
+    // codes, g128, medians of three alternating rounds, four / eight warps
+    // (us): float16 (8192, 28672) M = 16 65.2 / 66.2 in stream-K, M = 9 64.6
+    // / 65.5, (28672, 8192) 63.6 / 66.1; bfloat16 65.9 / 66.6
+    // (scripts/results/ab_h100_x16_eight_warps.log, branch exp/x16-eight-warps).
     case 2:
       if constexpr (W == 2) {
         if (small)
