@@ -246,6 +246,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // measured slower, finish_split / in the kernel (us): w4 (8192, 28672)
     // 43.2 / 43.8, bfloat16 43.8 / 44.7, g64 47.0 / 47.9, (4096, 28672) 26.7 /
     // 27.3; w8 71.7 / 72.4, bfloat16 73.2 / 73.2.
+    // Nor within one wave, where the split grid leaves slots idle (each
+    // block's x then only its items' steps, in their order, so that K =
+    // 28672 fits; outputs the same; branch exp/one-row-sk-items). H100, M = 1,
+    // g128, medians of three alternating rounds, split grid / stream-K (us):
+    // float16 w4 (28672, 8192) 56.6 / 56.9, w8 99.6 / 99.6; bfloat16 56.6 /
+    // 57.2, w8 99.6 / 100.0; g64 62.6 / 62.1; (14336, 4096) 19.3 / 19.3, w8
+    // 30.0 / 30.0; (4096, 14336) 18.3 / 20.9, w8 29.2 / 31.0; (8192, 8192)
+    // 21.7 / 22.3; with L2 emptied by a read, w4 (28672, 8192) 50.8 / 50.7,
+    // w8 91.5 / 90.1 (scripts/results/ab_h100_one_row_sk_within_wave*.log).
     const int sk_smem = steps * KR * (SUPER_K / 8) * 16;
     if (M == 1 && N % w_rows == 0 && steps % U == 0 && row_blocks > slots &&
         sk_smem <= kResidentXBytes) {
