@@ -684,7 +684,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
   // 28672) 64.2 -> 76.5, (28672, 8192) 62.8 -> 88.6, (4096, 14336) 24.0 ->
   // 27.9; bfloat16 65.1 -> 77.1; M = 8 (28672, 8192) 62.1 -> 87.6; with
   // three blocks per SM on top (145-168 registers) 82.4 at (8192, 28672)
-  // (scripts/results/ab_h100_per_step_reloads.log). Nor the codes through
+  // (scripts/results/ab_h100_per_step_reloads.log). Nor, in stream-K with
+  // mbarriers, the codes two runs ahead instead of one (a second set of U
+  // steps in registers: 198 -> 252 registers, still two blocks per SM, no
+  // spills; branch exp/sk-two-runs-ahead): H100, g128, medians of three
+  // alternating rounds, one / two runs ahead (us): float16 w4 (8192, 28672)
+  // M = 16 65.6 / 67.6, M = 9 64.8 / 66.8, g64 69.4 / 71.1; bfloat16 66.1 /
+  // 67.7; w8 109.7 / 111.0; (4096, 28672) 39.1 / 40.9
+  // (scripts/results/ab_h100_sk_two_runs_ahead.log). Nor the codes through
   // the stream-K ring beside x, by TMA: thread 0 asked for a box of the
   // block's 128 rows by a step's 64 bytes per slot on the slot's `full`
   // mbarrier, and (late scaling) each thread loaded its row's scale and
