@@ -286,6 +286,14 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // 64.9, (14336, 4096) 23.3 / 25.5, (4096, 14336) 24.6 / 25.1; w2 (28672,
     // 8192) 55.3 / 57.5 (scripts/results/ab_h100_stream_k16.log).
     // MPQ_OPS_CUDA_STREAM_K=0 keeps the split grid (A/B runs).
+    // Not taken: two steps' scales and zeros per 32-bit load where groups
+    // are one step (half the scalar loads, each touching 8 rows' sectors;
+    // outputs the same; branch exp/scale-pairs). Mixed: H100, float16 w4
+    // g128 M = 16, medians of five alternating rounds, 16-bit loads / pairs
+    // (us): (8192, 28672) 65.3 / 64.9, M = 12 65.5 / 64.1, bfloat16 66.0 /
+    // 64.9, (8192, 20480) 50.4 / 49.0, but (4096, 28672) 39.0 / 40.4 and
+    // (14336, 28672) 104.0 / 106.8; w8 g64 113.5 / 113.5
+    // (scripts/results/ab_h100_scale_pairs.log).
     const long runs = (long)row_blocks * (steps / U);
     if (tile::stream_k() && M <= x_rows && N % w_rows == 0 && steps % U == 0 && !tail &&
         tiles_splits(row_blocks, steps) == 1 && row_blocks < slots &&
