@@ -292,7 +292,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // g128 M = 16, medians of five alternating rounds, 16-bit loads / pairs
     // (us): (8192, 28672) 65.3 / 64.9, M = 12 65.5 / 64.1, bfloat16 66.0 /
     // 64.9, (8192, 20480) 50.4 / 49.0, but (4096, 28672) 39.0 / 40.4 and
-    // (14336, 28672) 104.0 / 106.8; w8 g64 113.5 / 113.5
+    // (14336, 28672) 104.0 / 106.8; w8 g64 113.5 / 113.5 in three rounds
     // (scripts/results/ab_h100_scale_pairs.log).
     const long runs = (long)row_blocks * (steps / U);
     if (tile::stream_k() && M <= x_rows && N % w_rows == 0 && steps % U == 0 && !tail &&
