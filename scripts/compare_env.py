@@ -17,7 +17,9 @@ do_bench's zero-fill, whose dirty lines are written back inside the timed call.
 A cell is dtype (fp16 / bf16 / fp32), w_bit, group_size, K, N, M; a setting is
 name:VAR=value,-VAR2 (-VAR2 unsets VAR2; none: the environment as it is).
 --dense times cuBLAS's F.linear on the dequantized weight in every round too
-(column `dense`), so that ratios to the anchor come from the same rounds."""
+(column `dense`), so that ratios to the anchor come from the same rounds;
+--random the same on a random normal weight (x 0.02, column `random`), bench.py's
+anchor: cuBLAS's time may depend on the values it multiplies."""
 import argparse
 import json
 import os
@@ -33,6 +35,11 @@ from helpers import poison_allocator, ref_matmul, rel_err  # noqa: E402
 from shape_args import parse_settings, with_env  # noqa: E402
 
 
+def ref_matmul_dense(x, weight):
+    """x @ weight.T in float64 on x's device (the random anchor's reference)."""
+    return x.double() @ weight.double().T
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", required=True)
@@ -43,12 +50,15 @@ def main():
                     help="L2 emptied by a read before each run instead of do_bench's zero-fill")
     ap.add_argument("--dense", action="store_true",
                     help="time F.linear on the dequantized weight as well (column dense)")
+    ap.add_argument("--random", action="store_true",
+                    help="time F.linear on a random normal weight as well (column random)")
     args = ap.parse_args()
     settings = parse_settings(args.settings)
-    if args.dense:
-        if any(name == "dense" for name, _ in settings):
-            raise SystemExit("--settings: `dense` names the --dense column")
-        settings.append(("dense", {}))
+    for flag in ("dense", "random"):
+        if getattr(args, flag):
+            if any(name == flag for name, _ in settings):
+                raise SystemExit(f"--settings: `{flag}` names the --{flag} column")
+            settings.append((flag, {}))
     timer = bench_clean_l2 if args.clean_l2 else bench
     rows = []
     flush = "L2 emptied by a read" if args.clean_l2 else "do_bench, L2 flushed by a write"
@@ -58,17 +68,26 @@ def main():
         ref = ref_matmul(x, qw, sc, ze, w, g)
 
         call, dense_call = cell_calls(x, qw, sc, ze, w, g, dense=args.dense)
+        if args.random:
+            # (a reference of its own: its weight is not the cell's)
+            random_weight = torch.randn(qw.shape[0], x.shape[1], device=x.device,
+                                        dtype=x.dtype) * 0.02
+            random_ref = ref_matmul_dense(x, random_weight)
+        calls = {"dense": dense_call} if args.dense else {}
+        if args.random:
+            calls["random"] = lambda: torch.nn.functional.linear(x, random_weight)
         times = {name: [] for name, _ in settings}
         errors = {}
         for r in range(args.rounds):
             for name, env in settings if r % 2 == 0 else settings[::-1]:
                 def run(name=name):
-                    fn = dense_call if name == "dense" else call
+                    fn = calls.get(name, call)
                     if name not in errors:
                         poison_allocator(x.shape[0] * qw.shape[0], x.dtype)
                         out = fn()
                         finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
-                        errors[name] = rel_err(out, ref) * 1e6 if finite else float("nan")
+                        expected = random_ref if name == "random" else ref
+                        errors[name] = rel_err(out, expected) * 1e6 if finite else float("nan")
                     times[name].append(timer(fn))
                 with_env(env, run)
         dt, _, _, K, N, M = cell.split(",")
