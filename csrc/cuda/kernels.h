@@ -72,6 +72,11 @@ constexpr int kSm90WideMinGbps = 4000;
 // lose up to 4%, too little to carry a rule for: float16 M = 16 at (14336,
 // 4096) 29.5 / 30.7, (4096, 4096) 14.7 / 15.0, (2048, 8192) 14.8 / 15.2,
 // against (8192, 4096) 21.9 / 21.2 and bfloat16 (14336, 4096) 32.0 / 30.6.
+// One row of x stays on the staged kernel: H100, float16 w8 g128, M = 1,
+// medians of three alternating rounds, the policy / the wgmma kernel / the
+// GEMV forced (us): (28672, 8192) 99.4 / 101.6 / 117.8, (8192, 28672) 96.8 /
+// 103.9 / 104.1; bfloat16 (28672, 8192) 99.1 / 103.2 / 109.8
+// (scripts/results/ab_h100_w8_m1_paths.log).
 constexpr int64_t kGemmMaxRowsSm90W8 = 8;
 constexpr int64_t kGemmMaxRowsSm90W8Large = 4;
 constexpr int64_t kSm90W8LargeCodes = int64_t{1} << 27;
