@@ -35,8 +35,14 @@ constexpr int64_t kGemmMaxRows = 128;
 // 8192) 1469 / 1652; M = 4096 at (4096, 4096) 208 / 220, at (28672, 8192)
 // 2922 / 3057 and 2802 / 3048; at (4096, 14336) 785 / 753 and 802 / 816,
 // even; the one cell it lost: M = 1536 at (4096, 4096), 108 / 91). Beyond,
-// the weights are dequantized to a temporary and cuBLAS multiplies (not
-// measured against the wgmma kernel there).
+// the weights are dequantized to a temporary and cuBLAS multiplies, where the
+// wgmma kernel's lead is gone: H100, g128, medians of three alternating
+// rounds, dequantize + cuBLAS / wgmma forced (us): float16 w4 M = 8192 at
+// (8192, 28672) 5953 / 5675, (28672, 8192) 5764 / 5576, (4096, 14336) 1549 /
+// 1506, but (4096, 4096) 418 / 431, bfloat16 (8192, 28672) 5517 / 5620, w8
+// 6097 / 6258, w2 5976 / 6034; M = 16384 at (8192, 28672) 11046 / 11344,
+// (28672, 8192) 11694 / 11027, (4096, 4096) 850 / 879; mixed, and at the
+// power limit (scripts/results/ab_h100_m_past_4096.log).
 // Row by row from 1 to 16 (H200, float16 w4 g128, one round, us;
 // scripts/results/ab_h200_m_sweep_paths.log) the policy took the faster of
 // the two in every cell. The wgmma kernel's time hardly moves with M (61.5 -
