@@ -35,11 +35,6 @@ from helpers import poison_allocator, ref_matmul, rel_err  # noqa: E402
 from shape_args import parse_settings, with_env  # noqa: E402
 
 
-def ref_matmul_dense(x, weight):
-    """x @ weight.T in float64 on x's device (the random anchor's reference)."""
-    return x.double() @ weight.double().T
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", required=True)
@@ -68,14 +63,15 @@ def main():
         ref = ref_matmul(x, qw, sc, ze, w, g)
 
         call, dense_call = cell_calls(x, qw, sc, ze, w, g, dense=args.dense)
+        # The anchor columns' calls, and the references of those whose weight
+        # is not the cell's (the others are checked against `ref`).
+        calls = {"dense": dense_call} if args.dense else {}
+        refs = {}
         if args.random:
-            # (a reference of its own: its weight is not the cell's)
             random_weight = torch.randn(qw.shape[0], x.shape[1], device=x.device,
                                         dtype=x.dtype) * 0.02
-            random_ref = ref_matmul_dense(x, random_weight)
-        calls = {"dense": dense_call} if args.dense else {}
-        if args.random:
             calls["random"] = lambda: torch.nn.functional.linear(x, random_weight)
+            refs["random"] = x.double() @ random_weight.double().T  # float64, on x's device
         times = {name: [] for name, _ in settings}
         errors = {}
         for r in range(args.rounds):
@@ -86,7 +82,7 @@ def main():
                         poison_allocator(x.shape[0] * qw.shape[0], x.dtype)
                         out = fn()
                         finite = bool(torch.isfinite(out).all())  # (an ablation's may not be)
-                        expected = random_ref if name == "random" else ref
+                        expected = refs.get(name, ref)
                         errors[name] = rel_err(out, expected) * 1e6 if finite else float("nan")
                     times[name].append(timer(fn))
                 with_env(env, run)
