@@ -13,6 +13,12 @@
 //   rows64   the 2-bit one-row kernel's (KR = 1): a warp's item is 16 rows x
 //            64 bytes, each load 8 rows x 64 bytes (for its bytes, pass
 //            half of its K: 2-bit codes of K inputs are 4-bit codes of K / 2)
+//   x16      the 16-row kernel's (gemm.cuh's launch<T, W, 2, 2, 2>): a block's
+//            item is one step of 128 rows x 64 bytes (8 KB), a warp's 32 rows,
+//            each lane loading 16 bytes of 4 rows (8 g + r), each load 8 rows
+//            x 64 bytes; flat8 the same 8 KB items as one run of memory (as a
+//            weight stored in tiles of 128 rows by one step would be read);
+//            and x16 as the kernel issues it, runs of 1, 2 or 4 steps at once
 // With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
 // memset (dirty, as do_bench's flush); median of 20 runs; each under four L2
 // policies of the load (load_stream_as); with a third argument `quick`, only
@@ -25,6 +31,7 @@
 //     nvcc -arch=sm_90a -O3 -std=c++17 scripts/ldg_stream.cu -o /tmp/ldg_stream
 //     /tmp/ldg_stream 28672 8192    # N K
 //     /tmp/ldg_stream 28672 4096 quick
+//     /tmp/ldg_stream 28672 8192 x16  # flat8 and x16, 2 or 3 blocks per SM
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -61,14 +68,24 @@ __device__ __forceinline__ uint4 load_stream_as(const uint4* p) {
   return v;
 }
 
-enum Order { kFlat = 0, kKPair = 1, kRows512 = 2, kRows64 = 3 };
-constexpr int kItemBytes = 4096;  // per block and item, in every order
+enum Order { kFlat = 0, kKPair = 1, kRows512 = 2, kRows64 = 3, kFlat8 = 4, kX16 = 5 };
+// Loads per thread and item (of 16 bytes, 128 threads): 4 KB items, x16's and
+// flat8's 8 KB.
+template <int ORDER>
+constexpr int kLoads = ORDER >= kFlat8 ? 4 : 2;
 
-// Byte offset of load r (0, 1) of this thread for item i.
+// Byte offset of load r (< kLoads) of this thread for item i.
 template <int ORDER>
 __device__ __forceinline__ long offset(long i, int r, long row_bytes) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (ORDER == kFlat) return i * kItemBytes + (r * 128 + threadIdx.x) * 16;
+  if (ORDER == kFlat || ORDER == kFlat8)
+    return i * (kLoads<ORDER> * 2048) + (r * 128 + threadIdx.x) * 16;
+  if (ORDER == kX16) {
+    const long steps = row_bytes / 64;
+    const long rb = i / steps, s = i % steps;
+    const long row = rb * 128 + warp * 32 + 8 * r + (lane >> 2);
+    return row * row_bytes + s * 64 + (lane & 3) * 16;
+  }
   if (ORDER == kKPair) {
     const long steps = row_bytes / 128;
     const long rb = i / steps, s = i % steps;
@@ -92,12 +109,13 @@ template <int ORDER, int U, int POL>
 __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long row_bytes,
                                                      long items, uint32_t* out) {
   const long i0 = items * blockIdx.x / gridDim.x, i1 = items * (blockIdx.x + 1) / gridDim.x;
-  uint4 buf[U][2];
+  constexpr int L = kLoads<ORDER>;
+  uint4 buf[U][L];
 #pragma unroll
   for (int u = 0; u < U; ++u)
     if (i0 + u < i1)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
+      for (int r = 0; r < L; ++r)
         buf[u][r] = load_stream_as<POL>(reinterpret_cast<const uint4*>(codes + offset<ORDER>(i0 + u, r, row_bytes)));
   uint32_t acc = 0;
   for (long i = i0; i < i1; i += U) {
@@ -105,14 +123,48 @@ __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long 
     for (int u = 0; u < U; ++u) {
       if (i + u < i1) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) acc ^= buf[u][r].x ^ buf[u][r].y ^ buf[u][r].z ^ buf[u][r].w;
+        for (int r = 0; r < L; ++r) acc ^= buf[u][r].x ^ buf[u][r].y ^ buf[u][r].z ^ buf[u][r].w;
         if (i + u + U < i1)
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
+          for (int r = 0; r < L; ++r)
             buf[u][r] = load_stream_as<POL>(
                 reinterpret_cast<const uint4*>(codes + offset<ORDER>(i + u + U, r, row_bytes)));
       }
     }
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+// The 16-row kernel's loads as it issues them: runs of U steps (items of
+// x16's order) loaded at once, one run ahead (its `load_run`), so that the
+// lanes of a row ask for 64 U contiguous bytes together; a block's share
+// whole runs (U divides a row's steps).
+template <int U>
+__global__ void __launch_bounds__(128) x16_runs_kernel(const uint8_t* codes, long row_bytes,
+                                                       long items, uint32_t* out) {
+  const long runs = items / U;
+  const long r0 = runs * blockIdx.x / gridDim.x, r1 = runs * (blockIdx.x + 1) / gridDim.x;
+  uint4 cur[U][4], next[U][4];
+  const auto load_run = [&](long r, uint4(&b)[U][4]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        b[u][q] = load_stream_as<0>(
+            reinterpret_cast<const uint4*>(codes + offset<kX16>(r * U + u, q, row_bytes)));
+  };
+  if (r0 < r1) load_run(r0, next);
+  uint32_t acc = 0;
+  for (long r = r0; r < r1; ++r) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) cur[u][q] = next[u][q];
+    if (r + 1 < r1) load_run(r + 1, next);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc ^= cur[u][q].x ^ cur[u][q].y ^ cur[u][q].z ^ cur[u][q].w;
   }
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
@@ -140,12 +192,13 @@ int main(int argc, char** argv) {
   const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
   const long row_bytes = K / 2;  // 4-bit codes
   const bool quick = argc > 3 && std::string(argv[3]) == "quick";
-  if (N <= 0 || K <= 0 || N % 64 != 0 || row_bytes % 512 != 0) {
-    printf("ldg_stream N K [quick]: N a positive multiple of 64, K of 1024, got %ld %ld\n", N,
-           K);
+  const bool x16 = argc > 3 && std::string(argv[3]) == "x16";
+  if (N <= 0 || K <= 0 || N % (x16 ? 128 : 64) != 0 || row_bytes % 512 != 0) {
+    printf("ldg_stream N K [quick|x16]: N a positive multiple of 64 (x16: 128), K of 1024, "
+           "got %ld %ld\n", N, K);
     return 2;
   }
-  const long bytes = N * row_bytes, items = bytes / kItemBytes;
+  const long bytes = N * row_bytes, items = bytes / 4096;
   uint8_t* codes; CK(cudaMalloc(&codes, bytes));
   CK(cudaMemset(codes, 1, bytes));
   const size_t flush_bytes = 256u << 20;
@@ -154,9 +207,9 @@ int main(int argc, char** argv) {
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
   printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
-  const char* names[] = {"flat", "kpair", "rows512", "rows64"};
+  const char* names[] = {"flat", "kpair", "rows512", "rows64", "flat8", "x16"};
   // k over grid blocks, each run after its flush (clean: a read, else a memset).
-  const auto time_us = [&](Kernel k, int grid, bool clean) {
+  const auto time_us = [&](Kernel k, int grid, bool clean, long n_items) {
     return median_us(
         [&](int rep) {
           if (clean)
@@ -164,8 +217,41 @@ int main(int argc, char** argv) {
           else
             CK(cudaMemsetAsync(flush, rep, flush_bytes));
         },
-        [&] { k<<<grid, 128>>>(codes, row_bytes, items, out); });
+        [&] { k<<<grid, 128>>>(codes, row_bytes, n_items, out); });
   };
+  if (x16) {
+    // The 16-row kernel: two blocks per SM (its registers), U = 2 items (steps)
+    // in flight; three blocks and U = 4 for comparison. Items of 8 KB.
+    const long items8 = bytes / 8192;
+    for (int clean = 1; clean >= 0; --clean) {
+      for (int order : {kFlat8, kX16}) {
+        for (int per_sm : {2, 3}) {
+          for (int U : {2, 4}) {
+            const Kernel k = order == kFlat8 ? (U == 2 ? stream_kernel<kFlat8, 2, 0>
+                                                       : stream_kernel<kFlat8, 4, 0>)
+                                             : (U == 2 ? stream_kernel<kX16, 2, 0>
+                                                       : stream_kernel<kX16, 4, 0>);
+            const int grid = per_sm * sms;
+            const float us = time_us(k, grid, clean, items8);
+            printf("%-5s %-8s U %d  pol 0  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
+                   clean ? "clean" : "dirty", names[order], U, per_sm, grid, us,
+                   bytes / us / 1e6);
+          }
+        }
+      }
+      for (int per_sm : {2, 3}) {
+        for (int U : {1, 2, 4}) {
+          const Kernel k = U == 1 ? x16_runs_kernel<1> : U == 2 ? x16_runs_kernel<2>
+                                                                : x16_runs_kernel<4>;
+          const int grid = per_sm * sms;
+          const float us = time_us(k, grid, clean, items8);
+          printf("%-5s x16 runs U %d steps  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
+                 clean ? "clean" : "dirty", U, per_sm, grid, us, bytes / us / 1e6);
+        }
+      }
+    }
+    return 0;
+  }
   for (int clean = 1; clean >= 0; --clean) {
     for (int order = 0; order < 4; ++order) {
       for (int per_sm : {4, 5, 8}) {
@@ -177,7 +263,7 @@ int main(int argc, char** argv) {
                              : order == kRows512 ? pick<kRows512>(U, pol)
                                                  : pick<kRows64>(U, pol);
             const int grid = per_sm * sms;
-            const float us = time_us(k, grid, clean);
+            const float us = time_us(k, grid, clean, items);
             printf("%-5s %-8s U %d  pol %d  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
                    clean ? "clean" : "dirty", names[order], U, pol, per_sm, grid, us,
                    bytes / us / 1e6);
