@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
            "got %ld %ld\n", N, K);
     return 2;
   }
-  const long bytes = N * row_bytes, items = bytes / 4096;
+  const long bytes = N * row_bytes, items = bytes / 4096, items8 = bytes / 8192;  // 4 / 8 KB
   uint8_t* codes; CK(cudaMalloc(&codes, bytes));
   CK(cudaMemset(codes, 1, bytes));
   const size_t flush_bytes = 256u << 20;
@@ -206,7 +206,8 @@ int main(int argc, char** argv) {
   CK(cudaMemset(flush, 3, flush_bytes));
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
-  printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of 4 KB\n", N, K, bytes / 1e6, sms, items);
+  printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of %d KB\n", N, K, bytes / 1e6,
+         sms, x16 ? items8 : items, x16 ? 8 : 4);
   const char* names[] = {"flat", "kpair", "rows512", "rows64", "flat8", "x16"};
   // k over grid blocks, each run after its flush (clean: a read, else a memset).
   const auto time_us = [&](Kernel k, int grid, bool clean, long n_items) {
@@ -222,15 +223,11 @@ int main(int argc, char** argv) {
   if (x16) {
     // The 16-row kernel: two blocks per SM (its registers), U = 2 items (steps)
     // in flight; three blocks and U = 4 for comparison. Items of 8 KB.
-    const long items8 = bytes / 8192;
     for (int clean = 1; clean >= 0; --clean) {
       for (int order : {kFlat8, kX16}) {
         for (int per_sm : {2, 3}) {
           for (int U : {2, 4}) {
-            const Kernel k = order == kFlat8 ? (U == 2 ? stream_kernel<kFlat8, 2, 0>
-                                                       : stream_kernel<kFlat8, 4, 0>)
-                                             : (U == 2 ? stream_kernel<kX16, 2, 0>
-                                                       : stream_kernel<kX16, 4, 0>);
+            const Kernel k = order == kFlat8 ? pick_u<kFlat8, 0>(U) : pick_u<kX16, 0>(U);
             const int grid = per_sm * sms;
             const float us = time_us(k, grid, clean, items8);
             printf("%-5s %-8s U %d  pol 0  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
