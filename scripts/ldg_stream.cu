@@ -19,6 +19,9 @@
 //            x 64 bytes; flat8 the same 8 KB items as one run of memory (as a
 //            weight stored in tiles of 128 rows by one step would be read);
 //            and x16 as the kernel issues it, runs of 1, 2 or 4 steps at once
+//   runs     kpair as the one-row kernel issues it, runs of 2 steps at once
+//            (a row's 256 bytes asked for together), for 4- or 8-bit codes,
+//            in stream-K shares or the blocks of a split grid
 // With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
 // memset (dirty, as do_bench's flush); median of 20 runs; each under four L2
 // policies of the load (load_stream_as); with a third argument `quick`, only
@@ -32,6 +35,7 @@
 //     /tmp/ldg_stream 28672 8192    # N K
 //     /tmp/ldg_stream 28672 4096 quick
 //     /tmp/ldg_stream 28672 8192 x16  # flat8 and x16, 2 or 3 blocks per SM
+//     /tmp/ldg_stream 8192 28672 runs 8 512  # 8-bit codes, a split grid of 512
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -135,23 +139,25 @@ __global__ void __launch_bounds__(128) stream_kernel(const uint8_t* codes, long 
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
 
-// The 16-row kernel's loads as it issues them: runs of U steps (items of
-// x16's order) loaded at once, one run ahead (its `load_run`), so that the
-// lanes of a row ask for 64 U contiguous bytes together; a block's share
-// whole runs (U divides a row's steps).
-template <int U>
-__global__ void __launch_bounds__(128) x16_runs_kernel(const uint8_t* codes, long row_bytes,
-                                                       long items, uint32_t* out) {
+// The loads as the kernels issue them: runs of U items (steps) loaded at
+// once, one run ahead (their `load_run`), so that the lanes of a row ask for
+// all of a run's bytes together; a block's share whole runs (U divides a row's
+// steps). x16: the 16-row kernel's steps; kpair: the one-row kernel's (4- and
+// 8-bit codes, k-paired rows).
+template <int ORDER, int U>
+__global__ void __launch_bounds__(128) runs_kernel(const uint8_t* codes, long row_bytes,
+                                                   long items, uint32_t* out) {
+  constexpr int L = kLoads<ORDER>;
   const long runs = items / U;
   const long r0 = runs * blockIdx.x / gridDim.x, r1 = runs * (blockIdx.x + 1) / gridDim.x;
-  uint4 cur[U][4], next[U][4];
-  const auto load_run = [&](long r, uint4(&b)[U][4]) {
+  uint4 cur[U][L], next[U][L];
+  const auto load_run = [&](long r, uint4(&b)[U][L]) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < L; ++q)
         b[u][q] = load_stream_as<0>(
-            reinterpret_cast<const uint4*>(codes + offset<kX16>(r * U + u, q, row_bytes)));
+            reinterpret_cast<const uint4*>(codes + offset<ORDER>(r * U + u, q, row_bytes)));
   };
   if (r0 < r1) load_run(r0, next);
   uint32_t acc = 0;
@@ -159,12 +165,12 @@ __global__ void __launch_bounds__(128) x16_runs_kernel(const uint8_t* codes, lon
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) cur[u][q] = next[u][q];
+      for (int q = 0; q < L; ++q) cur[u][q] = next[u][q];
     if (r + 1 < r1) load_run(r + 1, next);
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc ^= cur[u][q].x ^ cur[u][q].y ^ cur[u][q].z ^ cur[u][q].w;
+      for (int q = 0; q < L; ++q) acc ^= cur[u][q].x ^ cur[u][q].y ^ cur[u][q].z ^ cur[u][q].w;
   }
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
@@ -190,12 +196,18 @@ Kernel pick(int U, int pol) {
 
 int main(int argc, char** argv) {
   const long N = argc > 1 ? atol(argv[1]) : 28672, K = argc > 2 ? atol(argv[2]) : 8192;
-  const long row_bytes = K / 2;  // 4-bit codes
   const bool quick = argc > 3 && std::string(argv[3]) == "quick";
   const bool x16 = argc > 3 && std::string(argv[3]) == "x16";
-  if (N <= 0 || K <= 0 || N % (x16 ? 128 : 64) != 0 || row_bytes % 512 != 0) {
-    printf("ldg_stream N K [quick|x16]: N a positive multiple of 64 (x16: 128), K of 1024, "
-           "got %ld %ld\n", N, K);
+  const bool runs = argc > 3 && std::string(argv[3]) == "runs";
+  // runs: the codes' width (4 or 8 bits) and the split grid's blocks, if any
+  const int width = runs && argc > 4 ? atoi(argv[4]) : 4;
+  const int split_grid = runs && argc > 5 ? atoi(argv[5]) : 0;
+  const long row_bytes = K * width / 8;
+  if (N <= 0 || K <= 0 || N % (x16 ? 128 : 64) != 0 || row_bytes % 512 != 0 ||
+      (width != 4 && width != 8) || split_grid < 0) {
+    printf("ldg_stream N K [quick|x16|runs [4|8 [grid]]]: N a positive multiple of 64 (x16: "
+           "128), K of 1024, width 4 or 8, grid >= 0; got %ld %ld %d %d\n", N, K, width,
+           split_grid);
     return 2;
   }
   const long bytes = N * row_bytes, items = bytes / 4096, items8 = bytes / 8192;  // 4 / 8 KB
@@ -206,8 +218,8 @@ int main(int argc, char** argv) {
   CK(cudaMemset(flush, 3, flush_bytes));
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint32_t* out; CK(cudaMalloc(&out, 8 * sms * 128 * sizeof(uint32_t)));
-  printf("N %ld K %ld (4-bit codes: %.1f MB), %d SMs, %ld items of %d KB\n", N, K, bytes / 1e6,
-         sms, x16 ? items8 : items, x16 ? 8 : 4);
+  printf("N %ld K %ld (%d-bit codes: %.1f MB), %d SMs, %ld items of %d KB\n", N, K, width,
+         bytes / 1e6, sms, x16 ? items8 : items, x16 ? 8 : 4);
   const char* names[] = {"flat", "kpair", "rows512", "rows64", "flat8", "x16"};
   // k over grid blocks, each run after its flush (clean: a read, else a memset).
   const auto time_us = [&](Kernel k, int grid, bool clean, long n_items) {
@@ -238,13 +250,40 @@ int main(int argc, char** argv) {
       }
       for (int per_sm : {2, 3}) {
         for (int U : {1, 2, 4}) {
-          const Kernel k = U == 1 ? x16_runs_kernel<1> : U == 2 ? x16_runs_kernel<2>
-                                                                : x16_runs_kernel<4>;
+          const Kernel k = U == 1 ? runs_kernel<kX16, 1> : U == 2 ? runs_kernel<kX16, 2>
+                                                                : runs_kernel<kX16, 4>;
           const int grid = per_sm * sms;
           const float us = time_us(k, grid, clean, items8);
           printf("%-5s x16 runs U %d steps  %d blocks/SM (%4d blocks)  %7.1f us  %5.2f TB/s\n",
                  clean ? "clean" : "dirty", U, per_sm, grid, us, bytes / us / 1e6);
         }
+      }
+    }
+    return 0;
+  }
+  if (runs) {
+    // The one-row kernel (k-paired rows, 4- and 8-bit codes): five blocks per
+    // SM, each a stream-K share of the items, or the split grid's blocks (a
+    // block per row block and split: the same shares of (row block, step)
+    // items); a plain read's order and the kernel's order refilled one item
+    // at a time beside them. g128 scales and zeros (two 16-bit values per
+    // row and 128 inputs) add sz_bytes, which the times below leave out.
+    const long sz_bytes = N * (K / 128) * 4;
+    printf("scales and zeros (g128): %.1f MB more\n", sz_bytes / 1e6);
+    for (int clean = 1; clean >= 0; --clean) {
+      const auto row = [&](const char* what, Kernel k, int grid) {
+        const float us = time_us(k, grid, clean, items);
+        printf("%-5s %-34s %4d blocks  %7.1f us  %5.2f TB/s  (%.1f us with scales, zeros)\n",
+               clean ? "clean" : "dirty", what, grid, us, bytes / us / 1e6,
+               us * (bytes + sz_bytes) / bytes);
+      };
+      row("flat, refilled by item, U 2", stream_kernel<kFlat, 2, 0>, 5 * sms);
+      row("kpair, refilled by item, U 2", stream_kernel<kKPair, 2, 0>, 5 * sms);
+      row("kpair runs of 2 (as the kernel)", runs_kernel<kKPair, 2>, 5 * sms);
+      row("kpair runs of 4, 4 blocks/SM", runs_kernel<kKPair, 4>, 4 * sms);
+      if (split_grid > 0) {
+        row("kpair runs of 2, split grid", runs_kernel<kKPair, 2>, split_grid);
+        row("flat, split grid", stream_kernel<kFlat, 2, 0>, split_grid);
       }
     }
     return 0;

@@ -186,13 +186,15 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     // Not taken past one wave either: eight ranges in stream-K (x resident
     // over all of K, up to 56 KB at four blocks per SM; branch
     // exp/one-row-ranges-sk), though their order of loads alone streams the
-    // bytes faster (scripts/ldg_stream.cu after do_bench's kind of flush, 5
-    // blocks per SM: 49.9 against 52.6 us at (8192, 28672), 50.4 / 53.9 at
-    // (28672, 8192)). H100, g128, M = 1, medians of three alternating rounds,
-    // eight ranges / k-paired stream-K or split grid (us): float16 w4 (8192,
-    // 28672) 57.1 / 56.0, (28672, 8192) 59.9 / 56.0, (4096, 14336) 21.4 /
-    // 18.9; bfloat16 57.3 / 56.2, 59.7 / 56.0; g64 62.6 / 62.2, 64.6 / 63.1;
-    // w8 98.3 / 96.9, 102.5 / 99.3, 31.4 / 29.2
+    // bytes faster when each step is refilled by itself (scripts/ldg_stream.cu
+    // after do_bench's kind of flush, 5 blocks per SM: 49.9 against 52.6 us
+    // at (8192, 28672), 50.4 / 53.9 at (28672, 8192)); this kernel asks for
+    // two steps at once, and so its order takes 49.0 / 49.7, as a plain
+    // read's (ldg_runs_h100.log). H100, g128, M = 1, medians of three
+    // alternating rounds, eight ranges / k-paired stream-K or split grid
+    // (us): float16 w4 (8192, 28672) 57.1 / 56.0, (28672, 8192) 59.9 / 56.0,
+    // (4096, 14336) 21.4 / 18.9; bfloat16 57.3 / 56.2, 59.7 / 56.0; g64 62.6
+    // / 62.2, 64.6 / 63.1; w8 98.3 / 96.9, 102.5 / 99.3, 31.4 / 29.2
     // (scripts/results/ab_h100_one_row_ranges_sk.log).
     using Ranges8 = tile::WeightRows<T, W, RT, 8>;
     constexpr int ROWS8 = Ranges8::ROWS * RT * WARPS;  // weight rows per block

@@ -16,10 +16,10 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   // policy, .L2::cache_hint: evict_first level at M = 1, w4 43.1, w8 70.2,
   // an explicit evict_normal slower, 46.7, 73.7; ab_h200_l2_policy. Nor
   // does any policy spare the loads the write-back of do_bench's dirty
-  // flush: on the H100 these loads alone (scripts/ldg_stream.cu, 28672 x
-  // 8192, the two-range kernel's order) take 52.6 us after the flush, 48.8
-  // with L2 emptied by a read; evict_first 52.8, .cs 52.6, evict_unchanged
-  // 59.2; ldg_policy_h100. Nor,
+  // flush: on the H100 these loads alone (scripts/ldg_stream.cu, N = 28672,
+  // K = 8192, the two-range kernel's order, each step refilled by itself)
+  // take 52.6 us after the flush, 48.8 with L2 emptied by a read;
+  // evict_first 52.8, .cs 52.6, evict_unchanged 59.2; ldg_policy_h100. Nor,
   // for the staged kernels of 16 rows of x or more, whose loads read 64
   // bytes of a row per step, .L2::128B / .L2::256B: H100, float16 g128,
   // medians of three alternating rounds, plain / 128B / 256B (us): w4 M = 16
