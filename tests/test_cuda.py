@@ -433,19 +433,29 @@ def test_one_row_k_ranges(w_bit, dtype):
         check_matmul(x, weight, w_bit, group_size, bias, (N, K))
 
 
+@pytest.mark.parametrize("shares", ("whole", "even", "rule"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("w_bit", (4, 8))
-def test_one_row_stream_k(w_bit, dtype):
+def test_one_row_stream_k(w_bit, dtype, shares, monkeypatch):
     """One row of x against more k-paired row blocks (32 rows) than one wave
     of blocks holds: one block per slot, each taking an even share of (row
     block, step) items across row-block boundaries (stream-K), its segments
     in two workspace slots added up after (on 132 SMs of five blocks: past
-    21120 rows). Shares just over one row block (22016 rows) and of several
-    (40000), one run of steps per row block (K = 512) up to the longest
-    resident x (K = 20480), groups within a step, of whole steps and per row,
-    with and without bias; the workspace is poisoned too (a NaN block large
-    enough for y and both slots)."""
+    21120 rows); or, where the row blocks divide evenly into a grid that fits
+    the slots, shares of whole row blocks that write y themselves
+    (MPQ_OPS_CUDA_SK_WHOLE=1; =0 keeps the even shares; unset, gemm.cuh's
+    rule picks). Shares just over one row block (22016 rows) and of several
+    (40000; 63360, three whole row blocks per block), one run of steps per
+    row block (K = 512) up to the longest resident x (K = 20480), groups
+    within a step, of whole steps and per row, with and without bias; the
+    workspace is poisoned too (a NaN block large enough for y and both
+    slots)."""
+    if shares == "rule":
+        monkeypatch.delenv("MPQ_OPS_CUDA_SK_WHOLE", raising=False)
+    else:
+        monkeypatch.setenv("MPQ_OPS_CUDA_SK_WHOLE", "1" if shares == "whole" else "0")
     for N, K, group_size, with_bias in ((22016, 1536, 64, True), (40000, 512, 128, False),
+                                        (63360, 512, 128, True),
                                         (28672, 8192, 128, True), (22016, 20480, -1, False),
                                         (40000, 2048, 32, True)):
         weight = make_weight(N, K, w_bit, group_size, dtype, "cuda")
@@ -453,6 +463,16 @@ def test_one_row_stream_k(w_bit, dtype):
         x = make_x((1,), K, dtype, "cuda")
         poison_allocator(6 * N, torch.float16)
         check_matmul(x, weight, w_bit, group_size, bias, (N, K, group_size))
+        if shares != "rule" and N == 40000 and K == 512 and (
+                torch.cuda.get_device_properties(0).multi_processor_count in range(100, 200)):
+            # (1250 row blocks, past one wave of slots: stream-K; whole shares
+            # of two row blocks need no kernel that adds parts)
+            names = launched_kernels(
+                lambda: torch.ops.mpq.matmul(x, *weight, w_bit, group_size, None, bias))
+            launches = staged_launches(names)
+            assert len(launches) == 1 and launches[0][13] == "true", (shares, names)
+            summed = any("finish_split" in n for n in names)
+            assert summed == (shares == "even"), (shares, names)
 
 
 def two_bit_pairs_by_rule(N, K, sms, blocks_per_sm):

@@ -266,6 +266,31 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       static tile::PerDevice sk_slots_on;
       const int sk_slots =
           sk_slots_on.get([&] { return tile::resident_slots(sk, WARPS * 32, kResidentXBytes); });
+      // Shares of whole row blocks (`per` each, the fewest that divide the row
+      // blocks evenly into a grid within the slots) for 4-bit codes where the
+      // rows are short, if that grid fills enough of the slots: no row block
+      // in two parts, y written by the blocks, no workspace and no second
+      // kernel; but fewer blocks streaming at once (the loads alone of 8192 x
+      // 28672 in 448 such blocks took 51.1 us against 48.9 in 660 even
+      // shares, scripts/ldg_stream.cu). H100, M = 1, g128, medians of three
+      // alternating rounds, even shares / whole (us), grid over the 660
+      // slots: float16 (2048, 28672) 68% 20.7 / 18.4, (4096, 28672) 68% 32.6
+      // / 31.1, bfloat16 32.4 / 31.4, (4096, 22016) 52% 26.8 / 26.2, (4096,
+      // 40000) 95% 41.4 / 38.6; (8192, 32000) 76% 61.6 / 60.4, (8192, 40000)
+      // 95% 74.1 / 72.4, (8192, 42240) 100% 77.7 / 76.2; not taken: (8192,
+      // 28672) 68% 55.9 / 55.8, g64 62.0 / 61.7, (8192, 22016) 52% 45.4 /
+      // 46.0, (14336, 28672) 68% 92.3 / 93.3, and 8-bit codes, e.g. (8192,
+      // 28672) 96.9 / 100.7, (8192, 40000) 130.6 / 133.3, (4096, 28672) 52.7
+      // / 53.6, (4096, 32000) 59.0 / 59.0 (scripts/results/ab_h100_sk_whole.log).
+      if (const int whole = tile::sk_whole_row_blocks(); whole != 0) {
+        int per = (row_blocks + sk_slots - 1) / sk_slots;
+        while (row_blocks % per != 0) ++per;
+        const int grid = row_blocks / per;
+        const bool rule = W == 4 && ((K <= 4096 && 2 * grid >= sk_slots) ||
+                                     (K <= 8192 && 4 * grid >= 3 * sk_slots));
+        if (whole == 1 || rule)
+          return run(sk, dim3(1, grid, 1), sk_smem, dim3(1, 1, 1), at::Tensor(), 1, false);
+      }
       const int sk_blocks = std::min(sk_slots, row_blocks);
       // (a share of at least `steps` items: a row block in at most two parts)
       return run(sk, dim3(1, sk_blocks, 1), sk_smem, dim3(1, 1, 1),

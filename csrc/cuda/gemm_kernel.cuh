@@ -788,6 +788,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
         const size_t slot = (size_t)M * N;
         rows.for_each_output(acc, 0, [&](float v, int m, int n) {
           if (m >= M) return;  // columns of x rows that are not there
+          // Shares of whole row blocks (no workspace): each segment is one.
+          if (ws == nullptr) return Rows::put(v, m, n + dn, M, N, 0, nullptr, bias, y);
           float* out = ws + ((size_t)m * N + n + dn);
           out[part * slot] = v;
           if (full)

@@ -617,6 +617,16 @@ inline bool stream_k() {
   return switched_on("MPQ_OPS_CUDA_STREAM_K", "0");
 }
 
+// MPQ_OPS_CUDA_SK_WHOLE=1 deals one row of x past one wave out in shares of
+// whole row blocks wherever the row blocks divide evenly into a grid within
+// the slots, =0 never; unset (-1), the rule in gemm.cuh's launch_kernel
+// picks (tests of all three, A/B runs).
+inline int sk_whole_row_blocks() {
+  const char* v = std::getenv("MPQ_OPS_CUDA_SK_WHOLE");
+  if (v == nullptr) return -1;
+  return std::strcmp(v, "1") == 0 ? 1 : std::strcmp(v, "0") == 0 ? 0 : -1;
+}
+
 // MPQ_OPS_CUDA_W2_RANGES=2 takes one row of x against 2-bit codes in
 // k-paired rows wherever K allows, =1 one k range per row; unset (0), the
 // rule in gemm.cuh's launch_kernel picks (tests of all three, A/B runs).
