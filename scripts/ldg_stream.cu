@@ -1,5 +1,5 @@
-// How fast the one-row kernel's loads stream the 4-bit codes of an [N, K]
-// weight, with nothing else in the kernel: the same 16-byte loads
+// How fast the kernels' loads stream the 4-bit codes of an [N, K] weight
+// (`runs`: 4- or 8-bit codes), with nothing else in the kernel: the same 16-byte loads
 // (load_stream.cuh), the same grid (one block of four warps per
 // resident slot, stream-K shares of (row block, step) items), U items in
 // flight per warp, each loaded word only XORed into a sum. Four orders of the
@@ -21,7 +21,8 @@
 //            and x16 as the kernel issues it, runs of 1, 2 or 4 steps at once
 //   runs     kpair as the one-row kernel issues it, runs of 2 steps at once
 //            (a row's 256 bytes asked for together), for 4- or 8-bit codes,
-//            in stream-K shares or the blocks of a split grid
+//            in stream-K shares or over a grid given (a split grid's blocks,
+//            or blocks of whole row blocks)
 // With L2 emptied by a 256 MB read before each run (clean) and by a 256 MB
 // memset (dirty, as do_bench's flush); median of 20 runs; each under four L2
 // policies of the load (load_stream_as); with a third argument `quick`, only
