@@ -283,11 +283,16 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       // 28672) 96.9 / 100.7, (8192, 40000) 130.6 / 133.3, (4096, 28672) 52.7
       // / 53.6, (4096, 32000) 59.0 / 59.0 (scripts/results/ab_h100_sk_whole.log).
       if (const int whole = tile::sk_whole_row_blocks(); whole != 0) {
+        // (the search for `per` stops where the grid would fill less than half
+        // the slots, which the rule never takes: a few steps per call, however
+        // many row blocks)
+        const int most = whole == 1 ? row_blocks : 2 * row_blocks / sk_slots;
         int per = (row_blocks + sk_slots - 1) / sk_slots;
-        while (row_blocks % per != 0) ++per;
+        while (per <= most && row_blocks % per != 0) ++per;
         const int grid = row_blocks / per;
-        const bool rule = W == 4 && ((K <= 4096 && 2 * grid >= sk_slots) ||
-                                     (K <= 8192 && 4 * grid >= 3 * sk_slots));
+        const bool rule = W == 4 && per <= most &&
+                          ((K <= 4096 && 2 * grid >= sk_slots) ||
+                           (K <= 8192 && 4 * grid >= 3 * sk_slots));
         if (whole == 1 || rule)
           return run(sk, dim3(1, grid, 1), sk_smem, dim3(1, 1, 1), at::Tensor(), 1, false);
       }
