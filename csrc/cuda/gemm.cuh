@@ -282,7 +282,8 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       // 46.0, (14336, 28672) 68% 92.3 / 93.3, and 8-bit codes, e.g. (8192,
       // 28672) 96.9 / 100.7, (8192, 40000) 130.6 / 133.3, (4096, 28672) 52.7
       // / 53.6, (4096, 32000) 59.0 / 59.0 (scripts/results/ab_h100_sk_whole.log).
-      if (const int whole = tile::sk_whole_row_blocks(); whole != 0) {
+      // (the rule takes 4-bit codes only, so other widths search only when forced)
+      if (const int whole = tile::sk_whole_row_blocks(); whole == 1 || (whole == -1 && W == 4)) {
         // (the search for `per` stops where the grid would fill less than half
         // the slots, which the rule never takes: a few steps per call, however
         // many row blocks)
@@ -290,7 +291,7 @@ void launch_kernel(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
         int per = (row_blocks + sk_slots - 1) / sk_slots;
         while (per <= most && row_blocks % per != 0) ++per;
         const int grid = row_blocks / per;
-        const bool rule = W == 4 && per <= most &&
+        const bool rule = per <= most &&
                           ((K <= 4096 && 2 * grid >= sk_slots) ||
                            (K <= 8192 && 4 * grid >= 3 * sk_slots));
         if (whole == 1 || rule)
