@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -597,6 +598,17 @@ inline bool switched_on(const char* var, const char* off) {
   return v == nullptr || std::strcmp(v, off) != 0;
 }
 
+// The A/B switches of more than two ways below: the choice the variable
+// names (one digit, one of `choices`), else `rule` (unset or any other
+// value: the launch's own rule picks).
+inline int forced_choice(const char* var, std::initializer_list<int> choices, int rule) {
+  const char* v = std::getenv(var);
+  if (v == nullptr || v[0] == '\0' || v[1] != '\0') return rule;
+  for (const int c : choices)
+    if (v[0] == '0' + c) return c;
+  return rule;
+}
+
 // MPQ_OPS_CUDA_SPLIT_SUM=workspace adds split-K partial sums through the
 // float32 workspace even where clusters could (tests of both ways, A/B runs).
 inline bool split_sum_in_cluster() {
@@ -621,20 +633,12 @@ inline bool stream_k() {
 // whole row blocks wherever the row blocks divide evenly into a grid within
 // the slots, =0 never; unset (-1), the rule in gemm.cuh's launch_kernel
 // picks (tests of all three, A/B runs).
-inline int sk_whole_row_blocks() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_SK_WHOLE");
-  if (v == nullptr) return -1;
-  return std::strcmp(v, "1") == 0 ? 1 : std::strcmp(v, "0") == 0 ? 0 : -1;
-}
+inline int sk_whole_row_blocks() { return forced_choice("MPQ_OPS_CUDA_SK_WHOLE", {0, 1}, -1); }
 
 // MPQ_OPS_CUDA_W2_RANGES=2 takes one row of x against 2-bit codes in
 // k-paired rows wherever K allows, =1 one k range per row; unset (0), the
 // rule in gemm.cuh's launch_kernel picks (tests of all three, A/B runs).
-inline int two_bit_ranges() {
-  const char* v = std::getenv("MPQ_OPS_CUDA_W2_RANGES");
-  if (v == nullptr) return 0;
-  return std::strcmp(v, "2") == 0 ? 2 : std::strcmp(v, "1") == 0 ? 1 : 0;
-}
+inline int two_bit_ranges() { return forced_choice("MPQ_OPS_CUDA_W2_RANGES", {1, 2}, 0); }
 
 // MPQ_OPS_CUDA_RING_SYNC=barrier keeps a block barrier per staged step in the
 // 16-row kernel's stream-K ring instead of its mbarriers (gemm_kernel.cuh's MB;
